@@ -1,0 +1,354 @@
+"""One local Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and a kwok controller, all real binaries built from the pinned Go modules.
+
+Several can run at once; each has its own ports, certificates, data directory and kubeconfig.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgetune_testenv import binaries
+from edgetune_testenv.errors import EnvironmentSetupError
+from edgetune_testenv.nodes import KWOK_ANNOTATION, NodeSpec
+from edgetune_testenv.pki import Pki
+from edgetune_testenv.procs import ManagedProcess, free_port, http_ok
+
+#: Pods carrying this label are run by the pod executor; kwok leaves their lifecycle alone.
+EXECUTOR_LABEL = "edgetune.io/executor"
+SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_IP = "10.96.0.1"
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def _kwok_stages(share: Path) -> list[dict[str, Any]]:
+    """kwok's own fast stages, with pod stages narrowed to pods the executor does not run."""
+    stages: list[dict[str, Any]] = []
+    not_executed = {"key": f'.metadata.labels["{EXECUTOR_LABEL}"]', "operator": "DoesNotExist"}
+    for name in ("node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"):
+        stage = yaml.safe_load((share / f"{name}.yaml").read_text())
+        if name in ("pod-ready", "pod-complete"):
+            stage["spec"]["selector"]["matchExpressions"].append(not_executed)
+        stages.append(stage)
+    return stages
+
+
+class ControlPlane:
+    """A running (or stopped) local cluster. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, name: str, workdir: Path | None = None) -> None:
+        self.name = name
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"edgetune-{name}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.processes: list[ManagedProcess] = []
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.api_port = 0
+        self._ssl: ssl.SSLContext | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 90.0) -> ControlPlane:
+        kube = binaries.ensure(binaries.KUBE)
+        kwok_dir = binaries.ensure(binaries.KWOK)
+        try:
+            self._start(kube, kwok_dir, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, kube: Path, kwok_dir: Path, timeout: float) -> None:
+        pki = Pki(self.workdir / "pki")
+        self._pki = pki
+        apiserver_cert = pki.issue(
+            "apiserver",
+            "kube-apiserver",
+            server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+            server_ips=("127.0.0.1", SERVICE_IP),
+            client=False,
+        )
+        sa = pki.service_account_keys()
+        admin = pki.issue("admin", "edgetune-admin", orgs=("system:masters",))
+        self._admin = admin
+        logs = self.workdir / "logs"
+
+        etcd_client, etcd_peer = free_port(), free_port()
+        etcd = ManagedProcess(
+            f"{self.name}/etcd",
+            [
+                str(kube / "etcd"),
+                "--name=default",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_client}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_client}",
+                f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
+                f"--initial-cluster=default=http://127.0.0.1:{etcd_peer}",
+                "--unsafe-no-fsync=true",  # test data only: trades durability for speed
+                "--log-level=warn",
+            ],
+            logs / "etcd.log",
+            ports=(etcd_client, etcd_peer),
+        ).start()
+        self.processes.append(etcd)
+        etcd.wait_until(lambda: http_ok(f"http://127.0.0.1:{etcd_client}/health"), timeout, "healthy")
+
+        self.api_port = free_port()
+        apiserver = ManagedProcess(
+            f"{self.name}/kube-apiserver",
+            [
+                str(kube / "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{etcd_client}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--tls-cert-file={apiserver_cert.cert}",
+                f"--tls-private-key-file={apiserver_cert.key}",
+                f"--client-ca-file={pki.ca.cert}",
+                f"--service-account-key-file={sa.cert}",
+                f"--service-account-signing-key-file={sa.key}",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                f"--cert-dir={self.workdir / 'pki'}",
+                "--profiling=false",
+                "--v=1",
+            ],
+            logs / "kube-apiserver.log",
+            ports=(self.api_port,),
+        ).start()
+        self.processes.append(apiserver)
+        self._write_kubeconfig(self.kubeconfig, admin.cert, admin.key, "edgetune-admin")
+        apiserver.wait_until(lambda: http_ok(f"{self.server}/readyz", self.ssl_context()), timeout, "ready")
+
+        cm_cert = pki.issue("controller-manager", "system:kube-controller-manager")
+        cm_kubeconfig = self.workdir / "controller-manager.kubeconfig"
+        self._write_kubeconfig(cm_kubeconfig, cm_cert.cert, cm_cert.key, "system:kube-controller-manager")
+        cm_port = free_port()
+        cm = ManagedProcess(
+            f"{self.name}/kube-controller-manager",
+            [
+                str(kube / "kube-controller-manager"),
+                f"--kubeconfig={cm_kubeconfig}",
+                f"--authentication-kubeconfig={cm_kubeconfig}",
+                f"--authorization-kubeconfig={cm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={cm_port}",
+                f"--service-account-private-key-file={sa.key}",
+                f"--root-ca-file={pki.ca.cert}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                f"--cluster-name={self.name}",
+                "--v=1",
+            ],
+            logs / "kube-controller-manager.log",
+            ports=(cm_port,),
+        ).start()
+        self.processes.append(cm)
+
+        sched_cert = pki.issue("scheduler", "system:kube-scheduler")
+        sched_kubeconfig = self.workdir / "scheduler.kubeconfig"
+        self._write_kubeconfig(sched_kubeconfig, sched_cert.cert, sched_cert.key, "system:kube-scheduler")
+        sched_config = self.workdir / "scheduler.yaml"
+        sched_config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kubescheduler.config.k8s.io/v1",
+                    "kind": "KubeSchedulerConfiguration",
+                    "clientConnection": {"kubeconfig": str(sched_kubeconfig), "qps": 200, "burst": 400},
+                    "leaderElection": {"leaderElect": False},
+                }
+            )
+        )
+        sched_port = free_port()
+        scheduler = ManagedProcess(
+            f"{self.name}/kube-scheduler",
+            [
+                str(kube / "kube-scheduler"),
+                f"--config={sched_config}",
+                f"--authentication-kubeconfig={sched_kubeconfig}",
+                f"--authorization-kubeconfig={sched_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={sched_port}",
+                "--v=1",
+            ],
+            logs / "kube-scheduler.log",
+            ports=(sched_port,),
+        ).start()
+        self.processes.append(scheduler)
+
+        kwok_config = self.workdir / "kwok.yaml"
+        kwok_config.write_text(yaml.safe_dump_all(_kwok_stages(kwok_dir / "share")))
+        kwok = ManagedProcess(
+            f"{self.name}/kwok",
+            [
+                str(kwok_dir / "kwok"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--config={kwok_config}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                "--node-lease-duration-seconds=40",
+                "--cidr=10.244.0.0/16",
+                "--node-ip=127.0.0.1",
+                "--server-address=",
+            ],
+            logs / "kwok.log",
+        ).start()
+        self.processes.append(kwok)
+
+        # Ready means: controllers and scheduler answer health checks, and the service-account
+        # controller has made the "default" ServiceAccount (pods cannot be created before it).
+        for proc, port in ((cm, cm_port), (scheduler, sched_port)):
+            proc.wait_until(
+                lambda port=port: http_ok(f"https://127.0.0.1:{port}/healthz", _insecure()), timeout, "healthy"
+            )
+        apiserver.wait_until(
+            lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default") is not None,
+            timeout,
+            "ready (default ServiceAccount)",
+        )
+        kwok.check_alive()
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def check_alive(self) -> None:
+        for proc in self.processes:
+            proc.check_alive()
+
+    def process(self, component: str) -> ManagedProcess:
+        for proc in self.processes:
+            if proc.name.endswith("/" + component):
+                return proc
+        raise KeyError(component)
+
+    # -- access --------------------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            ctx = ssl.create_default_context(cafile=str(self._pki.ca.cert))
+            ctx.load_cert_chain(str(self._admin.cert), str(self._admin.key))
+            self._ssl = ctx
+        return self._ssl
+
+    def _write_kubeconfig(self, path: Path, cert: Path, key: Path, user: str) -> None:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": self.name,
+                    "cluster": {"server": self.server, "certificate-authority-data": _b64(self._pki.ca.cert)},
+                }
+            ],
+            "users": [{"name": user, "user": {"client-certificate-data": _b64(cert), "client-key-data": _b64(key)}}],
+            "contexts": [{"name": self.name, "context": {"cluster": self.name, "user": user}}],
+            "current-context": self.name,
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+
+    def _get(self, api_path: str) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(  # noqa: S310
+                self.server + api_path, context=self.ssl_context(), timeout=5
+            ) as resp:
+                return json.loads(resp.read())  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the pinned kubectl against this cluster."""
+        kubectl = binaries.binary(binaries.KUBE, "kubectl")
+        proc = subprocess.run(
+            [str(kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise EnvironmentSetupError(
+                f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
+            )
+        return proc
+
+    def add_nodes(self, nodes: Iterable[NodeSpec], wait_ready: bool = True, timeout: float = 120.0) -> list[str]:
+        """Create simulated nodes and (by default) wait until kwok reports every one Ready."""
+        from kubernetes import client as k8s  # noqa: PLC0415
+
+        api = k8s.CoreV1Api(self.api_client())
+        names: list[str] = []
+        for spec in nodes:
+            manifest = spec.to_manifest()
+            api.create_node(manifest)
+            names.append(spec.name)
+        if wait_ready:
+            deadline = time.monotonic() + timeout
+            pending = set(names)
+            while pending:
+                self.check_alive()
+                ready = {
+                    n.metadata.name
+                    for n in api.list_node(label_selector="type=kwok").items
+                    if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
+                }
+                pending -= ready
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    raise EnvironmentSetupError(
+                        f"{self.name}: kwok did not mark {len(pending)} node(s) Ready in {timeout:.0f} s "
+                        f"(e.g. {sorted(pending)[:3]}); kwok log:\n{self.process('kwok').log_tail()}"
+                    )
+                time.sleep(0.2)
+        return names
+
+    def api_client(self) -> Any:
+        """A fresh ``kubernetes.client.ApiClient`` for this cluster (callers close it when done)."""
+        from kubernetes import config as k8s_config  # noqa: PLC0415
+
+        return k8s_config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+def _insecure() -> ssl.SSLContext:
+    # Controller-manager and scheduler serve health on self-signed certificates of their own.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -1,0 +1,588 @@
+"""Run the containers of selected pods as local processes, the way a kubelet would.
+
+Test and development infrastructure, not product code. kwok simulates every other pod;
+pods labelled ``edgetune.io/executor=local`` (see ``cluster.EXECUTOR_LABEL``) are left to
+this executor once the real scheduler has bound them to a node. For each such pod it:
+
+- maps the container image to a local environment (explicit configuration: ``LocalImage``);
+- materialises volumes (emptyDir, hostPath under a per-node root so each simulated node
+  has its own disk, PVCs that outlive pods, ConfigMaps, Secrets, projected volumes) and
+  rewrites the container's paths that fall under a mount to the local directory;
+- resolves env (values, field refs, ConfigMap/Secret refs, envFrom, ``$(VAR)`` expansion);
+- runs init containers in order, then the containers, with the pod's restartPolicy;
+- enforces memory limits (RSS of the process group; exceeding it is an ``OOMKilled``)
+  and ``activeDeadlineSeconds``;
+- reports real exit codes and the termination message (``terminationMessagePath``,
+  ``FallbackToLogsOnError``) in the pod status; logs stay readable through ``logs()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import watch as k8s_watch
+from kubernetes.client.exceptions import ApiException
+
+from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
+
+log = logging.getLogger(__name__)
+
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes, as the kubelet enforces
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """How one container image runs here: its entrypoint and environment, in place of its layers."""
+
+    entrypoint: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_quantity_bytes(value: str) -> int:
+    """Kubernetes memory quantity ("512Mi", "1G", "1500000") -> bytes."""
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", value.strip())
+    if not match or (match.group(2) and match.group(2) not in _UNITS):
+        raise ValueError(f"not a memory quantity: {value!r}")
+    return int(float(match.group(1)) * _UNITS.get(match.group(2), 1))
+
+
+def expand_vars(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: defined names are replaced, ``$$`` escapes, others stay."""
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env.get(name, m.group(0))
+
+    return _VAR_REF.sub(repl, text)
+
+
+def rewrite_paths(text: str, mounts: Mapping[str, Path]) -> str:
+    """Map a container path under a mount point to its local directory (longest mount first)."""
+    for mount in sorted(mounts, key=len, reverse=True):
+        if text == mount:
+            return str(mounts[mount])
+        if text.startswith(mount.rstrip("/") + "/"):
+            return str(mounts[mount]) + text[len(mount.rstrip("/")) :]
+    # Paths embedded in flags, e.g. --checkpoint-dir=/ckpt/run.
+    if "=" in text:
+        key, _, value = text.partition("=")
+        rewritten = rewrite_paths(value, mounts)
+        if rewritten != value:
+            return f"{key}={rewritten}"
+    return text
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every process in a process group (what a cgroup would account)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:  # noqa: PTH123
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5 (pgrp) of /proc/PID/stat
+                total += int(fields[21]) * page  # field 24 (rss, in pages)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+@dataclass
+class _ContainerRun:
+    name: str
+    log_path: Path
+    termination_path: Path
+    restart_count: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    image: str = ""
+
+
+class PodExecutor:
+    """Watches one cluster and runs the pods it is responsible for. Thread-based; start()/stop()."""
+
+    def __init__(
+        self,
+        cluster: ControlPlane,
+        images: Mapping[str, LocalImage],
+        root: Path | None = None,
+        label_selector: str = f"{EXECUTOR_LABEL}=local",
+        restart_backoff: float = 1.0,
+    ) -> None:
+        self.cluster = cluster
+        self.images = dict(images)
+        self.root = root or cluster.workdir / "executor"
+        self.label_selector = label_selector
+        self.restart_backoff = restart_backoff
+        self._api_client = cluster.api_client()
+        self.core = k8s.CoreV1Api(self._api_client)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pods: dict[str, _PodRun] = {}
+        self._thread = threading.Thread(target=self._watch_loop, name=f"executor-{cluster.name}", daemon=True)
+
+    # -- public --------------------------------------------------------------------------
+
+    def start(self) -> PodExecutor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            runs = list(self._pods.values())
+        for run in runs:
+            run.kill("executor stopping")
+        for run in runs:
+            run.join(timeout=15)
+        self._thread.join(timeout=15)
+        self._api_client.close()
+
+    def __enter__(self) -> PodExecutor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def logs(self, namespace: str, pod: str, container: str | None = None) -> str:
+        """The combined stdout/stderr of a container of a pod this executor ran (latest run)."""
+        with self._lock:
+            runs = [r for r in self._pods.values() if r.namespace == namespace and r.name == pod]
+        if not runs:
+            raise KeyError(f"the executor ran no pod {namespace}/{pod}")
+        run = runs[-1]
+        name = container or run.container_names[0]
+        return run.containers[name].log_path.read_text(errors="replace")
+
+    def node_root(self, node: str) -> Path:
+        """The directory standing for ``node``'s filesystem: hostPath volumes resolve under it."""
+        path = self.root / "nodes" / node
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- watch ---------------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pods = self.core.list_pod_for_all_namespaces(label_selector=self.label_selector)
+                for pod in pods.items:
+                    self._handle(self._api_client.sanitize_for_serialization(pod))
+                stream = k8s_watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    label_selector=self.label_selector,
+                    resource_version=pods.metadata.resource_version,
+                    timeout_seconds=20,
+                    _request_timeout=30,
+                )
+                for event in stream:
+                    if self._stop.is_set():
+                        break
+                    obj = self._api_client.sanitize_for_serialization(event["object"])
+                    if event["type"] == "DELETED":
+                        self._forget(obj)
+                    else:
+                        self._handle(obj)
+            except Exception as exc:  # noqa: BLE001 - a watch must survive apiserver hiccups
+                if self._stop.is_set():
+                    return
+                log.warning("executor watch restarting after %s", exc)
+                time.sleep(0.5)
+
+    def _handle(self, pod: dict[str, Any]) -> None:
+        meta, spec, status = pod["metadata"], pod["spec"], pod.get("status") or {}
+        uid = meta["uid"]
+        with self._lock:
+            run = self._pods.get(uid)
+        if meta.get("deletionTimestamp"):
+            if run is not None:
+                run.kill("pod deleted")
+            return
+        if run is not None or not spec.get("nodeName") or status.get("phase") not in (None, "Pending"):
+            return
+        run = _PodRun(self, pod)
+        with self._lock:
+            self._pods[uid] = run
+        run.start()
+
+    def _forget(self, pod: dict[str, Any]) -> None:
+        with self._lock:
+            run = self._pods.get(pod["metadata"]["uid"])
+        if run is not None:
+            run.kill("pod deleted")
+
+
+class _PodRun:
+    """One pod's lifetime on the executor: its own thread, sandbox and processes."""
+
+    def __init__(self, executor: PodExecutor, pod: dict[str, Any]) -> None:
+        self.ex = executor
+        self.pod = pod
+        meta = pod["metadata"]
+        self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
+        self.spec = pod["spec"]
+        self.node = self.spec["nodeName"]
+        self.sandbox = executor.root / "pods" / f"{self.namespace}_{self.name}_{self.uid[:8]}"
+        self.container_names = [c["name"] for c in self.spec["containers"]]
+        self.containers: dict[str, _ContainerRun] = {}
+        self._killed = threading.Event()
+        self._kill_reason = ""
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
+        self.started_at = _now()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def kill(self, reason: str) -> None:
+        self._kill_reason = reason
+        self._killed.set()
+        for proc in list(self._procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    # -- main ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._run_pod()
+        except Exception as exc:
+            log.exception("executor failed on pod %s/%s", self.namespace, self.name)
+            self._patch_status({"phase": "Failed", "reason": "ExecutorError", "message": str(exc)[:1000]})
+
+    def _run_pod(self) -> None:
+        mounts_by_volume = self._prepare_volumes()
+        deadline = self.spec.get("activeDeadlineSeconds")
+        self._deadline = time.monotonic() + deadline if deadline else None
+        self._patch_status(
+            {
+                "phase": "Pending",
+                "hostIP": "127.0.0.1",
+                "hostIPs": [{"ip": "127.0.0.1"}],
+                "startTime": self.started_at,
+                "conditions": self._conditions(initialized=False, ready=False),
+            }
+        )
+        for init in self.spec.get("initContainers") or []:
+            code = self._run_container(init, mounts_by_volume, init=True)
+            if code != 0 or self._killed.is_set():
+                self._finish(failed=True)
+                return
+        restart_policy = self.spec.get("restartPolicy", "Always")
+        results: dict[str, int] = {}
+        threads = []
+        for container in self.spec["containers"]:
+
+            def target(c: dict[str, Any] = container) -> None:
+                while True:
+                    code = self._run_container(c, mounts_by_volume, init=False)
+                    results[c["name"]] = code
+                    if self._killed.is_set() or restart_policy == "Never":
+                        return
+                    if restart_policy == "OnFailure" and code == 0:
+                        return
+                    run = self.containers[c["name"]]
+                    run.restart_count += 1
+                    backoff = min(self.ex.restart_backoff * 2 ** (run.restart_count - 1), 30.0)
+                    if self._killed.wait(backoff):
+                        return
+
+            thread = threading.Thread(target=target, daemon=True)
+            threads.append(thread)
+            thread.start()
+        self._patch_status({"phase": "Running", "conditions": self._conditions(initialized=True, ready=True)})
+        for thread in threads:
+            thread.join()
+        self._finish(failed=any(code != 0 for code in results.values()) or self._killed.is_set())
+
+    def _finish(self, failed: bool) -> None:
+        reason = None
+        message = None
+        if self._kill_reason.startswith("DeadlineExceeded"):
+            reason, message = "DeadlineExceeded", self._kill_reason.split(":", 1)[1].strip()
+        if self._kill_reason == "pod deleted":
+            return
+        body: dict[str, Any] = {
+            "phase": "Failed" if failed else "Succeeded",
+            "conditions": self._conditions(initialized=True, ready=False, done_reason="PodFailed" if failed else "PodCompleted"),
+        }
+        if reason:
+            body["reason"], body["message"] = reason, message
+        self._patch_status(body)
+
+    # -- volumes and env -----------------------------------------------------------------
+
+    def _prepare_volumes(self) -> dict[str, Path]:
+        volumes: dict[str, Path] = {}
+        for vol in self.spec.get("volumes") or []:
+            name = vol["name"]
+            if "hostPath" in vol:
+                host = vol["hostPath"]["path"].lstrip("/")
+                path = self.ex.node_root(self.node) / host
+                if vol["hostPath"].get("type") in ("File", "FileOrCreate"):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.touch()
+                else:
+                    path.mkdir(parents=True, exist_ok=True)
+            elif "persistentVolumeClaim" in vol:
+                claim = vol["persistentVolumeClaim"]["claimName"]
+                path = self.ex.root / "pvcs" / self.namespace / claim
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path = self.sandbox / "volumes" / name
+                path.mkdir(parents=True, exist_ok=True)
+                if "configMap" in vol:
+                    self._materialise(path, self._config_map(vol["configMap"]["name"]), vol["configMap"].get("items"))
+                elif "secret" in vol:
+                    self._materialise(path, self._secret(vol["secret"]["secretName"]), vol["secret"].get("items"))
+                elif "projected" in vol:
+                    self._projected(path, vol["projected"])
+            volumes[name] = path
+        return volumes
+
+    @staticmethod
+    def _materialise(path: Path, data: Mapping[str, str], items: list[dict[str, str]] | None) -> None:
+        selected = {i["key"]: i["path"] for i in items} if items else {k: k for k in data}
+        for key, rel in selected.items():
+            if key in data:
+                target = path / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(data[key])
+
+    def _projected(self, path: Path, projected: dict[str, Any]) -> None:
+        for source in projected.get("sources") or []:
+            if "configMap" in source:
+                with contextlib.suppress(ApiException):
+                    cm = source["configMap"]
+                    self._materialise(path, self._config_map(cm["name"]), cm.get("items"))
+            elif "secret" in source:
+                sec = source["secret"]
+                self._materialise(path, self._secret(sec["name"]), sec.get("items"))
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"].get("items") or []:
+                    if "fieldRef" in item:
+                        (path / item["path"]).write_text(self._field(item["fieldRef"]["fieldPath"]))
+            elif "serviceAccountToken" in source:
+                sat = source["serviceAccountToken"]
+                request = k8s.AuthenticationV1TokenRequest(
+                    spec=k8s.V1TokenRequestSpec(
+                        audiences=[sat["audience"]] if sat.get("audience") else [],
+                        expiration_seconds=sat.get("expirationSeconds", 3607),
+                        bound_object_ref=k8s.V1BoundObjectReference(kind="Pod", name=self.name, uid=self.uid),
+                    )
+                )
+                token = self.ex.core.create_namespaced_service_account_token(
+                    self.spec.get("serviceAccountName", "default"), self.namespace, request
+                )
+                (path / sat["path"]).write_text(token.status.token)
+
+    def _config_map(self, name: str) -> dict[str, str]:
+        return self.ex.core.read_namespaced_config_map(name, self.namespace).data or {}
+
+    def _secret(self, name: str) -> dict[str, str]:
+        data = self.ex.core.read_namespaced_secret(name, self.namespace).data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def _field(self, field_path: str) -> str:
+        meta = self.pod["metadata"]
+        simple = {
+            "metadata.name": self.name,
+            "metadata.namespace": self.namespace,
+            "metadata.uid": self.uid,
+            "spec.nodeName": self.node,
+            "spec.serviceAccountName": self.spec.get("serviceAccountName", "default"),
+            "status.hostIP": "127.0.0.1",
+            "status.podIP": "127.0.0.1",
+        }
+        if field_path in simple:
+            return simple[field_path]
+        match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", field_path)
+        if match:
+            return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
+        raise ValueError(f"unsupported fieldRef {field_path!r}")
+
+    def _env(self, container: dict[str, Any], image: LocalImage) -> dict[str, str]:
+        env: dict[str, str] = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.sandbox / "home"),
+            "HOSTNAME": self.name,
+            "LANG": "C.UTF-8",
+            **image.env,
+        }
+        (self.sandbox / "home").mkdir(parents=True, exist_ok=True)
+        for src in container.get("envFrom") or []:
+            prefix = src.get("prefix", "")
+            if "configMapRef" in src:
+                data = self._config_map(src["configMapRef"]["name"])
+            else:
+                data = self._secret(src["secretRef"]["name"])
+            env.update({prefix + k: v for k, v in data.items()})
+        for item in container.get("env") or []:
+            if "valueFrom" not in item:
+                env[item["name"]] = expand_vars(item.get("value", ""), env)
+                continue
+            ref = item["valueFrom"]
+            if "fieldRef" in ref:
+                env[item["name"]] = self._field(ref["fieldRef"]["fieldPath"])
+            elif "configMapKeyRef" in ref:
+                r = ref["configMapKeyRef"]
+                env[item["name"]] = self._config_map(r["name"])[r["key"]]
+            elif "secretKeyRef" in ref:
+                r = ref["secretKeyRef"]
+                env[item["name"]] = self._secret(r["name"])[r["key"]]
+            elif "resourceFieldRef" in ref:
+                resource = ref["resourceFieldRef"]["resource"]
+                kind, _, res = resource.partition(".")
+                env[item["name"]] = str(((container.get("resources") or {}).get(kind) or {}).get(res, "0"))
+        return env
+
+    # -- containers ----------------------------------------------------------------------
+
+    def _image(self, name: str) -> LocalImage:
+        if name in self.ex.images:
+            return self.ex.images[name]
+        for pattern, image in self.ex.images.items():
+            if pattern.endswith("*") and name.startswith(pattern[:-1]):
+                return image
+        raise ValueError(f"no local environment configured for image {name!r} (configured: {sorted(self.ex.images)})")
+
+    def _run_container(self, container: dict[str, Any], volumes: dict[str, Path], init: bool) -> int:
+        name = container["name"]
+        run = self.containers.get(name)
+        if run is None:
+            cdir = self.sandbox / "containers" / name
+            cdir.mkdir(parents=True, exist_ok=True)
+            run = _ContainerRun(name, cdir / "log", cdir / "termination-log", image=container.get("image", ""))
+            self.containers[name] = run
+        run.termination_path.write_bytes(b"")
+        image = self._image(container.get("image", ""))
+        mounts = {m["mountPath"]: volumes[m["name"]] / m.get("subPath", "") for m in container.get("volumeMounts") or []}
+        mounts[container.get("terminationMessagePath", "/dev/termination-log")] = run.termination_path
+        env = {k: rewrite_paths(v, mounts) for k, v in self._env(container, image).items()}
+        argv = list(container.get("command") or image.entrypoint) + list(container.get("args") or [])
+        if not argv:
+            raise ValueError(f"container {name!r} has no command and image {container.get('image')!r} no entrypoint")
+        argv = [rewrite_paths(expand_vars(a, env), mounts) for a in argv]
+        workdir = Path(rewrite_paths(container["workingDir"], mounts)) if container.get("workingDir") else self.sandbox
+        limit = (container.get("resources") or {}).get("limits", {}).get("memory")
+        limit_bytes = parse_quantity_bytes(limit) if limit else None
+
+        started = _now()
+        run.state = {"running": {"startedAt": started}}
+        self._report_containers(init)
+        with run.log_path.open("ab") as out:
+            proc = subprocess.Popen(
+                argv, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self._procs[name] = proc
+        oom = self._supervise(proc, limit_bytes)
+        code = proc.wait()
+        self._procs.pop(name, None)
+        if code < 0:
+            code = 128 - code  # killed by signal N -> 128+N, as a container runtime reports it
+        reason = "OOMKilled" if oom else ("Completed" if code == 0 else "Error")
+        if self._kill_reason.startswith("DeadlineExceeded"):
+            reason = "DeadlineExceeded"
+        terminated: dict[str, Any] = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": _now()}
+        message = self._termination_message(container, run, code)
+        if message:
+            terminated["message"] = message
+        run.state = {"terminated": terminated}
+        self._report_containers(init)
+        return code
+
+    def _supervise(self, proc: subprocess.Popen[bytes], limit_bytes: int | None) -> bool:
+        """Wait for ``proc``; kill it for exceeding its memory limit or the pod deadline. True on OOM."""
+        while proc.poll() is None:
+            if self._killed.wait(0.2):
+                break
+            if limit_bytes is not None and _group_rss_bytes(proc.pid) > limit_bytes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                return True
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                seconds = self.spec["activeDeadlineSeconds"]
+                self.kill(f"DeadlineExceeded: Pod was active on the node longer than the specified deadline ({seconds}s)")
+        return False
+
+    def _termination_message(self, container: dict[str, Any], run: _ContainerRun, code: int) -> str:
+        message = run.termination_path.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode(errors="replace")
+        if not message.strip() and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            lines = run.log_path.read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
+            message = b"\n".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
+        return message
+
+    # -- status --------------------------------------------------------------------------
+
+    def _conditions(self, initialized: bool, ready: bool, done_reason: str | None = None) -> list[dict[str, Any]]:
+        now = _now()
+
+        def cond(kind: str, ok: bool) -> dict[str, Any]:
+            c: dict[str, Any] = {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": now}
+            if not ok and done_reason:
+                c["reason"] = done_reason
+            return c
+
+        return [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            cond("Initialized", initialized or done_reason is not None),
+            cond("ContainersReady", ready),
+            cond("Ready", ready),
+        ]
+
+    def _report_containers(self, init: bool) -> None:
+        specs = self.spec.get("initContainers" if init else "containers") or []
+        statuses = []
+        for c in specs:
+            run = self.containers.get(c["name"])
+            state = run.state if run else {"waiting": {"reason": "PodInitializing"}}
+            statuses.append(
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": "running" in state,
+                    "started": "running" in state,
+                    "restartCount": run.restart_count if run else 0,
+                    "state": state,
+                }
+            )
+        self._patch_status({"initContainerStatuses" if init else "containerStatuses": statuses})
+
+    def _patch_status(self, status: dict[str, Any]) -> None:
+        if self._kill_reason == "pod deleted":
+            return
+        try:
+            self.ex.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
+        except ApiException as exc:
+            if exc.status != 404:  # a deleted pod has no status to report
+                raise

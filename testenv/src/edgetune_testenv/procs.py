@@ -1,0 +1,149 @@
+"""Start, watch and stop the server processes of the test environment.
+
+Every process runs in its own process group, logs to a file, and is asked by the
+kernel to die with its parent (``PR_SET_PDEATHSIG``), so a crashed or interrupted
+test run cannot leave servers behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from edgetune_testenv.errors import ComponentCrashedError, EnvironmentSetupError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class ManagedProcess:
+    """One server process with its log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        ports: Sequence[int] = (),
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.ports = tuple(ports)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        busy = [p for p in self.ports if port_in_use(p)]
+        if busy:
+            raise EnvironmentSetupError(f"{self.name}: port(s) {busy} on 127.0.0.1 are already in use")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 2500) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no log)"
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_tail()
+            hint = " (address already in use)" if "address already in use" in tail.lower() else ""
+            raise ComponentCrashedError(
+                f"{self.name} exited with status {self.proc.returncode}{hint}; log {self.log_path}:\n{tail}"
+            )
+
+    def wait_until(self, probe: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``probe`` until it returns True; fail early and clearly if the process dies."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if probe():
+                    return
+            except (OSError, urllib.error.URLError, ssl.SSLError):
+                pass
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        self.check_alive()
+        raise EnvironmentSetupError(
+            f"{self.name} did not become {what} within {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = self.proc.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        # Children that ignored SIGTERM but share the group (e.g. a server's workers).
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
+    """True when ``url`` answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=timeout) as resp:  # noqa: S310
+            return 200 <= int(resp.status) < 300
+    except urllib.error.HTTPError:
+        return False

@@ -1,0 +1,80 @@
+"""Session fixtures: real local control planes, a pod executor, and real MLflow/S3/Prometheus servers.
+
+Every fixture starts what it needs on loopback and stops it at the end of the session; nothing
+here touches a cluster named by the user's own kubeconfig.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.executor import LocalImage, PodExecutor
+from edgetune_testenv.nodes import default_fleet
+from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
+from tests.support import TEST_IMAGE
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_ambient_kubeconfig() -> Iterator[None]:
+    """Guard: code under test must be handed a kubeconfig, never pick up the user's own."""
+    saved = os.environ.pop("KUBECONFIG", None)
+    os.environ["KUBECONFIG"] = str(Path("/nonexistent/edgetune-tests-must-not-use-ambient-kubeconfig"))
+    yield
+    if saved is None:
+        os.environ.pop("KUBECONFIG", None)
+    else:
+        os.environ["KUBECONFIG"] = saved
+
+
+def _cluster(name: str, tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[ControlPlane]:
+    plane = ControlPlane(name, tmp_path_factory.mktemp(name))
+    with plane:
+        plane.add_nodes(default_fleet(prefix))
+        yield plane
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    yield from _cluster("hub", tmp_path_factory, "hub")
+
+
+@pytest.fixture(scope="session")
+def edge_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    yield from _cluster("edge-a", tmp_path_factory, "factory")
+
+
+@pytest.fixture(scope="session")
+def edge_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    yield from _cluster("edge-b", tmp_path_factory, "farm")
+
+
+@pytest.fixture(scope="session")
+def hub_executor(hub: ControlPlane) -> Iterator[PodExecutor]:
+    images = {TEST_IMAGE: LocalImage(entrypoint=(sys.executable,), env={"PYTHONUNBUFFERED": "1"})}
+    with PodExecutor(hub, images) as executor:
+        yield executor
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with MlflowServer(s3, workdir=tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    with Prometheus(tmp_path_factory.mktemp("prometheus")) as server:
+        yield server
