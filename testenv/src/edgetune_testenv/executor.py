@@ -77,19 +77,22 @@ def expand_vars(text: str, env: Mapping[str, str]) -> str:
 
 
 def rewrite_paths(text: str, mounts: Mapping[str, Path]) -> str:
-    """Map a container path under a mount point to its local directory (longest mount first)."""
-    for mount in sorted(mounts, key=len, reverse=True):
-        if text == mount:
-            return str(mounts[mount])
-        if text.startswith(mount.rstrip("/") + "/"):
-            return str(mounts[mount]) + text[len(mount.rstrip("/")) :]
-    # Paths embedded in flags, e.g. --checkpoint-dir=/ckpt/run.
-    if "=" in text:
-        key, _, value = text.partition("=")
-        rewritten = rewrite_paths(value, mounts)
-        if rewritten != value:
-            return f"{key}={rewritten}"
-    return text
+    """Map container paths under a mount point to their local directories.
+
+    A container sees its volumes at their mount paths; a local process cannot, so every
+    occurrence of a mount path in a command line, argument or env value (also inside an
+    inline script or a ``--flag=/path`` pair) is rewritten, longest mount first. A match
+    must start a path and end at a path boundary: ``/data`` rewrites ``/data/x.csv`` but
+    not ``/database``.
+    """
+    if not mounts:
+        return text
+    ordered = sorted(mounts, key=len, reverse=True)
+    pattern = re.compile(
+        r"(?<![\w.~/-])(" + "|".join(re.escape(m.rstrip("/") or "/") for m in ordered) + r")(?=$|[^\w.-])"
+    )
+    normalised = {m.rstrip("/") or "/": str(mounts[m]) for m in ordered}
+    return pattern.sub(lambda m: normalised[m.group(1)], text)
 
 
 def _now() -> str:
