@@ -20,7 +20,6 @@ from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.support import TEST_IMAGE
 
 
-
 @pytest.fixture(autouse=True, scope="session")
 def _no_ambient_kubeconfig() -> Iterator[None]:
     """Guard: code under test must be handed a kubeconfig, never pick up the user's own."""

@@ -28,7 +28,11 @@ def _pod(name: str, resources: dict[str, str]) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {
             "containers": [
-                {"name": "main", "image": "registry.example/edge-app:1", "resources": {"requests": resources, "limits": resources}}
+                {
+                    "name": "main",
+                    "image": "registry.example/edge-app:1",
+                    "resources": {"requests": resources, "limits": resources},
+                }
             ]
         },
     }
@@ -239,4 +243,3 @@ def test_kubectl_reports_pinned_version_and_simulated_fleet(hub: ControlPlane) -
     by_kind = sorted(line.split()[-1] for line in nodes)
     assert by_kind == ["cpu", "cpu", "gpu", "gpu", "npu", "npu"]
     assert all(" Ready " in line for line in nodes)
-

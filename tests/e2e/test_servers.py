@@ -40,7 +40,10 @@ def test_s3_server_round_trips_multipart_objects(s3: S3Server) -> None:
     parts = []
     for number, offset in enumerate(range(0, len(payload), 5 * 2**20), start=1):
         part = client.upload_part(
-            Bucket=bucket, Key="delta.bin", UploadId=upload["UploadId"], PartNumber=number,
+            Bucket=bucket,
+            Key="delta.bin",
+            UploadId=upload["UploadId"],
+            PartNumber=number,
             Body=payload[offset : offset + 5 * 2**20],
         )
         parts.append({"ETag": part["ETag"], "PartNumber": number})
@@ -65,15 +68,29 @@ def test_mlflow_registers_model_version_from_s3_artifact(mlflow_server: MlflowSe
     experiment = _mlflow(mlflow_server, "POST", "experiments/create", {"name": "edgetune-foundation"})
     run = _mlflow(mlflow_server, "POST", "runs/create", {"experiment_id": experiment["experiment_id"]})["run"]
     run_id = run["info"]["run_id"]
-    _mlflow(mlflow_server, "POST", "runs/log-metric", {"run_id": run_id, "key": "eval_loss", "value": 0.25, "timestamp": 0})
+    _mlflow(
+        mlflow_server, "POST", "runs/log-metric", {"run_id": run_id, "key": "eval_loss", "value": 0.25, "timestamp": 0}
+    )
     version = _mlflow(
         mlflow_server, "POST", "model-versions/create", {"name": "sensor-lora", "source": source, "run_id": run_id}
     )["model_version"]
     assert version["source"] == source
-    _mlflow(mlflow_server, "POST", "registered-models/alias", {"name": "sensor-lora", "alias": "candidate", "version": version["version"]})
     _mlflow(
-        mlflow_server, "POST", "model-versions/set-tag",
-        {"name": "sensor-lora", "version": version["version"], "key": "edgetune.io/delta-sha256", "value": hashlib.sha256(adapter).hexdigest()},
+        mlflow_server,
+        "POST",
+        "registered-models/alias",
+        {"name": "sensor-lora", "alias": "candidate", "version": version["version"]},
+    )
+    _mlflow(
+        mlflow_server,
+        "POST",
+        "model-versions/set-tag",
+        {
+            "name": "sensor-lora",
+            "version": version["version"],
+            "key": "edgetune.io/delta-sha256",
+            "value": hashlib.sha256(adapter).hexdigest(),
+        },
     )
 
     by_alias = _mlflow(mlflow_server, "GET", "registered-models/alias", {"name": "sensor-lora", "alias": "candidate"})

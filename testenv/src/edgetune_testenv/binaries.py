@@ -106,7 +106,10 @@ ALL = (KUBE, KWOK, HELM, VERSITYGW)
 _INSTALL_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kwok": (f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}", ()),
     # helm's and versitygw's Makefiles stamp their versions; `go install` alone would not.
-    "helm": (f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}", (f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",)),
+    "helm": (
+        f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}",
+        (f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+    ),
     "versitygw": (
         f"github.com/versity/versitygw/cmd/versitygw@{VERSITYGW_VERSION}",
         (f"-X main.Version={VERSITYGW_VERSION}",),

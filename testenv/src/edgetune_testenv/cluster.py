@@ -7,6 +7,7 @@ Several can run at once; each has its own ports, certificates, data directory an
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import shutil
 import ssl
@@ -223,9 +224,8 @@ class ControlPlane:
         # Ready means: controllers and scheduler answer health checks, and the service-account
         # controller has made the "default" ServiceAccount (pods cannot be created before it).
         for proc, port in ((cm, cm_port), (scheduler, sched_port)):
-            proc.wait_until(
-                lambda port=port: http_ok(f"https://127.0.0.1:{port}/healthz", _insecure()), timeout, "healthy"
-            )
+            healthz = f"https://127.0.0.1:{port}/healthz"
+            proc.wait_until(functools.partial(http_ok, healthz, _insecure()), timeout, "healthy")
         apiserver.wait_until(
             lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default") is not None,
             timeout,
@@ -291,7 +291,9 @@ class ControlPlane:
                 return None
             raise
 
-    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input_text: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run the pinned kubectl against this cluster."""
         kubectl = binaries.binary(binaries.KUBE, "kubectl")
         proc = subprocess.run(

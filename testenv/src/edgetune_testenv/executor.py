@@ -163,7 +163,7 @@ class PodExecutor:
             run.kill("executor stopping")
         for run in runs:
             run.join(timeout=15)
-        self._thread.join(timeout=15)
+        self._thread.join(timeout=10)
         self._api_client.close()
 
     def __enter__(self) -> PodExecutor:
@@ -200,8 +200,9 @@ class PodExecutor:
                     self.core.list_pod_for_all_namespaces,
                     label_selector=self.label_selector,
                     resource_version=pods.metadata.resource_version,
-                    timeout_seconds=20,
-                    _request_timeout=30,
+                    # Short server-side timeouts keep stop() prompt; relisting a few labelled pods is cheap.
+                    timeout_seconds=3,
+                    _request_timeout=10,
                 )
                 for event in stream:
                     if self._stop.is_set():
@@ -211,7 +212,7 @@ class PodExecutor:
                         self._forget(obj)
                     else:
                         self._handle(obj)
-            except Exception as exc:  # noqa: BLE001 - a watch must survive apiserver hiccups
+            except Exception as exc:
                 if self._stop.is_set():
                     return
                 log.warning("executor watch restarting after %s", exc)
@@ -335,7 +336,9 @@ class _PodRun:
             return
         body: dict[str, Any] = {
             "phase": "Failed" if failed else "Succeeded",
-            "conditions": self._conditions(initialized=True, ready=False, done_reason="PodFailed" if failed else "PodCompleted"),
+            "conditions": self._conditions(
+                initialized=True, ready=False, done_reason="PodFailed" if failed else "PodCompleted"
+            ),
         }
         if reason:
             body["reason"], body["message"] = reason, message
@@ -416,7 +419,7 @@ class _PodRun:
 
     def _field(self, field_path: str) -> str:
         meta = self.pod["metadata"]
-        simple = {
+        simple: dict[str, str] = {
             "metadata.name": self.name,
             "metadata.namespace": self.namespace,
             "metadata.uid": self.uid,
@@ -426,7 +429,7 @@ class _PodRun:
             "status.podIP": "127.0.0.1",
         }
         if field_path in simple:
-            return simple[field_path]
+            return str(simple[field_path])
         match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", field_path)
         if match:
             return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
@@ -487,7 +490,9 @@ class _PodRun:
             self.containers[name] = run
         run.termination_path.write_bytes(b"")
         image = self._image(container.get("image", ""))
-        mounts = {m["mountPath"]: volumes[m["name"]] / m.get("subPath", "") for m in container.get("volumeMounts") or []}
+        mounts = {
+            m["mountPath"]: volumes[m["name"]] / m.get("subPath", "") for m in container.get("volumeMounts") or []
+        }
         mounts[container.get("terminationMessagePath", "/dev/termination-log")] = run.termination_path
         env = {k: rewrite_paths(v, mounts) for k, v in self._env(container, image).items()}
         argv = list(container.get("command") or image.entrypoint) + list(container.get("args") or [])
@@ -503,8 +508,13 @@ class _PodRun:
         self._report_containers(init)
         with run.log_path.open("ab") as out:
             proc = subprocess.Popen(
-                argv, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                argv,
+                env=env,
+                cwd=workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self._procs[name] = proc
         oom = self._supervise(proc, limit_bytes)
@@ -534,7 +544,9 @@ class _PodRun:
                 return True
             if self._deadline is not None and time.monotonic() > self._deadline:
                 seconds = self.spec["activeDeadlineSeconds"]
-                self.kill(f"DeadlineExceeded: Pod was active on the node longer than the specified deadline ({seconds}s)")
+                self.kill(
+                    f"DeadlineExceeded: Pod was active on the node longer than the specified deadline ({seconds}s)"
+                )
         return False
 
     def _termination_message(self, container: dict[str, Any], run: _ContainerRun, code: int) -> str:

@@ -7,6 +7,7 @@ test run cannot leave servers behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -49,6 +50,7 @@ class ManagedProcess:
         name: str,
         argv: Sequence[str],
         log_path: Path,
+        *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         ports: Sequence[int] = (),
@@ -134,10 +136,8 @@ class ManagedProcess:
             os.killpg(pgid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         # Children that ignored SIGTERM but share the group (e.g. a server's workers).
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:

@@ -83,12 +83,19 @@ class S3Server(_Server):
             "s3/versitygw",
             [
                 str(exe),
-                "--access", self.access_key,
-                "--secret", self.secret_key,
-                "--region", self.region,
-                "--port", f"127.0.0.1:{self.port}",
+                "--access",
+                self.access_key,
+                "--secret",
+                self.secret_key,
+                "--region",
+                self.region,
+                "--port",
+                f"127.0.0.1:{self.port}",
                 # Object metadata (ETags, checksums) in a sidecar folder: needs no xattr support.
-                "posix", "--sidecar", str(self.workdir / "meta"), str(data),
+                "posix",
+                "--sidecar",
+                str(self.workdir / "meta"),
+                str(data),
             ],
             self.workdir / "versitygw.log",
             ports=(self.port,),
@@ -147,19 +154,27 @@ class MlflowServer(_Server):
     def start(self, timeout: float = 90.0) -> MlflowServer:
         mlflow = Path(sys.executable).parent / "mlflow"
         if not mlflow.exists():
-            raise EnvironmentSetupError(f"the mlflow command is missing next to {sys.executable}: install edgetune[dev]")
+            raise EnvironmentSetupError(
+                f"the mlflow command is missing next to {sys.executable}: install edgetune[dev]"
+            )
         self.s3.create_bucket(self.bucket)
         self.port = free_port()
         env = {**_base_env(), **self.s3.env()}
         proc = ManagedProcess(
             "mlflow",
             [
-                str(mlflow), "server",
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
-                "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-                "--artifacts-destination", f"s3://{self.bucket}/artifacts",
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.workdir / 'mlflow.db'}",
+                "--artifacts-destination",
+                f"s3://{self.bucket}/artifacts",
                 "--serve-artifacts",
             ],
             self.workdir / "mlflow.log",

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: static checks, unit tests, then the end-to-end tests against real local
+# control planes and servers. Benchmarks are separate (bench/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+
+echo "== ruff"; .venv/bin/ruff check .
+echo "== mypy"; .venv/bin/mypy operator/src trainer-image/src testenv/src
+echo "== pytest"
+set +e
+.venv/bin/python -m pytest -m "not bench" "$@"
+status=$?
+set -e
+if [ "$status" = 5 ]; then
+  echo "test: pytest collected no tests; that is a failure here" >&2
+fi
+exit "$status"
