@@ -1,0 +1,268 @@
+"""AdapterRelease: roll a registered adapter out to edge inference workloads, canary by canary."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, StringConstraints
+
+from edgetune_api.meta import ApiModel, Condition, Duration, LabelSelector, Name, cel, nested, validations
+
+Phase = Literal["Pending", "Progressing", "Paused", "Analyzing", "Promoted", "RolledBack", "Failed", "Aborted"]
+ShortString = Annotated[str, StringConstraints(max_length=253)]
+
+
+class TrainingJobRef(ApiModel):
+    """An EdgeTrainingJob in the release's namespace whose registered result is released."""
+
+    name: Name
+    """Name of the EdgeTrainingJob."""
+
+
+class AdapterSource(ApiModel):
+    """Which registered adapter to release: exactly one of version, alias or trainingJobRef."""
+
+    registered_model: Annotated[
+        str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ]
+    """MLflow registered model name."""
+    version: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]*$", max_length=12)] | None = None
+    """A model version number."""
+    alias: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[a-z][a-z0-9_-]*$")] | None = None
+    """A model alias such as `candidate`, resolved once when the release starts."""
+    training_job_ref: TrainingJobRef | None = None
+    """The version registered by an EdgeTrainingJob."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(has(self.version) ? 1 : 0) + (has(self.alias) ? 1 : 0) + (has(self.trainingJobRef) ? 1 : 0) == 1",
+                "adapter must name exactly one of version, alias or trainingJobRef",
+            )
+        )
+    )
+
+
+class ReleaseTargets(ApiModel):
+    """Edge inference workloads that receive the adapter."""
+
+    cluster_selector: LabelSelector | None = None
+    """EdgeClusters (by label); when absent, the release's own cluster."""
+    workload_selector: LabelSelector
+    """Labels of the pods (Deployments/DaemonSets) running the edgetune agent."""
+
+
+class PauseStep(ApiModel):
+    """Wait before the next step."""
+
+    duration: Duration | None = None
+    """How long to wait; without it the release waits until resumed (spec.paused set back to false)."""
+
+
+class AnalysisStep(ApiModel):
+    """Run the release's analysis now and continue only if it passes."""
+
+    metrics: Annotated[list[Name], Field(max_length=16)] = Field(default_factory=list)
+    """Names of analysis metrics to run; all of them when empty."""
+
+
+class CanaryStep(ApiModel):
+    """One canary step: exactly one of setWeight, pause or analysis."""
+
+    set_weight: Annotated[int, Field(ge=1, le=100)] | None = None
+    """Percentage of targets (1-100) that run the new adapter after this step."""
+    pause: PauseStep | None = None
+    """Wait, for a duration or until resumed."""
+    analysis: AnalysisStep | None = None
+    """Check metrics before going on."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(has(self.setWeight) ? 1 : 0) + (has(self.pause) ? 1 : 0) + (has(self.analysis) ? 1 : 0) == 1",
+                "each canary step must set exactly one of setWeight, pause or analysis",
+            )
+        )
+    )
+
+
+class CanaryStrategy(ApiModel):
+    """Progressive rollout in steps."""
+
+    steps: Annotated[list[CanaryStep], Field(min_length=1, max_length=32)]
+    """Steps run in order; setWeight values must increase strictly and end at most at 100."""
+    max_unavailable: Annotated[int, Field(ge=1, le=10_000)] = 1
+    """Targets that may be switching adapters at the same time."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted() && "
+                "self.steps.filter(s, has(s.setWeight)).all(s, "
+                "self.steps.filter(t, has(t.setWeight) && t.setWeight == s.setWeight).size() == 1)",
+                "canary setWeight values must increase strictly from step to step (e.g. 10, 50, 100)",
+                field_path=".steps",
+            ),
+        )
+    )
+
+
+class ReleaseStrategy(ApiModel):
+    """How the adapter is rolled out."""
+
+    canary: CanaryStrategy
+    """Canary steps."""
+
+
+class ThresholdRange(ApiModel):
+    """Bounds a metric value must stay within; at least one of min and max."""
+
+    min: float | None = None
+    """Lowest passing value."""
+    max: float | None = None
+    """Highest passing value."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.min) || has(self.max)", "thresholdRange needs min, max or both"),
+            cel(
+                "!has(self.min) || !has(self.max) || self.min <= self.max",
+                "thresholdRange.min must not exceed thresholdRange.max",
+            ),
+        )
+    )
+
+
+class AnalysisMetric(ApiModel):
+    """One PromQL check of the canary."""
+
+    name: Name
+    """Metric name, referenced by analysis steps."""
+    query: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    """PromQL returning one value; `{{release}}`, `{{namespace}}`, `{{version}}`, `{{stableVersion}}`
+    and `{{cluster}}` are replaced before it runs."""
+    threshold_range: ThresholdRange
+    """The value passes when it is inside this range."""
+    interval: Duration = "30s"
+    """Time between measurements."""
+    count: Annotated[int, Field(ge=1, le=100)] = 3
+    """Measurements per analysis."""
+    failure_limit: Annotated[int, Field(ge=0, le=100)] = 1
+    """Failed measurements tolerated; one more fails the analysis."""
+    no_data: Literal["fail", "pass", "inconclusive"] = "fail"
+    """What a query that returns no data counts as."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.failureLimit < self.count",
+                "failureLimit must be smaller than count, otherwise the analysis could never fail",
+                field_path=".failureLimit",
+            )
+        )
+    )
+
+
+class AnalysisSpec(ApiModel):
+    """Metric analysis against Prometheus."""
+
+    metrics: Annotated[list[AnalysisMetric], Field(max_length=16)] = Field(default_factory=list)
+    """The metrics checked by analysis steps."""
+
+
+class RollbackSpec(ApiModel):
+    """What happens when analysis fails."""
+
+    automatic: bool = True
+    """Roll every canary back to the stable version as soon as analysis fails."""
+
+
+class AdapterReleaseSpec(ApiModel):
+    """Desired state of an AdapterRelease."""
+
+    adapter: AdapterSource
+    """The adapter to release."""
+    targets: ReleaseTargets
+    """Where it goes."""
+    strategy: ReleaseStrategy
+    """How it is rolled out."""
+    analysis: AnalysisSpec = nested(AnalysisSpec)
+    """Metric checks."""
+    rollback: RollbackSpec = nested(RollbackSpec)
+    """Rollback behaviour."""
+    paused: bool = False
+    """Hold the rollout at the current step; set back to false to resume."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.strategy.canary.steps.all(s, !has(s.analysis) || size(self.analysis.metrics) > 0)",
+                "a canary analysis step needs at least one entry in spec.analysis.metrics",
+                field_path=".analysis.metrics",
+            ),
+            cel(
+                "self.strategy.canary.steps.all(s, !has(s.analysis) || "
+                "s.analysis.metrics.all(m, self.analysis.metrics.exists(d, d.name == m)))",
+                "a canary analysis step names a metric that spec.analysis.metrics does not define",
+                field_path=".strategy.canary.steps",
+            ),
+        )
+    )
+
+
+class AnalysisRun(ApiModel):
+    """The outcome of one analysis step."""
+
+    step: Annotated[int, Field(ge=0)]
+    """Index of the canary step."""
+    metric: ShortString
+    """Metric name."""
+    phase: Literal["Running", "Successful", "Failed", "Inconclusive"]
+    """Outcome."""
+    values: Annotated[list[float], Field(max_length=100)] = Field(default_factory=list)
+    """Measured values."""
+    failures: Annotated[int, Field(ge=0)] = 0
+    """Measurements outside the threshold range."""
+    message: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    """Details."""
+    finished_at: datetime | None = None
+    """When the analysis ended."""
+
+
+class AdapterReleaseStatus(ApiModel):
+    """Observed state of an AdapterRelease, written by the operator only."""
+
+    phase: Phase | None = None
+    """Summary for humans and printer columns; automation should read conditions."""
+    conditions: Annotated[list[Condition], Field(max_length=32)] = Field(default_factory=list)
+    """Progressing, Analyzing, Promoted, RolledBack …"""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The generation of the spec this status describes."""
+    current_step: Annotated[int, Field(ge=0)] | None = None
+    """Index of the step in progress."""
+    canary_weight: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Percentage of targets on the canary version."""
+    canary_version: ShortString | None = None
+    """The version being released."""
+    stable_version: ShortString | None = None
+    """The version targets fall back to on rollback."""
+    targets_total: Annotated[int, Field(ge=0)] | None = None
+    """Targets selected."""
+    targets_by_version: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    """How many targets report running each adapter version."""
+    analysis_runs: Annotated[list[AnalysisRun], Field(max_length=256)] = Field(default_factory=list)
+    """History of analysis outcomes."""
+    pause_started_at: datetime | None = None
+    """When the current pause step began."""
+
+
+class AdapterRelease(ApiModel):
+    """Roll a registered adapter out to edge inference workloads progressively: canary steps, metric
+    analysis against Prometheus, automatic promotion or rollback."""
+
+    api_version: Literal["edgetune.io/v1alpha1"] = "edgetune.io/v1alpha1"
+    kind: Literal["AdapterRelease"] = "AdapterRelease"
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: AdapterReleaseSpec
+    status: AdapterReleaseStatus | None = None
