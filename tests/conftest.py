@@ -44,6 +44,17 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     yield from _cluster("hub", tmp_path_factory, "hub")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def hub_crds(hub: ControlPlane) -> ControlPlane:
+    """The hub with edgetune's CRDs (from crds/) installed and established."""
+    hub.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    hub.kubectl("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/name=edgetune", "--timeout=60s")
+    return hub
+
+
 @pytest.fixture(scope="session")
 def edge_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     yield from _cluster("edge-a", tmp_path_factory, "factory")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from edgetune_api.adapter_release import AdapterRelease
 from edgetune_api.edge_cluster import EdgeCluster
@@ -33,37 +35,29 @@ _DROP = {"title", "examples"}
 # A failed `pattern` makes the apiserver print the regular expression; for the formats people
 # type every day a CEL rule says instead what is expected, in words. The pattern stays in the
 # Python models, so both sides accept exactly the same strings.
-PATTERN_RULES: dict[str, tuple[str, str]] = {
-    DURATION_PATTERN: (
-        f"self.matches('{DURATION_PATTERN}')",
-        "must be a duration such as 90s, 15m or 1h30m (units ms, s, m, h)",
-    ),
-    QUANTITY_PATTERN: ("isQuantity(self)", "must be a Kubernetes quantity such as 512Mi, 2Gi or 1.5"),
-    SHA256_PATTERN: (f"self.matches('{SHA256_PATTERN}')", "must be a SHA-256 digest: 64 lowercase hex digits"),
+PATTERN_MESSAGES: dict[str, str] = {
+    DURATION_PATTERN: "must be a duration such as 90s, 15m or 1h30m (units ms, s, m, h)",
+    QUANTITY_PATTERN: "must be a Kubernetes quantity such as 512Mi, 2Gi or 1.5",
+    SHA256_PATTERN: "must be a SHA-256 digest: 64 lowercase hex digits",
     DNS_LABEL_PATTERN: (
-        f"self.matches('{DNS_LABEL_PATTERN}')",
-        "must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
+        "must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit"
     ),
     r"^(models:/|runs:/|s3://|file://|/|builtin:).+": (
-        "self.matches('^(models:/|runs:/|s3://|file://|/|builtin:).+')",
-        "must start with models:/, runs:/, s3://, file://, / (a path on the node) or builtin:",
+        "must start with models:/, runs:/, s3://, file://, / (a path on the node) or builtin:"
     ),
-    r"^/.*": ("self.startsWith('/')", "must be an absolute path on the node, starting with /"),
-    r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$": (
-        "self.matches('^[a-z0-9][a-z0-9.-]*[a-z0-9]$')",
-        "must be an S3 bucket name: lowercase letters, digits, '.' and '-'",
-    ),
-    r"^[A-Za-z0-9][A-Za-z0-9._-]*$": (
-        "self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*$')",
-        "must be an MLflow model name: letters, digits, '.', '_' and '-'",
-    ),
-    r"^[a-z][a-z0-9_-]*$": (
-        "self.matches('^[a-z][a-z0-9_-]*$')",
-        "must be an MLflow alias: lowercase letters, digits, '_' and '-', starting with a letter",
-    ),
-    r"^[1-9][0-9]*$": ("self.matches('^[1-9][0-9]*$')", "must be a model version number such as 3"),
-    r"^https?://.+": ("self.matches('^https?://.+')", "must be an http:// or https:// URL"),
+    r"^/.*": "must be an absolute path on the node, starting with /",
+    r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$": "must be an S3 bucket name: lowercase letters, digits, '.' and '-'",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*$": "must be an MLflow model name: letters, digits, '.', '_' and '-'",
+    r"^[a-z][a-z0-9_-]*$": "must be an MLflow alias: lowercase letters, digits, '_' and '-', starting with a letter",
+    r"^[1-9][0-9]*$": "must be a model version number such as 3",
+    r"^https?://.+": "must be an http:// or https:// URL",
 }
+
+
+def _pattern_rule(pattern: str) -> dict[str, str]:
+    # Quantities have a CEL library of their own; every other pattern is matched as a raw string.
+    rule = "isQuantity(self)" if pattern == QUANTITY_PATTERN else f"self.matches(r'{pattern}')"
+    return {"rule": rule, "message": PATTERN_MESSAGES[pattern]}
 
 
 @dataclass(frozen=True)
@@ -192,9 +186,8 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
             out[key] = _resolve(value, defs, f"{path}[]")
         else:
             out[key] = value
-    if out.get("type") == "string" and out.get("pattern") in PATTERN_RULES:
-        rule, message = PATTERN_RULES[out.pop("pattern")]
-        out.setdefault("x-kubernetes-validations", []).insert(0, {"rule": rule, "message": message})
+    if out.get("type") == "string" and out.get("pattern") in PATTERN_MESSAGES:
+        out.setdefault("x-kubernetes-validations", []).insert(0, _pattern_rule(out.pop("pattern")))
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     if "properties" in out or ("additionalProperties" in out and "type" not in out):
@@ -213,8 +206,20 @@ def _check_descriptions(node: dict[str, Any], path: str) -> None:
         _check_descriptions(node["additionalProperties"], f"{path}{{}}")
 
 
+class _FactoryDefaults(GenerateJsonSchema):
+    """Also publish defaults made by ``default_factory`` (lists, maps), so the apiserver fills in
+    exactly what the models would; pydantic leaves them out of the schema by default."""
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            schema = {**schema, "default": factory()}  # type: ignore[call-arg]
+            del schema["default_factory"]
+        return super().default_schema(schema)
+
+
 def _part(model: type[ApiModel], name: str) -> dict[str, Any]:
-    schema = model.model_json_schema(by_alias=True, mode="validation")
+    schema = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_FactoryDefaults)
     defs = schema.pop("$defs", {})
     prop = schema["properties"][name]
     return _resolve(prop, defs, f".{name}")
