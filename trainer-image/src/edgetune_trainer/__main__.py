@@ -1,0 +1,208 @@
+"""``python -m edgetune_trainer --config job.json``: train, package, sign, upload, report.
+
+Exit codes (also in the termination message's ``reason``):
+0 Succeeded · 2 InvalidInput (data, model, config) · 3 InsufficientData · 4 BudgetTooSmall ·
+5 StorageError (disk, S3) · 1 anything unexpected · 143 Interrupted (SIGTERM; checkpoint written,
+a retried pod resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from edgetune_api.delta import Lineage
+from edgetune_api.trainer_config import TrainerConfig
+
+EXIT = {"Succeeded": 0, "InvalidInput": 2, "InsufficientData": 3, "BudgetTooSmall": 4, "StorageError": 5, "Failed": 1,
+        "Interrupted": 143}  # fmt: skip
+
+
+def trainer_version() -> str:
+    try:
+        return metadata.version("edgetune")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_config(path: str | None) -> TrainerConfig:
+    raw = Path(path).read_text() if path else os.environ.get("EDGETUNE_TRAINER_CONFIG", "")
+    if not raw:
+        raise ValueError("no configuration: pass --config FILE or set EDGETUNE_TRAINER_CONFIG to the JSON")
+    return TrainerConfig.model_validate_json(raw)
+
+
+def _s3_client(endpoint: str | None) -> Any:
+    import boto3  # noqa: PLC0415
+    from botocore.config import Config  # noqa: PLC0415
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
+        config=Config(retries={"max_attempts": 5, "mode": "adaptive"}, connect_timeout=5, read_timeout=30,
+                      s3={"addressing_style": "path"}),
+    )  # fmt: skip
+
+
+def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole run, top to bottom, on purpose
+    """One trainer run; returns the termination summary (raises on failure)."""
+    import torch  # noqa: PLC0415 - heavy: imported only once the config is known to be valid
+
+    from edgetune_trainer import models, package  # noqa: PLC0415
+    from edgetune_trainer.data import NodeDataset  # noqa: PLC0415
+    from edgetune_trainer.loop import train  # noqa: PLC0415
+    from edgetune_trainer.report import Reporter  # noqa: PLC0415
+
+    spec, rt = config.spec, config.runtime
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    device = torch.device(
+        "cuda" if rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    reporter = Reporter(
+        job=rt.job_name or "adhoc", namespace=rt.job_namespace or "", cluster=rt.cluster, node=rt.node or os.uname().nodename,
+        metrics_port=rt.metrics_port, pushgateway_url=rt.pushgateway_url,
+    )  # fmt: skip
+
+    class _Report:
+        """Callable for events, with `.gauge` for metrics: what the loop needs and nothing more."""
+
+        def __call__(self, name: str, **fields: Any) -> None:
+            reporter.event(name, **fields)
+
+        def gauge(self, name: str, value: float, **extra: str) -> None:
+            reporter.gauge(name, value, **extra)
+
+    report = _Report()
+    try:
+        salt = Path(rt.salt_path).read_bytes().strip() if rt.salt_path else None
+        dataset = NodeDataset(Path(rt.data_dir), spec.data, salt)
+        info = dataset.scan()
+        reporter.gauge("samples", info.samples)
+        report("data", samples=info.samples, train=info.train_samples, eval=info.eval_samples, labels=len(info.labels),
+               kind=info.kind, sha256=info.sha256)  # fmt: skip
+        work = Path(rt.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        s3 = _s3_client(rt.s3_endpoint) if (rt.s3_bucket or spec.base_model.uri.startswith("s3://")) else None
+        uri = spec.base_model.uri
+        if uri.startswith("builtin:"):
+            base = models.builtin_random(
+                uri.removeprefix("builtin:"), info.channels or 1, max(2, len(info.labels)), spec.training.seed
+            )
+        else:
+            folder = models.fetch(uri, work, s3, os.environ.get("MLFLOW_TRACKING_URI"))
+            base = models.load_base(
+                folder,
+                spec.base_model.sha256,
+                num_labels=len(info.labels) if info.kind == "series" and info.labels else None,
+            )
+        report("base_model", uri=uri, sha256=base.sha256, kind=base.kind)
+
+        outcome = train(config, base, dataset, report, device)
+
+        state = models.adapter_state(outcome.model)
+        encoding = spec.output.encoding
+        metrics = {k: round(v, 6) for k, v in outcome.eval.items()}
+        if encoding != "fp32":  # measure what ships: the adapter after encoding and decoding
+            decoded = package.decode(package.encode(state, encoding), encoding)
+            models.load_adapter_state(outcome.model, decoded)
+            from edgetune_trainer.loop import evaluate  # noqa: PLC0415
+
+            shipped = evaluate(
+                outcome.model, outcome.extra["task"], dataset, outcome.batch_size, spec.data.augmentation
+            )
+            metrics.update({f"{k}_encoded": round(v, 6) for k, v in shipped.items()})
+        metrics["train_loss"] = outcome.history[-1]["loss"] if outcome.history else float("nan")
+        peft_config = outcome.model.peft_config["default"].to_dict()
+        peft_config = json.loads(json.dumps(peft_config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        lineage = Lineage(
+            base_model_uri=uri, base_model_sha256=base.sha256, data_sha256=info.sha256, samples=info.samples,
+            data_format=spec.data.format, job_namespace=rt.job_namespace, job_name=rt.job_name, job_uid=rt.job_uid,
+            cluster=rt.cluster, node=rt.node, trainer_version=trainer_version(),
+        )  # fmt: skip
+        key = Path(rt.signing_key_path).read_bytes() if rt.signing_key_path else None
+        digest, manifest = package.build(
+            work / "package", state, encoding=encoding, peft_config=peft_config, lineage=lineage, steps=outcome.steps,
+            duration_s=outcome.duration_s, metrics=metrics, energy_joules=round(outcome.energy_j, 3),
+            energy_method=outcome.energy_method, peak_memory_bytes=outcome.peak_memory_bytes, signing_key_pem=key,
+        )  # fmt: skip
+        delta_uri = str(work / "package")
+        if rt.s3_bucket:
+            delta_uri = package.upload(work / "package", s3, rt.s3_bucket, rt.s3_prefix)
+        report("packaged", uri=delta_uri, sha256=digest, adapter_bytes=manifest.adapter_bytes, encoding=encoding)
+        reporter.push()
+        return {
+            "status": "Succeeded", "reason": "Succeeded", "stopReason": outcome.reason, "steps": outcome.steps,
+            "deltaUri": delta_uri, "sha256": digest, "adapterBytes": manifest.adapter_bytes, "encoding": encoding,
+            "samples": info.samples, "metrics": metrics, "energyJoules": round(outcome.energy_j, 3),
+            "energyMethod": outcome.energy_method, "peakMemoryBytes": outcome.peak_memory_bytes,
+            "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from, "durationSeconds": round(outcome.duration_s, 2),
+        }  # fmt: skip
+    finally:
+        reporter.push()
+        reporter.close()
+
+
+def classify(exc: BaseException) -> str:
+    """Map an exception to the termination reason (and so the exit code)."""
+    from edgetune_trainer.data import DataError  # noqa: PLC0415
+    from edgetune_trainer.loop import BudgetTooSmallError, InsufficientDataError, Interrupted  # noqa: PLC0415
+    from edgetune_trainer.models import ModelError  # noqa: PLC0415
+    from edgetune_trainer.package import UploadError  # noqa: PLC0415
+
+    if isinstance(exc, Interrupted):
+        return "Interrupted"
+    if isinstance(exc, InsufficientDataError):
+        return "InsufficientData"
+    if isinstance(exc, BudgetTooSmallError):
+        return "BudgetTooSmall"
+    if isinstance(exc, UploadError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    ):
+        return "StorageError"
+    if isinstance(exc, DataError | ModelError | ValidationError | ValueError | FileNotFoundError):
+        return "InvalidInput"
+    return "Failed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgetune_trainer", description=__doc__)
+    parser.add_argument("--config", help="trainer configuration (JSON); default: $EDGETUNE_TRAINER_CONFIG")
+    args = parser.parse_args(argv)
+    termination = Path(os.environ.get("EDGETUNE_TERMINATION_LOG", "/dev/termination-log"))
+    started = time.time()
+    try:
+        config = load_config(args.config)
+        termination = Path(config.runtime.termination_log)
+        summary = run(config)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the termination message
+        if isinstance(exc, KeyboardInterrupt):
+            exc = InterruptedError("interrupted")
+        reason = classify(exc)
+        summary = {
+            "status": "Failed" if reason != "Interrupted" else "Interrupted",
+            "reason": reason,
+            "message": str(exc),
+        }
+        sys.stderr.write(json.dumps({"event": "failed", "reason": reason, "message": str(exc)}) + "\n")
+        if reason == "Failed":
+            traceback.print_exc()
+    summary["wallSeconds"] = round(time.time() - started, 2)
+    from edgetune_trainer.report import TERMINATION_LIMIT, write_termination  # noqa: PLC0415
+
+    write_termination(termination, summary, TERMINATION_LIMIT)
+    return EXIT[summary["reason"]] if summary["reason"] in EXIT else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Node-local data: read csv, jsonl, npy/npz, text and UCR/UEA ``.ts`` files as a stream.
+
+Design:
+- Files are read lazily, one sample at a time; nothing holds the whole data set. A first pass
+  (``scan``) counts samples, learns the label set and the series shape, and hashes the samples'
+  content (after privacy filters) for lineage. Training passes stream again, through a bounded
+  shuffle buffer seeded by (seed, epoch), so a resumed run replays the same order.
+- Privacy filters run first, on the raw record, before anything else sees it: dropped fields are
+  gone, hashed fields are replaced by a salted SHA-256.
+- The evaluation split is chosen per sample from its content hash: stable across runs and
+  streaming-friendly.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetune_api.training_job import Augmentation, DataSpec
+
+SUFFIXES = {"csv": (".csv",), "jsonl": (".jsonl", ".json"), "npy": (".npy", ".npz"), "text": (".txt",), "ts": (".ts",)}
+
+
+class DataError(ValueError):
+    """The data on the node cannot be used; the message says which file and why."""
+
+
+@dataclass
+class Sample:
+    """One training example: a series (channels x length, float32) or a text, and a label."""
+
+    x: np.ndarray | str
+    y: str | None
+
+
+@dataclass
+class DataInfo:
+    """What the first pass learned. Contains no sample values."""
+
+    samples: int
+    train_samples: int
+    eval_samples: int
+    sha256: str
+    labels: list[str]
+    channels: int | None
+    length: int | None
+    kind: str  # "series" or "text"
+    files: list[str] = field(default_factory=list)
+
+
+class PrivacyFilter:
+    """Drop or salt-hash named fields of a record before it is used for anything."""
+
+    def __init__(self, drop: Sequence[str], hashed: Sequence[str], salt: bytes | None) -> None:
+        if hashed and not salt:
+            raise DataError("privacy.hashFields needs a salt (privacy.saltSecretRef)")
+        self.drop = set(drop)
+        self.hashed = set(hashed)
+        self.salt = salt or b""
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in record.items():
+            if key in self.drop:
+                continue
+            if key in self.hashed:
+                value = hashlib.sha256(self.salt + str(value).encode()).hexdigest()
+            out[key] = value
+        return out
+
+
+def _files(root: Path, fmt: str) -> list[Path]:
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist on this node")
+    if root.is_file():
+        return [root]
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES[fmt])
+    if fmt == "npy":
+        found = [p for p in found if not p.name.startswith("labels")]
+    if not found:
+        raise DataError(f"no {fmt} files ({', '.join(SUFFIXES[fmt])}) under {root}")
+    return found
+
+
+def _series(values: Any, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: not a numeric series") from exc
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.size == 0:
+        raise DataError(f"{where}: expected a series of shape (channels, length), got {arr.shape}")
+    return np.nan_to_num(arr)
+
+
+def _read_ts(path: Path) -> Iterator[Sample]:
+    """UCR/UEA .ts: '@' header lines, then '@data', then 'dim1,...:dim2,...:label' per line."""
+    in_data = False
+    has_labels = True
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not in_data:
+                lower = line.lower()
+                if lower.startswith("@classlabel"):
+                    has_labels = lower.split()[1] == "true"
+                elif lower.startswith("@data"):
+                    in_data = True
+                continue
+            parts = line.split(":")
+            label = parts.pop().strip() if has_labels else None
+            where = f"{path.name}:{number}"
+            try:
+                dims = [[float(v) if v not in ("?", "NaN") else np.nan for v in p.split(",")] for p in parts]
+            except ValueError as exc:
+                raise DataError(f"{where}: not a .ts data line") from exc
+            if len({len(d) for d in dims}) != 1:
+                raise DataError(f"{where}: dimensions of unequal length are not supported")
+            yield Sample(_series(dims, where), label)
+    if not in_data:
+        raise DataError(f"{path.name}: no @data section (not a UCR/UEA .ts file)")
+
+
+def _record_sample(record: dict[str, Any], spec: DataSpec, where: str) -> Sample:
+    label = record.pop(spec.label_field, None) if spec.label_field else None
+    label = None if label is None else str(label)
+    if spec.text_field:
+        if spec.text_field not in record:
+            raise DataError(f"{where}: no field {spec.text_field!r}")
+        return Sample(str(record[spec.text_field]), label)
+    for key in ("series", "values", "x"):
+        if key in record:
+            return Sample(_series(record[key], where), label)
+    numeric = []
+    for value in record.values():
+        try:
+            numeric.append(float(value))
+        except (TypeError, ValueError):
+            continue  # ids, hashed fields, free text: not features
+    if not numeric:
+        raise DataError(f"{where}: no numeric fields to train on")
+    return Sample(_series(numeric, where), label)
+
+
+def _read(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample]:
+    fmt = spec.format
+    if fmt == "ts":
+        yield from _read_ts(path)
+    elif fmt == "text":
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.strip():
+                    yield Sample(line.rstrip("\n"), None)
+    elif fmt == "csv":
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            for number, row in enumerate(csv.DictReader(fh), start=2):
+                yield _record_sample(privacy(dict(row)), spec, f"{path.name}:{number}")
+    elif fmt == "jsonl":
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path.name}:{number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise DataError(f"{path.name}:{number}: expected a JSON object per line")
+                yield _record_sample(privacy(record), spec, f"{path.name}:{number}")
+    elif fmt == "npy":
+        yield from _read_numpy(path)
+    else:  # pragma: no cover - the CRD enum makes this unreachable
+        raise DataError(f"unknown data format {fmt!r}")
+
+
+def _read_numpy(path: Path) -> Iterator[Sample]:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = set(archive.files)
+                x_key = next((k for k in ("x", "X", "data") if k in keys), None)
+                if x_key is None:
+                    raise DataError(f"{path.name}: npz needs an array named x, X or data (found {sorted(keys)})")
+                xs = archive[x_key]
+                ys = archive["y"] if "y" in keys else None
+        else:
+            xs = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: read row by row
+            labels = path.with_name("labels.npy")
+            ys = np.load(labels, allow_pickle=False) if labels.exists() else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path.name}: cannot be read as a numpy array ({exc})") from exc
+    if ys is not None and len(ys) != len(xs):
+        raise DataError(f"{path.name}: {len(xs)} samples but {len(ys)} labels")
+    for i in range(len(xs)):
+        yield Sample(_series(xs[i], f"{path.name}[{i}]"), None if ys is None else str(ys[i]))
+
+
+def _content_digest(sample: Sample) -> bytes:
+    if isinstance(sample.x, str):
+        body = sample.x.encode()
+    else:
+        body = np.ascontiguousarray(sample.x, dtype=np.float32).tobytes() + str(sample.x.shape).encode()
+    return hashlib.sha256(body + b"\x00" + (sample.y or "").encode()).digest()
+
+
+def is_eval(digest: bytes, fraction: float) -> bool:
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+class NodeDataset:
+    """The data set on this node, as a re-iterable stream."""
+
+    def __init__(self, root: Path, spec: DataSpec, salt: bytes | None = None) -> None:
+        self.root = root
+        self.spec = spec
+        self.privacy = PrivacyFilter(spec.privacy.drop_fields, spec.privacy.hash_fields, salt)
+        self.files = _files(root, spec.format)
+        self._info: DataInfo | None = None
+
+    def _stream(self) -> Iterator[tuple[Sample, bytes]]:
+        for path in self.files:
+            for sample in _read(path, self.spec, self.privacy):
+                yield sample, _content_digest(sample)
+
+    def scan(self) -> DataInfo:
+        """Count, hash and shape the data in one streaming pass."""
+        if self._info is not None:
+            return self._info
+        digest = hashlib.sha256()
+        labels: set[str] = set()
+        total = evals = 0
+        channels = length = None
+        kind = "text" if self.spec.format == "text" or self.spec.text_field else "series"
+        for sample, content in self._stream():
+            digest.update(content)
+            total += 1
+            evals += is_eval(content, self.spec.eval_fraction)
+            if sample.y is not None:
+                labels.add(sample.y)
+            if channels is None and not isinstance(sample.x, str):
+                channels, length = int(sample.x.shape[0]), int(sample.x.shape[1])
+            elif not isinstance(sample.x, str) and sample.x.shape[0] != channels:
+                raise DataError(f"samples disagree on the channel count ({sample.x.shape[0]} vs {channels})")
+        self._info = DataInfo(
+            samples=total,
+            train_samples=total - evals,
+            eval_samples=evals,
+            sha256=digest.hexdigest(),
+            labels=sorted(labels, key=_label_key),
+            channels=channels,
+            length=length,
+            kind=kind,
+            files=[str(p.relative_to(self.root)) if p != self.root else p.name for p in self.files],
+        )
+        return self._info
+
+    def iterate(self, split: str) -> Iterator[Sample]:
+        """Samples of the ``train`` or ``eval`` split, in file order."""
+        want_eval = split == "eval"
+        for sample, content in self._stream():
+            if is_eval(content, self.spec.eval_fraction) == want_eval:
+                yield sample
+
+    def shuffled(self, seed: int, epoch: int, buffer: int = 1024) -> Iterator[Sample]:
+        """Training samples through a bounded shuffle buffer; the same (seed, epoch) gives the same order."""
+        rng = random.Random(seed * 1_000_003 + epoch)  # noqa: S311 - data order, not security
+        pool: list[Sample] = []
+        for sample in self.iterate("train"):
+            pool.append(sample)
+            if len(pool) >= buffer:
+                yield pool.pop(rng.randrange(len(pool)))
+        while pool:
+            yield pool.pop(rng.randrange(len(pool)))
+
+
+def _label_key(label: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
+def fit_length(x: np.ndarray, length: int) -> np.ndarray:
+    """Crop or zero-pad a (channels, L) series to ``length``."""
+    if x.shape[1] == length:
+        return x
+    if x.shape[1] > length:
+        return x[:, :length]
+    return np.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+
+def augment(x: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Noise, jitter (time shift) and crop-and-resize, each only when configured."""
+    out = x
+    if aug.crop_fraction > 0:
+        length = out.shape[1]
+        keep = max(2, int(round(length * (1 - rng.uniform(0, aug.crop_fraction)))))
+        start = int(rng.integers(0, length - keep + 1))
+        window = out[:, start : start + keep]
+        grid = np.linspace(0, keep - 1, length)
+        out = np.stack([np.interp(grid, np.arange(keep), ch) for ch in window]).astype(np.float32)
+    if aug.jitter_steps > 0:
+        out = np.roll(out, int(rng.integers(-aug.jitter_steps, aug.jitter_steps + 1)), axis=1)
+    if aug.noise_std > 0:
+        scale = float(np.std(out)) or 1.0
+        out = out + rng.normal(0.0, aug.noise_std * scale, size=out.shape).astype(np.float32)
+    return out.astype(np.float32, copy=False)

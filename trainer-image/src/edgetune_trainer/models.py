@@ -1,0 +1,256 @@
+"""Base models (built-in sensor models or Hugging Face transformers), their verified loading,
+and the LoRA adapter that is the only trainable part.
+
+A base model is a folder: ``config.json`` plus weights in safetensors. Its SHA-256 (what
+``spec.baseModel.sha256`` pins) is the digest of its single ``*.safetensors`` file, or, for
+sharded weights, the digest of the sorted lines ``<name> <sha256>`` of all shards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from edgetune_api.delta import sha256_bytes, sha256_file
+from edgetune_api.training_job import PeftSpec
+
+BUILTIN_CONFIG = "config.json"
+BUILTIN_WEIGHTS = "model.safetensors"
+
+
+class ModelError(ValueError):
+    """The base model cannot be used; the message says where it was looked for and why."""
+
+
+class TimeSeriesCNN(nn.Module):
+    """A small 1-D CNN classifier for sensor series (channels x length): conv blocks, global
+    average pooling, a hidden linear layer and a linear head. No batch norm: a frozen base must not
+    change its statistics while an adapter trains on top of it."""
+
+    architecture = "timeseries-cnn"
+
+    def __init__(self, channels: int, classes: int, width: int = 64, depth: int = 3, hidden: int = 64) -> None:
+        super().__init__()
+        self.config = {"architecture": self.architecture, "channels": channels, "classes": classes,
+                       "width": width, "depth": depth, "hidden": hidden}  # fmt: skip
+        self.register_buffer("input_mean", torch.zeros(channels, 1))
+        self.register_buffer("input_std", torch.ones(channels, 1))
+        blocks: list[nn.Module] = []
+        c_in = channels
+        for _ in range(depth):
+            blocks += [nn.Conv1d(c_in, width, kernel_size=7, padding=3), nn.GELU()]
+            c_in = width
+        self.features = nn.Sequential(*blocks)
+        self.hidden = nn.Linear(width, hidden)
+        self.head = nn.Linear(hidden, classes)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.input_mean) / self.input_std
+        if self.gradient_checkpointing and self.training:
+            x = checkpoint(self.features, x, use_reentrant=False)
+        else:
+            x = self.features(x)
+        x = x.mean(dim=-1)
+        return self.head(torch.nn.functional.gelu(self.hidden(x)))  # type: ignore[no-any-return]
+
+    def adaptable_modules(self) -> list[str]:
+        """Names LoRA adapts for ``all-linear``: every conv and linear layer except the head."""
+        return [n for n, m in self.named_modules() if isinstance(m, nn.Conv1d | nn.Linear) and n != "head"]
+
+
+BUILTINS: dict[str, type[TimeSeriesCNN]] = {TimeSeriesCNN.architecture: TimeSeriesCNN}
+
+
+@dataclass
+class BaseModel:
+    """A loaded, frozen base model."""
+
+    model: nn.Module
+    kind: str  # "builtin" or "transformers"
+    sha256: str | None
+    labels: list[str]
+    tokenizer: Any = None
+    path: Path | None = None
+
+
+def weights_sha256(folder: Path) -> str:
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ModelError(f"no *.safetensors weights in {folder}")
+    if len(shards) == 1:
+        return sha256_file(shards[0])
+    return sha256_bytes("".join(f"{p.name} {sha256_file(p)}\n" for p in shards).encode())
+
+
+def save_builtin(model: TimeSeriesCNN, folder: Path, labels: list[str]) -> str:
+    """Write a built-in model as a base-model folder; returns its SHA-256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / BUILTIN_CONFIG).write_text(json.dumps({**model.config, "labels": labels}, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / BUILTIN_WEIGHTS))
+    return weights_sha256(folder)
+
+
+def fetch(uri: str, cache: Path, s3_client: Any = None, mlflow_uri: str | None = None) -> Path:
+    """Make the base model folder named by ``uri`` available locally; return its path."""
+    if uri.startswith("file://"):
+        return Path(urllib.parse.urlparse(uri).path)
+    if uri.startswith("/"):
+        return Path(uri)
+    if uri.startswith("s3://"):
+        return _fetch_s3(uri, cache, s3_client)
+    if uri.startswith(("models:/", "runs:/")):
+        if not mlflow_uri:
+            raise ModelError(f"{uri} is an MLflow URI but MLFLOW_TRACKING_URI is not set")
+        return fetch(_resolve_mlflow(uri, mlflow_uri), cache, s3_client, mlflow_uri)
+    raise ModelError(f"cannot fetch base model {uri!r}: unsupported scheme")
+
+
+def _fetch_s3(uri: str, cache: Path, s3_client: Any) -> Path:
+    if s3_client is None:
+        raise ModelError(f"{uri} needs S3 access, but no S3 client is configured")
+    parsed = urllib.parse.urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/") + "/"
+    target = cache / "base" / sha256_bytes(uri.encode())[:16]
+    if (target / ".complete").exists():
+        return target
+    tmp = Path(tempfile.mkdtemp(dir=cache))
+    keys = []
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    if not keys:
+        raise ModelError(f"no objects under {uri}")
+    for key in keys:
+        dest = tmp / key[len(prefix) :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        s3_client.download_file(bucket, key, str(dest))
+    (tmp / ".complete").touch()
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
+    return target
+
+
+def _resolve_mlflow(uri: str, tracking: str) -> str:
+    """``models:/name/version`` or ``runs:/id/path`` -> the artifact's storage URI (via MLflow's REST API)."""
+
+    def get(path: str, **query: str) -> dict[str, Any]:
+        url = f"{tracking.rstrip('/')}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - configured tracking server
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    if uri.startswith("models:/"):
+        name, _, ref = uri.removeprefix("models:/").partition("/")
+        if ref.isdigit():
+            version = get("model-versions/get", name=name, version=ref)["model_version"]
+        else:
+            version = get("registered-models/alias", name=name, alias=ref)["model_version"]
+        return str(version["source"])
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    root = get("runs/get", run_id=run_id)["run"]["info"]["artifact_uri"]
+    return f"{root.rstrip('/')}/{path}"
+
+
+def load_base(folder: Path, expected_sha256: str | None, *, num_labels: int | None = None) -> BaseModel:
+    """Load and verify a base model folder, then freeze it."""
+    if not (folder / BUILTIN_CONFIG).exists():
+        raise ModelError(f"base model folder {folder} has no {BUILTIN_CONFIG}")
+    digest = weights_sha256(folder)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ModelError(f"base model weights in {folder} have SHA-256 {digest}, the job expects {expected_sha256}")
+    config = json.loads((folder / BUILTIN_CONFIG).read_text())
+    if config.get("architecture") in BUILTINS:
+        cls = BUILTINS[config["architecture"]]
+        model: nn.Module = cls(
+            config["channels"], config["classes"], config["width"], config["depth"], config["hidden"]
+        )
+        model.load_state_dict(load_file(str(folder / BUILTIN_WEIGHTS)))
+        base = BaseModel(model, "builtin", digest, list(config.get("labels", [])), path=folder)
+    else:
+        base = _load_transformers(folder, digest, num_labels)
+    for param in base.model.parameters():
+        param.requires_grad_(False)
+    return base
+
+
+def _load_transformers(folder: Path, digest: str, num_labels: int | None) -> BaseModel:
+    try:
+        import transformers  # noqa: PLC0415 - optional, heavy
+    except ImportError as exc:
+        raise ModelError(f"{folder} is a transformers model but the transformers package is missing") from exc
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if num_labels:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, local_files_only=True, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    tokenizer = None
+    if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    labels = [str(v) for _, v in sorted((config.id2label or {}).items())] if num_labels else []
+    return BaseModel(model, "transformers", digest, labels, tokenizer=tokenizer, path=folder)
+
+
+def builtin_random(name: str, channels: int, classes: int, seed: int) -> BaseModel:
+    """``builtin:<architecture>``: a randomly initialised base (seeded). For smoke tests and demos:
+    a random frozen base only gives LoRA random features to work with."""
+    if name not in BUILTINS:
+        raise ModelError(f"unknown built-in model {name!r}; known: {sorted(BUILTINS)}")
+    torch.manual_seed(seed)
+    model = BUILTINS[name](channels, classes)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return BaseModel(model, "builtin", None, [])
+
+
+def lora_targets(base: BaseModel, spec: PeftSpec) -> list[str] | str:
+    if spec.target_modules != ["all-linear"]:
+        return list(spec.target_modules)
+    if isinstance(base.model, TimeSeriesCNN):
+        return base.model.adaptable_modules()
+    return "all-linear"  # peft resolves it for transformers models (the output head excluded)
+
+
+def attach_lora(base: BaseModel, spec: PeftSpec, *, trainable_head: bool = False) -> PeftModel:
+    """Wrap the frozen base with a LoRA adapter; only the adapter's parameters train."""
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=lora_targets(base, spec),
+        modules_to_save=["head"] if trainable_head else None,
+    )
+    try:
+        return get_peft_model(base.model, config)  # type: ignore[no-any-return]
+    except ValueError as exc:
+        raise ModelError(f"cannot attach LoRA to the base model: {exc}") from exc
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The trainable adapter weights only (what the delta package carries)."""
+    from peft import get_peft_model_state_dict  # noqa: PLC0415
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict  # noqa: PLC0415
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"adapter state does not fit this model: unexpected keys {unexpected[:5]}")

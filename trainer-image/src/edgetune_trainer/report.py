@@ -1,0 +1,81 @@
+"""How the trainer tells the world what it does: JSON lines on stdout, Prometheus metrics
+(served and/or pushed), and a JSON summary in the termination-message file on exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import push_to_gateway, start_http_server
+
+from edgetune_trainer.metrics import TrainerMetrics
+
+TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+
+
+class Reporter:
+    def __init__(
+        self,
+        *,
+        job: str,
+        namespace: str,
+        cluster: str,
+        node: str,
+        metrics_port: int = 0,
+        pushgateway_url: str | None = None,
+    ) -> None:
+        self.metrics = TrainerMetrics()
+        self.labels = {"job": job, "namespace": namespace, "cluster": cluster, "node": node}
+        self.pushgateway_url = pushgateway_url
+        self._server: Any = None
+        if metrics_port:
+            self._server = start_http_server(metrics_port, addr="0.0.0.0", registry=self.metrics.registry)  # noqa: S104
+
+    def event(self, name: str, **fields: Any) -> None:
+        """One JSON line on stdout (what `kubectl logs` shows)."""
+        sys.stdout.write(json.dumps({"ts": round(time.time(), 3), "event": name, **fields}, default=str) + "\n")
+        sys.stdout.flush()
+
+    def gauge(self, name: str, value: float, **extra: str) -> None:
+        getattr(self.metrics, name).labels(**self.labels, **extra).set(value)
+
+    def push(self) -> None:
+        if not self.pushgateway_url:
+            return
+        grouping = {k: v for k, v in self.labels.items() if k != "job"}
+        try:
+            push_to_gateway(
+                self.pushgateway_url, job=f"edgetune-trainer-{self.labels['job']}", grouping_key=grouping,
+                registry=self.metrics.registry, timeout=5,
+            )  # fmt: skip
+        except OSError as exc:  # metrics are best effort; training goes on
+            self.event("pushgateway_unreachable", error=str(exc))
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, thread = self._server if isinstance(self._server, tuple) else (self._server, None)
+            server.shutdown()
+            if thread is not None:
+                thread.join(timeout=5)
+
+
+def write_termination(path: Path, summary: dict[str, Any], limit: int = TERMINATION_LIMIT) -> None:
+    """Write the exit summary as JSON within Kubernetes' limit: a long message is shortened first."""
+    data = json.dumps(summary, separators=(",", ":"), default=str)
+    if len(data.encode()) > limit and "message" in summary:
+        excess = len(data.encode()) - limit + 8
+        message = str(summary["message"]).encode()
+        summary = {**summary, "message": message[: max(len(message) - excess, 0)].decode(errors="ignore") + "..."}
+        data = json.dumps(summary, separators=(",", ":"), default=str)
+    if len(data.encode()) > limit:  # still too long: keep the verdict, drop the details
+        data = json.dumps({k: summary[k] for k in ("status", "reason") if k in summary})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data)
+    except OSError as exc:
+        sys.stderr.write(
+            json.dumps({"event": "termination_log_unwritable", "path": str(path), "error": str(exc)}) + "\n"
+        )
