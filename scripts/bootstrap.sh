@@ -48,6 +48,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing Python dependencies (edgetune[dev]) into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
+  # Data only: the UCR/UEA .ts files sktime ships in its wheel (real sensor data sets for the
+  # trainer tests). --no-deps: we parse .ts ourselves and never import sktime.
+  .venv/bin/python -m pip install -q --no-deps 'sktime==1.2.0'
   echo "$want" >"$stamp"
 fi
 

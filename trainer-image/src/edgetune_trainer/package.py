@@ -2,7 +2,7 @@
 
 Encodings:
 - ``fp32`` / ``fp16``: ``adapter.safetensors`` holding the LoRA tensors in that precision.
-- ``int8-zstd``: per-output-row symmetric int8 quantisation (int8 tensor + fp16 scales per
+- ``int8-zstd``: per-output-row symmetric int8 quantisation (int8 tensor + fp32 scales per
   weight, stored as ``<name>`` and ``<name>.__scale__``), then the safetensors bytes are
   zstd-compressed into ``adapter.safetensors.zst``. The trainer evaluates the *dequantised*
   adapter and reports that metric, so the number that ships is the number measured.
@@ -28,11 +28,11 @@ WEIGHTS = {"fp32": "adapter.safetensors", "fp16": "adapter.safetensors", "int8-z
 
 
 def quantize_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns (int8 values, fp16 scale per row)."""
+    """Symmetric per-row int8: returns (int8 values, fp32 scale per row)."""
     flat = tensor.float().reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.float().reshape(1, -1)
     scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.reshape(tensor.shape), scale.to(torch.float16)
+    return q.reshape(tensor.shape), scale.float()
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""Checkpoints, energy/battery readers, and the delta package — each on its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgetune_api.delta import DeltaVerificationError, Lineage, read_folder, verify_package
+from edgetune_trainer import checkpoint as ckpt
+from edgetune_trainer import package
+from edgetune_trainer.energy import EstimateMeter, JetsonMeter, RaplMeter, battery_percent, best_meter, on_ac_power
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _state(step: int) -> ckpt.TrainState:
+    return ckpt.TrainState(step, ckpt.Cursor(1, step * 4), 0.5, 0, [{"step": step, "loss": 1.0 / step}], 1.5, 2.5)
+
+
+def _save(root: Path, step: int, keep: int = 2) -> Path:
+    return ckpt.save(root, _state(step), {"w": torch.full((2,), float(step))}, {"opt": step}, {"sched": step}, {}, keep=keep)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    _save(tmp_path, 3)
+    loaded, skipped = ckpt.load_latest(tmp_path)
+    assert loaded is not None and skipped == []
+    assert loaded.state.step == 3
+    assert loaded.state.cursor == ckpt.Cursor(1, 12)
+    assert torch.equal(loaded.adapter["w"], torch.full((2,), 3.0))
+    assert loaded.optimizer == {"opt": 3}
+    assert "torch" in loaded.rng
+
+
+def test_corrupt_newest_checkpoint_is_skipped_and_older_kept(tmp_path: Path) -> None:
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    (newest / "adapter.pt").write_bytes(b"torn write")
+    (tmp_path / ".tmp-step-00000003").mkdir()  # an interrupted save: never considered
+    loaded, skipped = ckpt.load_latest(tmp_path)
+    assert loaded is not None and loaded.state.step == 1
+    assert skipped == ["step-00000002"]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        _save(tmp_path, step, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_no_checkpoint_is_none(tmp_path: Path) -> None:
+    assert ckpt.load_latest(tmp_path / "absent") == (None, [])
+
+
+# -- energy and battery ----------------------------------------------------------------------
+
+
+def _rapl(root: Path, energies: dict[str, int], max_uj: int = 1000) -> None:
+    for domain, value in energies.items():
+        d = root / domain
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "energy_uj").write_text(f"{value}\n")
+        (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
+
+
+def test_rapl_sums_top_level_domains_and_handles_wraparound(tmp_path: Path) -> None:
+    _rapl(tmp_path, {"intel-rapl:0": 900, "intel-rapl:1": 100, "intel-rapl:0:0": 50})
+    meter = RaplMeter(tmp_path)
+    assert [p.name for p in meter.domains] == ["intel-rapl:0", "intel-rapl:1"]  # subdomains are inside :0
+    _rapl(tmp_path, {"intel-rapl:0": 100, "intel-rapl:1": 300})  # :0 wrapped: +200 µJ; :1 +200 µJ
+    assert meter.joules() == pytest.approx(400e-6)
+    assert meter.method == "rapl"
+
+
+def test_jetson_rails_integrate_power(tmp_path: Path) -> None:
+    rail = tmp_path / "1-0040" / "iio:device0" / "in_power0_input"
+    rail.parent.mkdir(parents=True)
+    rail.write_text("5000\n")  # 5 W
+    meter = JetsonMeter(tmp_path)
+    meter._last_t -= 2.0  # two seconds ago
+    assert meter.joules() == pytest.approx(10.0, rel=0.05)
+
+
+def test_without_counters_the_estimate_is_labelled(tmp_path: Path) -> None:
+    meter = best_meter(tmp_path / "no-powercap", watts_estimate=10.0, use_gpu=False)
+    assert isinstance(meter, EstimateMeter)
+    assert meter.method == "estimate"
+    sum(i * i for i in range(300_000))  # burn some CPU
+    assert meter.joules() > 0
+
+
+def test_battery_and_mains_from_sysfs_layout(tmp_path: Path) -> None:
+    assert battery_percent(tmp_path) is None
+    bat, ac = tmp_path / "BAT0", tmp_path / "AC"
+    bat.mkdir()
+    ac.mkdir()
+    (bat / "type").write_text("Battery\n")
+    (bat / "capacity").write_text("37\n")
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("0\n")
+    assert battery_percent(tmp_path) == 37
+    assert not on_ac_power(tmp_path)
+    (ac / "online").write_text("1\n")
+    assert on_ac_power(tmp_path)
+
+
+# -- package ---------------------------------------------------------------------------------
+
+
+def _adapter() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {"base.layer.lora_A.weight": torch.randn(8, 64) * 0.02, "base.layer.lora_B.weight": torch.randn(32, 8) * 0.01}
+
+
+def test_int8_encoding_round_trips_within_quantisation_error() -> None:
+    state = _adapter()
+    for encoding in ("fp32", "fp16", "int8-zstd"):
+        decoded = package.decode(package.encode(state, encoding), encoding)
+        for name, tensor in state.items():
+            error = (decoded[name] - tensor).abs()
+            if encoding == "int8-zstd":  # at most half a quantisation step of the row's scale
+                assert torch.all(error <= tensor.abs().amax(dim=1, keepdim=True) / 254 + 1e-7), name
+            else:
+                assert torch.allclose(decoded[name], tensor, atol=1e-4 if encoding == "fp16" else 0.0), (encoding, name)
+    torch.manual_seed(1)
+    layer = {"lora_A.weight": torch.randn(8, 512) * 0.02, "lora_B.weight": torch.randn(512, 8) * 0.01}
+    ratio = len(package.encode(layer, "fp32")) / len(package.encode(layer, "int8-zstd"))
+    assert ratio > 3.5  # 4x from int8, less the per-row scales and headers
+
+
+def _lineage() -> Lineage:
+    return Lineage(base_model_uri="builtin:timeseries-cnn", data_sha256="0" * 64, samples=10, data_format="npy", trainer_version="t")
+
+
+def _key() -> tuple[bytes, bytes]:
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def _build(folder: Path, key: bytes | None) -> str:
+    digest, _ = package.build(
+        folder, _adapter(), encoding="int8-zstd", peft_config={"r": 8}, lineage=_lineage(), steps=5, duration_s=1.0,
+        metrics={"eval_loss": 0.5}, energy_joules=1.0, energy_method="estimate", peak_memory_bytes=1, signing_key_pem=key,
+    )  # fmt: skip
+    return digest
+
+
+def test_signed_package_verifies_and_tampering_is_named(tmp_path: Path) -> None:
+    private, public = _key()
+    digest = _build(tmp_path, private)
+    files = read_folder(tmp_path)
+    assert sorted(files) == ["adapter.safetensors.zst", "adapter_config.json", "manifest.json", "manifest.sig"]
+    manifest = verify_package(files, public, expected_digest=digest)
+    assert manifest.lineage.samples == 10 and manifest.encoding == "int8-zstd"
+
+    tampered = dict(files)
+    tampered["adapter.safetensors.zst"] = files["adapter.safetensors.zst"][:-1] + b"\x00"
+    with pytest.raises(DeltaVerificationError, match=r"adapter\.safetensors\.zst has SHA-256 .* the manifest says"):
+        verify_package(tampered, public)
+    forged = json.loads(files["manifest.json"])
+    forged["metrics"]["eval_loss"] = 0.01
+    with pytest.raises(DeltaVerificationError, match="signature does not verify"):
+        verify_package({**files, "manifest.json": json.dumps(forged).encode()}, public)
+    _, other_public = _key()
+    with pytest.raises(DeltaVerificationError, match="signature does not verify"):
+        verify_package(files, other_public)
+    with pytest.raises(DeltaVerificationError, match="digest is"):
+        verify_package(files, public, expected_digest="f" * 64)
+    with pytest.raises(DeltaVerificationError, match="files the manifest does not list"):
+        verify_package({**files, "extra.bin": b"x"}, public)
+
+
+def test_unsigned_package_fails_when_a_key_is_required(tmp_path: Path) -> None:
+    _build(tmp_path, None)
+    files = read_folder(tmp_path)
+    verify_package(files)  # fine without a key
+    _, public = _key()
+    with pytest.raises(DeltaVerificationError, match="unsigned"):
+        verify_package(files, public)
