@@ -353,7 +353,7 @@ def train(
                         loss, _ = task.loss(model, batch)
                     scaled = loss * len(samples) / (batch_size * accumulation)
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     consumed += len(samples)
                 if consumed:
                     if scaler:

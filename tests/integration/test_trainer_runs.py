@@ -1,0 +1,190 @@
+"""Whole trainer runs on CPU with data made here: packaging, stop conditions, failures, crash safety."""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgetune_api.delta import read_folder, verify_package
+from edgetune_trainer.__main__ import classify, main
+from edgetune_trainer.checkpoint import load_latest
+from tests.trainer_support import config, events, sine_classes, spawn, termination, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp: Path, capsys: pytest.CaptureFixture[str], **overrides: object) -> tuple[int, dict[str, object], list[dict[str, object]]]:
+    data = tmp / "data" if (tmp / "data").exists() else sine_classes(tmp / "data")
+    code = main(["--config", str(write_config(tmp, config(tmp, data, **overrides)))])  # type: ignore[arg-type]
+    return code, termination(tmp), events(capsys.readouterr().out.splitlines())
+
+
+def test_run_trains_and_packages_a_verifiable_delta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, summary, log = run(tmp_path, capsys, output={"encoding": "int8-zstd"})
+    assert code == 0, summary
+    assert summary["status"] == "Succeeded" and summary["stopReason"] == "MaxSteps" and summary["steps"] == 12
+    assert len((tmp_path / "termination-log").read_bytes()) <= 4096
+    manifest = verify_package(read_folder(tmp_path / "work" / "package"), expected_digest=str(summary["sha256"]))
+    assert manifest.encoding == "int8-zstd" and manifest.steps == 12
+    assert manifest.lineage.samples == 240 and manifest.lineage.data_sha256 == next(e for e in log if e["event"] == "data")["sha256"]
+    metrics = summary["metrics"]
+    assert isinstance(metrics, dict) and "eval_accuracy_encoded" in metrics  # measured after int8 round trip
+    assert summary["energyMethod"] == "estimate"  # no counters on this machine, and it says so
+    losses = [e["loss"] for e in log if e["event"] == "step"]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+
+
+def test_auto_batch_size_is_measured_against_the_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, summary, log = run(tmp_path, capsys, training={"batchSize": "auto", "maxSteps": 2})
+    assert code == 0, summary
+    fitted = next(e for e in log if e["event"] == "batch_size_fitted")
+    assert fitted["batch_size"] == summary["batchSize"] >= 1
+    assert all(p["peak_bytes"] <= 4 * 2**30 * 0.9 for p in fitted["probes"] if p["batch"] <= fitted["batch_size"])
+    assert summary["peakMemoryBytes"] <= 4 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"training": {"maxSteps": 500, "targetLoss": 5.0}}, "TargetLoss"),
+        ({"training": {"maxSteps": 500, "learningRate": 1e-9, "earlyStopping": {"patience": 2, "minDelta": 0.5}}}, "EarlyStopping"),
+        ({"training": {"maxSteps": 10_000}, "budgets": {"deadline": "3s"}}, "Deadline"),
+        ({"training": {"maxSteps": 10_000}, "budgets": {"energyJoules": 20}}, "EnergyBudget"),
+        ({"training": {"maxSteps": 10_000, "epochs": 1}}, "Epochs"),
+    ],
+    ids=["target-loss", "early-stopping", "deadline", "energy", "epochs"],
+)
+def test_stop_conditions_end_training_and_still_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: dict[str, object], reason: str
+) -> None:
+    code, summary, _ = run(tmp_path, capsys, **overrides)
+    assert code == 0, summary
+    assert summary["stopReason"] == reason
+    assert (tmp_path / "work" / "package" / "manifest.json").exists()
+
+
+def test_failures_exit_non_zero_with_a_clear_termination_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        ({"data": {"minSamples": 10_000}}, 3, "InsufficientData", "240 samples on this node, the job needs at least 10000"),
+        ({"runtime": {"dataDir": str(tmp_path / "missing")}}, 2, "InvalidInput", "does not exist on this node"),
+        ({"budgets": {"memory": "256Mi"}, "training": {"batchSize": "auto"}}, 4, "BudgetTooSmall", "more than 90% of the memory budget"),
+        ({"baseModel": {"uri": str(tmp_path / "no-model"), "sha256": "0" * 64}}, 2, "InvalidInput", "has no config.json"),
+    ]
+    sine_classes(tmp_path / "data")
+    for overrides, code, reason, text in cases:
+        got, summary, _ = run(tmp_path, capsys, **overrides)
+        assert (got, summary["reason"], summary["status"]) == (code, reason, "Failed"), summary
+        assert text in str(summary["message"])
+
+
+def test_wrong_base_model_hash_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgetune_trainer.models import TimeSeriesCNN, save_builtin
+
+    digest = save_builtin(TimeSeriesCNN(3, 3), tmp_path / "base", ["0", "1", "2"])
+    code, summary, _ = run(tmp_path, capsys, baseModel={"uri": str(tmp_path / "base"), "sha256": "a" * 64})
+    assert code == 2
+    assert f"have SHA-256 {digest}, the job expects {'a' * 64}" in str(summary["message"])
+    code, summary, _ = run(tmp_path, capsys, baseModel={"uri": f"file://{tmp_path / 'base'}", "sha256": digest})
+    assert code == 0, summary
+
+
+def test_unreachable_s3_fails_as_storage_error_and_keeps_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, summary, _ = run(
+        tmp_path, capsys, runtime={"s3Endpoint": "http://127.0.0.1:9", "s3Bucket": "adapters", "s3Prefix": "x"},
+    )  # fmt: skip
+    assert (code, summary["reason"]) == (5, "StorageError"), summary
+    assert "s3://adapters/x" in str(summary["message"])
+    loaded, skipped = load_latest(tmp_path / "work" / "checkpoints")
+    assert loaded is not None and loaded.state.step == 12 and skipped == []
+
+
+def test_disk_full_is_a_storage_error() -> None:
+    assert classify(OSError(errno.ENOSPC, "No space left on device")) == "StorageError"
+
+
+def test_low_battery_pauses_then_resumes_when_charged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    supply = tmp_path / "power"
+    (supply / "BAT0").mkdir(parents=True)
+    (supply / "BAT0" / "type").write_text("Battery\n")
+    (supply / "BAT0" / "capacity").write_text("12\n")
+
+    def charge() -> None:
+        time.sleep(3)
+        (supply / "BAT0" / "capacity").write_text("85\n")
+
+    threading.Thread(target=charge, daemon=True).start()
+    code, summary, log = run(
+        tmp_path, capsys, budgets={"minBatteryPercent": 30}, training={"maxSteps": 4}, runtime={"powerSupplyRoot": str(supply)}
+    )
+    assert code == 0, summary
+    kinds = [e["event"] for e in log]
+    assert kinds.index("paused") < kinds.index("resumed_after_pause")
+    assert next(e for e in log if e["event"] == "paused")["battery_percent"] == 12
+
+
+def test_low_battery_with_stop_policy_stops_and_packages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    supply = tmp_path / "power" / "BAT0"
+    supply.mkdir(parents=True)
+    (supply / "type").write_text("Battery\n")
+    (supply / "capacity").write_text("5\n")
+    code, summary, _ = run(
+        tmp_path, capsys, budgets={"minBatteryPercent": 30, "batteryPolicy": "stop"}, training={"maxSteps": 50},
+        runtime={"powerSupplyRoot": str(supply.parent)},
+    )  # fmt: skip
+    assert code == 0, summary
+    assert (summary["stopReason"], summary["steps"]) == ("LowBattery", 1)
+
+
+def _steps(lines: list[str]) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in events(lines) if e["event"] == "step"]
+
+
+def _run_to_end(tmp: Path, cfg_path: Path) -> list[str]:
+    proc = spawn(cfg_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    return out.splitlines()
+
+
+def _kill_at(cfg_path: Path, step: int, signal_name: str) -> tuple[list[str], int]:
+    import signal as sig
+
+    proc = spawn(cfg_path)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if '"event": "step"' in line and json.loads(line)["step"] == step:
+            proc.send_signal(getattr(sig, signal_name))
+            break
+    rest, _ = proc.communicate(timeout=120)
+    return lines + rest.splitlines(), proc.returncode
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_interrupted_run_resumes_and_reproduces_the_uninterrupted_curve(tmp_path: Path, signal_name: str) -> None:
+    data = sine_classes(tmp_path / "data")
+    overrides = {"training": {"maxSteps": 14, "checkpointEvery": 1, "evalEvery": 7}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = _steps(_run_to_end(tmp_path / "a", write_config(tmp_path / "a", config(tmp_path / "a", data, **overrides))))
+    cfg_b = write_config(tmp_path / "b", config(tmp_path / "b", data, **overrides))
+    kill_step = random.Random(signal_name).randint(3, 11)
+    first, code = _kill_at(cfg_b, kill_step, signal_name)
+    assert code == (143 if signal_name == "SIGTERM" else -9)
+    if signal_name == "SIGTERM":
+        assert termination(tmp_path / "b")["reason"] == "Interrupted"
+    second = _run_to_end(tmp_path / "b", cfg_b)
+    resumed = next(e for e in events(second) if e["event"] == "resumed")
+    assert resumed["step"] >= kill_step - 1  # at most one optimizer step of progress lost
+    curve = dict(_steps(first))
+    curve.update(dict(_steps(second)))
+    assert sorted(curve) == list(range(1, 15))
+    for step, loss in straight:
+        assert curve[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), f"step {step} differs after resume"
