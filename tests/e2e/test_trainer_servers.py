@@ -1,0 +1,82 @@
+"""The trainer against the real S3 server and Prometheus: upload with verification, metrics that
+reach Prometheus, and no raw sample value in anything that leaves the node."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from edgetune_api.delta import verify_package
+from edgetune_testenv.servers import Prometheus, S3Server
+from edgetune_trainer.__main__ import main
+from tests.support import eventually
+from tests.trainer_support import config, termination, write_config
+
+pytestmark = pytest.mark.e2e
+
+NAMES = ["Alice Smith", "Bob Jones", "Chen Wei", "Dana Kowalski"]
+
+
+def _private_csv(folder: Path) -> list[str]:
+    """Readings tagged with operator names and badge ids; returns every raw value that must stay."""
+    folder.mkdir(parents=True)
+    rows = ["operator,badge,temp_c,vibration_g,label"]
+    secrets = list(NAMES)
+    for i in range(200):
+        name, badge = NAMES[i % 4], f"B-{77100 + i}"
+        temp, vib = 60 + (i % 7) * 3.14159 + i / 1000, (i % 5) * 0.731 + (1.5 if i % 2 else 0)
+        rows.append(f"{name},{badge},{temp:.5f},{vib:.5f},{'fault' if i % 2 else 'ok'}")
+        secrets += [badge, f"{temp:.5f}", f"{vib:.5f}"]
+    (folder / "readings.csv").write_text("\n".join(rows) + "\n")
+    return secrets
+
+
+def test_trainer_uploads_verified_package_and_leaks_no_raw_values(
+    tmp_path: Path, s3: S3Server, prometheus: Prometheus, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = _private_csv(tmp_path / "data")
+    (tmp_path / "salt").write_text("site-salt-7f3a\n")
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = s3.create_bucket("edge-adapters")
+    cfg = config(
+        tmp_path, tmp_path / "data",
+        data={"format": "csv", "labelField": "label",
+              "privacy": {"dropFields": ["operator"], "hashFields": ["badge"], "saltSecretRef": {"name": "s", "key": "k"}}},
+        training={"maxSteps": 8, "evalEvery": 4},
+        output={"encoding": "int8-zstd"},
+        runtime={"s3Endpoint": s3.endpoint, "s3Bucket": bucket, "s3Prefix": "edgetune/ns/job/local/node-1",
+                 "saltPath": str(tmp_path / "salt"), "pushgatewayUrl": prometheus.pushgateway_url,
+                 "jobName": "privacy", "jobNamespace": "ns", "node": "node-1"},
+    )  # fmt: skip
+    assert main(["--config", str(write_config(tmp_path, cfg))]) == 0
+    summary = termination(tmp_path)
+    assert summary["deltaUri"] == f"s3://{bucket}/edgetune/ns/job/local/node-1"
+
+    client = s3.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    files = {k.rsplit("/", 1)[1]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+    manifest = verify_package(files, expected_digest=str(summary["sha256"]))
+    assert manifest.lineage.node == "node-1" and manifest.lineage.samples == 200
+
+    pushed = urllib.request.urlopen(f"{prometheus.pushgateway_url}/metrics", timeout=10).read().decode()  # noqa: S310
+    logs = capsys.readouterr()
+    leaving = dict(files)
+    if "adapter.safetensors.zst" in files:
+        leaving["adapter.decompressed"] = zstandard.ZstdDecompressor().decompress(files["adapter.safetensors.zst"])
+    leaving["stdout"] = logs.out.encode()
+    leaving["stderr"] = logs.err.encode()
+    leaving["pushgateway"] = pushed.encode()
+    leaving["termination"] = (tmp_path / "termination-log").read_bytes()
+    for where, blob in leaving.items():
+        for secret in secrets:
+            assert secret.encode() not in blob, f"raw value {secret!r} found in {where}"
+
+    # The trainer's metrics reached Prometheus (through the Pushgateway), labelled by node.
+    result = eventually(lambda: prometheus.query('edgetune_trainer_step{node="node-1",namespace="ns"}'), what="trainer step metric")
+    assert float(result[0]["value"][1]) == 8
+    energy = prometheus.query('edgetune_trainer_energy_joules{node="node-1"}')
+    assert energy and energy[0]["metric"]["method"] == "estimate"
