@@ -14,14 +14,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sine_classes(folder: Path, n: int = 240, channels: int = 3, length: int = 48, seed: int = 0, gain: float = 1.0) -> Path:
+def sine_classes(
+    folder: Path, n: int = 240, channels: int = 3, length: int = 48, seed: int = 0, gain: float = 1.0
+) -> Path:
     """Three classes of noisy multi-channel sines, saved as ``samples.npz`` (x, y)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
     t = np.linspace(0, 1, length)
     x = np.stack(
         [
-            np.stack([np.sin(2 * np.pi * (k + 1) * (c + 1) * t + rng.normal(0, 0.3)) + rng.normal(0, 0.3, length) for k in range(channels)])
+            np.stack(
+                [
+                    np.sin(2 * np.pi * (k + 1) * (c + 1) * t + rng.normal(0, 0.3)) + rng.normal(0, 0.3, length)
+                    for k in range(channels)
+                ]
+            )
             for c in y
         ]
     )
@@ -36,7 +43,14 @@ def config(tmp: Path, data_dir: Path, /, **overrides: Any) -> dict[str, Any]:
         "spec": {
             "baseModel": {"uri": "builtin:timeseries-cnn"},
             "data": {"source": {"hostPath": "/data"}, "format": "npy", "evalFraction": 0.2},
-            "training": {"maxSteps": 12, "batchSize": 16, "evalEvery": 4, "checkpointEvery": 4, "learningRate": 0.01, "seed": 3},
+            "training": {
+                "maxSteps": 12,
+                "batchSize": 16,
+                "evalEvery": 4,
+                "checkpointEvery": 4,
+                "learningRate": 0.01,
+                "seed": 3,
+            },
             "budgets": {"memory": "4Gi"},
             "output": {"s3": {"bucket": "adapters"}, "mlflow": {"registeredModel": "m"}, "encoding": "fp16"},
         },

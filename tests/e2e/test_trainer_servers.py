@@ -35,7 +35,11 @@ def _private_csv(folder: Path) -> list[str]:
 
 
 def test_trainer_uploads_verified_package_and_leaks_no_raw_values(
-    tmp_path: Path, s3: S3Server, prometheus: Prometheus, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    s3: S3Server,
+    prometheus: Prometheus,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     secrets = _private_csv(tmp_path / "data")
     (tmp_path / "salt").write_text("site-salt-7f3a\n")
@@ -76,7 +80,9 @@ def test_trainer_uploads_verified_package_and_leaks_no_raw_values(
             assert secret.encode() not in blob, f"raw value {secret!r} found in {where}"
 
     # The trainer's metrics reached Prometheus (through the Pushgateway), labelled by node.
-    result = eventually(lambda: prometheus.query('edgetune_trainer_step{node="node-1",namespace="ns"}'), what="trainer step metric")
+    result = eventually(
+        lambda: prometheus.query('edgetune_trainer_step{node="node-1",namespace="ns"}'), what="trainer step metric"
+    )
     assert float(result[0]["value"][1]) == 8
     energy = prometheus.query('edgetune_trainer_energy_joules{node="node-1"}')
     assert energy and energy[0]["metric"]["method"] == "estimate"

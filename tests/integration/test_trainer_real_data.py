@@ -28,7 +28,9 @@ def _ucr(name: str) -> tuple[np.ndarray, np.ndarray]:
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("the sktime wheel (data only) is missing: run scripts/bootstrap.sh")
     root = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
-    data = NodeDataset(root, DataSpec.model_validate({"source": {"hostPath": "/d"}, "format": "ts", "evalFraction": 0.01}))
+    data = NodeDataset(
+        root, DataSpec.model_validate({"source": {"hostPath": "/d"}, "format": "ts", "evalFraction": 0.01})
+    )
     samples = list(data.iterate("train")) + list(data.iterate("eval"))
     x = np.stack([np.asarray(s.x) for s in samples]).astype(np.float32)
     labels = sorted({str(s.y) for s in samples})
@@ -68,7 +70,9 @@ def test_lora_adapts_a_site_a_model_to_site_b(tmp_path: Path) -> None:
 
     # The frozen base on site B's held-out split (the same split the trainer evaluates on).
     base = load_base(tmp_path / "base", digest)
-    dataset = NodeDataset(data, DataSpec.model_validate({"source": {"hostPath": "/d"}, "format": "npy", "evalFraction": 0.3}))
+    dataset = NodeDataset(
+        data, DataSpec.model_validate({"source": {"hostPath": "/d"}, "format": "npy", "evalFraction": 0.3})
+    )
     held_out = list(dataset.iterate("eval"))
     with torch.no_grad():
         logits = base.model(torch.from_numpy(np.stack([np.asarray(s.x) for s in held_out])))

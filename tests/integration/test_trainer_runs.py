@@ -19,7 +19,9 @@ from tests.trainer_support import config, events, sine_classes, spawn, terminati
 pytestmark = pytest.mark.slow
 
 
-def run(tmp: Path, capsys: pytest.CaptureFixture[str], **overrides: object) -> tuple[int, dict[str, object], list[dict[str, object]]]:
+def run(
+    tmp: Path, capsys: pytest.CaptureFixture[str], **overrides: object
+) -> tuple[int, dict[str, object], list[dict[str, object]]]:
     data = tmp / "data" if (tmp / "data").exists() else sine_classes(tmp / "data")
     code = main(["--config", str(write_config(tmp, config(tmp, data, **overrides)))])  # type: ignore[arg-type]
     return code, termination(tmp), events(capsys.readouterr().out.splitlines())
@@ -32,7 +34,10 @@ def test_run_trains_and_packages_a_verifiable_delta(tmp_path: Path, capsys: pyte
     assert len((tmp_path / "termination-log").read_bytes()) <= 4096
     manifest = verify_package(read_folder(tmp_path / "work" / "package"), expected_digest=str(summary["sha256"]))
     assert manifest.encoding == "int8-zstd" and manifest.steps == 12
-    assert manifest.lineage.samples == 240 and manifest.lineage.data_sha256 == next(e for e in log if e["event"] == "data")["sha256"]
+    assert (
+        manifest.lineage.samples == 240
+        and manifest.lineage.data_sha256 == next(e for e in log if e["event"] == "data")["sha256"]
+    )
     metrics = summary["metrics"]
     assert isinstance(metrics, dict) and "eval_accuracy_encoded" in metrics  # measured after int8 round trip
     assert summary["energyMethod"] == "estimate"  # no counters on this machine, and it says so
@@ -53,7 +58,10 @@ def test_auto_batch_size_is_measured_against_the_budget(tmp_path: Path, capsys: 
     ("overrides", "reason"),
     [
         ({"training": {"maxSteps": 500, "targetLoss": 5.0}}, "TargetLoss"),
-        ({"training": {"maxSteps": 500, "learningRate": 1e-9, "earlyStopping": {"patience": 2, "minDelta": 0.5}}}, "EarlyStopping"),
+        (
+            {"training": {"maxSteps": 500, "learningRate": 1e-9, "earlyStopping": {"patience": 2, "minDelta": 0.5}}},
+            "EarlyStopping",
+        ),
         ({"training": {"maxSteps": 10_000}, "budgets": {"deadline": "3s"}}, "Deadline"),
         ({"training": {"maxSteps": 10_000}, "budgets": {"energyJoules": 20}}, "EnergyBudget"),
         ({"training": {"maxSteps": 10_000, "epochs": 1}}, "Epochs"),
@@ -69,12 +77,29 @@ def test_stop_conditions_end_training_and_still_package(
     assert (tmp_path / "work" / "package" / "manifest.json").exists()
 
 
-def test_failures_exit_non_zero_with_a_clear_termination_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failures_exit_non_zero_with_a_clear_termination_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cases = [
-        ({"data": {"minSamples": 10_000}}, 3, "InsufficientData", "240 samples on this node, the job needs at least 10000"),
+        (
+            {"data": {"minSamples": 10_000}},
+            3,
+            "InsufficientData",
+            "240 samples on this node, the job needs at least 10000",
+        ),
         ({"runtime": {"dataDir": str(tmp_path / "missing")}}, 2, "InvalidInput", "does not exist on this node"),
-        ({"budgets": {"memory": "256Mi"}, "training": {"batchSize": "auto"}}, 4, "BudgetTooSmall", "more than 90% of the memory budget"),
-        ({"baseModel": {"uri": str(tmp_path / "no-model"), "sha256": "0" * 64}}, 2, "InvalidInput", "has no config.json"),
+        (
+            {"budgets": {"memory": "256Mi"}, "training": {"batchSize": "auto"}},
+            4,
+            "BudgetTooSmall",
+            "more than 90% of the memory budget",
+        ),
+        (
+            {"baseModel": {"uri": str(tmp_path / "no-model"), "sha256": "0" * 64}},
+            2,
+            "InvalidInput",
+            "has no config.json",
+        ),
     ]
     sine_classes(tmp_path / "data")
     for overrides, code, reason, text in cases:
@@ -94,7 +119,9 @@ def test_wrong_base_model_hash_is_refused(tmp_path: Path, capsys: pytest.Capture
     assert code == 0, summary
 
 
-def test_unreachable_s3_fails_as_storage_error_and_keeps_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_s3_fails_as_storage_error_and_keeps_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, summary, _ = run(
         tmp_path, capsys, runtime={"s3Endpoint": "http://127.0.0.1:9", "s3Bucket": "adapters", "s3Prefix": "x"},
     )  # fmt: skip
@@ -120,7 +147,11 @@ def test_low_battery_pauses_then_resumes_when_charged(tmp_path: Path, capsys: py
 
     threading.Thread(target=charge, daemon=True).start()
     code, summary, log = run(
-        tmp_path, capsys, budgets={"minBatteryPercent": 30}, training={"maxSteps": 4}, runtime={"powerSupplyRoot": str(supply)}
+        tmp_path,
+        capsys,
+        budgets={"minBatteryPercent": 30},
+        training={"maxSteps": 4},
+        runtime={"powerSupplyRoot": str(supply)},
     )
     assert code == 0, summary
     kinds = [e["event"] for e in log]
@@ -173,7 +204,9 @@ def test_interrupted_run_resumes_and_reproduces_the_uninterrupted_curve(tmp_path
     overrides = {"training": {"maxSteps": 14, "checkpointEvery": 1, "evalEvery": 7}}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = _steps(_run_to_end(tmp_path / "a", write_config(tmp_path / "a", config(tmp_path / "a", data, **overrides))))
+    straight = _steps(
+        _run_to_end(tmp_path / "a", write_config(tmp_path / "a", config(tmp_path / "a", data, **overrides)))
+    )
     cfg_b = write_config(tmp_path / "b", config(tmp_path / "b", data, **overrides))
     kill_step = random.Random(signal_name).randint(3, 11)
     first, code = _kill_at(cfg_b, kill_step, signal_name)

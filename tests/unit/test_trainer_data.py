@@ -42,10 +42,20 @@ def test_ts_files_parse_multivariate_with_labels_and_missing_values(tmp_path: Pa
 
 
 def test_csv_privacy_filters_drop_and_hash_before_use(tmp_path: Path) -> None:
-    (tmp_path / "shop.csv").write_text("customer,loyalty_id,temp,vib,label\nAlice Smith,L-991,21.5,0.3,ok\nBob,L-992,80.1,2.9,fault\n")
+    (tmp_path / "shop.csv").write_text(
+        "customer,loyalty_id,temp,vib,label\nAlice Smith,L-991,21.5,0.3,ok\nBob,L-992,80.1,2.9,fault\n"
+    )
     data = NodeDataset(
         tmp_path,
-        spec("csv", labelField="label", privacy={"dropFields": ["customer"], "hashFields": ["loyalty_id"], "saltSecretRef": {"name": "s", "key": "k"}}),
+        spec(
+            "csv",
+            labelField="label",
+            privacy={
+                "dropFields": ["customer"],
+                "hashFields": ["loyalty_id"],
+                "saltSecretRef": {"name": "s", "key": "k"},
+            },
+        ),
         salt=b"pepper",
     )
     record = data.privacy({"customer": "Alice Smith", "loyalty_id": "L-991", "temp": "21.5"})
@@ -64,7 +74,12 @@ def test_hash_fields_without_salt_are_refused(tmp_path: Path) -> None:
 
 
 def test_jsonl_series_and_text(tmp_path: Path) -> None:
-    (tmp_path / "s.jsonl").write_text(json.dumps({"series": [[1, 2, 3]], "label": 1}) + "\n\n" + json.dumps({"series": [[3, 2, 1]], "label": 0}) + "\n")
+    (tmp_path / "s.jsonl").write_text(
+        json.dumps({"series": [[1, 2, 3]], "label": 1})
+        + "\n\n"
+        + json.dumps({"series": [[3, 2, 1]], "label": 0})
+        + "\n"
+    )
     info = NodeDataset(tmp_path, spec("jsonl", labelField="label")).scan()
     assert (info.samples, info.channels, info.length, info.labels) == (2, 1, 3, ["0", "1"])
     text_dir = tmp_path / "t"

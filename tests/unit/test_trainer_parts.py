@@ -23,7 +23,9 @@ def _state(step: int) -> ckpt.TrainState:
 
 
 def _save(root: Path, step: int, keep: int = 2) -> Path:
-    return ckpt.save(root, _state(step), {"w": torch.full((2,), float(step))}, {"opt": step}, {"sched": step}, {}, keep=keep)
+    return ckpt.save(
+        root, _state(step), {"w": torch.full((2,), float(step))}, {"opt": step}, {"sched": step}, {}, keep=keep
+    )
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
@@ -114,7 +116,10 @@ def test_battery_and_mains_from_sysfs_layout(tmp_path: Path) -> None:
 
 def _adapter() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {"base.layer.lora_A.weight": torch.randn(8, 64) * 0.02, "base.layer.lora_B.weight": torch.randn(32, 8) * 0.01}
+    return {
+        "base.layer.lora_A.weight": torch.randn(8, 64) * 0.02,
+        "base.layer.lora_B.weight": torch.randn(32, 8) * 0.01,
+    }
 
 
 def test_int8_encoding_round_trips_within_quantisation_error() -> None:
@@ -135,12 +140,20 @@ def test_int8_encoding_round_trips_within_quantisation_error() -> None:
 
 
 def _lineage() -> Lineage:
-    return Lineage(base_model_uri="builtin:timeseries-cnn", data_sha256="0" * 64, samples=10, data_format="npy", trainer_version="t")
+    return Lineage(
+        base_model_uri="builtin:timeseries-cnn",
+        data_sha256="0" * 64,
+        samples=10,
+        data_format="npy",
+        trainer_version="t",
+    )
 
 
 def _key() -> tuple[bytes, bytes]:
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return private, public
 

@@ -31,7 +31,7 @@ from edgetune_trainer.energy import (
     peak_rss_bytes,
     reset_peak_rss,
 )
-from edgetune_trainer.models import BaseModel, ModelError, attach_lora, load_adapter_state
+from edgetune_trainer.models import BaseModel, ModelError, adapter_state, attach_lora, load_adapter_state
 
 TEXT_MAX_TOKENS = 128
 MEMORY_HEADROOM = 0.9  # auto batch size keeps the measured peak under 90 % of the budget
@@ -247,172 +247,191 @@ class _Signals:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def train(
-    config: TrainerConfig,
-    base: BaseModel,
-    dataset: NodeDataset,
-    report: Any,
-    device: torch.device,
-    meter: EnergyMeter | None = None,
-) -> Outcome:
-    """Run (or resume) training until a stop condition; return what happened."""
-    spec, rt = config.spec, config.runtime
-    tr = spec.training
-    info = dataset.scan()
-    if info.samples < spec.data.min_samples:
-        raise InsufficientDataError(
-            f"{info.samples} samples on this node, the job needs at least {spec.data.min_samples}"
-        )
-    torch.manual_seed(tr.seed)
-    np.random.seed(tr.seed)
-    task = Task(base, info, device)
-    model = attach_lora(base, spec.peft).to(device)
-    if tr.gradient_checkpointing:
-        if hasattr(base.model, "gradient_checkpointing_enable"):
-            base.model.gradient_checkpointing_enable()
-        else:
-            base.model.gradient_checkpointing = True
-    model.train()
-    budget = int(parse_quantity(spec.budgets.memory))
-    if tr.batch_size == "auto":
-        batch_size, probes = find_batch_size(
-            model, task, dataset, budget, spec.data.augmentation, device, limit=min(512, max(1, info.train_samples))
-        )
-        report("batch_size_fitted", batch_size=batch_size, probes=probes, budget_bytes=budget)
-    else:
-        batch_size = int(tr.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(tr.optimizer, params, tr.learning_rate, device, report)
-    scheduler = make_scheduler(optimizer, tr.max_steps)
-    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tr.precision)
-    if autocast_dtype is torch.float16 and device.type == "cpu":
-        report("precision_fallback", requested="fp16", used="bf16", reason="fp16 autocast is for GPUs; CPUs use bf16")
-        autocast_dtype = torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype is torch.float16 else None
+class TrainingRun:
+    """One (possibly resumed) run: set up once, then ``run()`` steps until a stop condition."""
 
-    work = Path(rt.work_dir) / "checkpoints"
-    state = ckpt.TrainState(0, ckpt.Cursor(), None, 0, [], 0.0, 0.0)
-    loaded, skipped = ckpt.load_latest(work)
-    if skipped:
-        report("checkpoints_skipped", corrupt=skipped)
-    resumed_from = None
-    if loaded is not None:
-        load_adapter_state(model, loaded.adapter)
-        optimizer.load_state_dict(loaded.optimizer)
-        scheduler.load_state_dict(loaded.scheduler)
+    def __init__(
+        self, config: TrainerConfig, base: BaseModel, dataset: NodeDataset, report: Any, device: torch.device,
+        meter: EnergyMeter | None = None,
+    ) -> None:  # fmt: skip
+        self.spec, self.rt, self.tr = config.spec, config.runtime, config.spec.training
+        self.dataset, self.report, self.device = dataset, report, device
+        self.info = dataset.scan()
+        if self.info.samples < self.spec.data.min_samples:
+            raise InsufficientDataError(
+                f"{self.info.samples} samples on this node, the job needs at least {self.spec.data.min_samples}"
+            )
+        torch.manual_seed(self.tr.seed)
+        np.random.seed(self.tr.seed)  # noqa: NPY002 - legacy global state that libraries may use
+        self.task = Task(base, self.info, device)
+        self.model = attach_lora(base, self.spec.peft).to(device)
+        if self.tr.gradient_checkpointing:
+            if hasattr(base.model, "gradient_checkpointing_enable"):
+                base.model.gradient_checkpointing_enable()
+            else:
+                base.model.gradient_checkpointing = True
+        self.model.train()
+        self.batch_size = self._batch_size()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.tr.optimizer, params, self.tr.learning_rate, device, report)
+        self.scheduler = make_scheduler(self.optimizer, self.tr.max_steps)
+        self.autocast = self._autocast_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
+        self.checkpoints = Path(self.rt.work_dir) / "checkpoints"
+        self.state = ckpt.TrainState(0, ckpt.Cursor(), None, 0, [], 0.0, 0.0)
+        self.resumed_from = self._resume()
+        self.meter = meter or best_meter(Path(self.rt.powercap_root), self.rt.watts_estimate, device.type == "cuda")
+        self.energy_offset = self.state.energy_j
+        self.started = time.monotonic() - self.state.elapsed_s
+        self.deadline_s = parse_duration(self.spec.budgets.deadline) if self.spec.budgets.deadline else None
+
+    def _batch_size(self) -> int:
+        if self.tr.batch_size != "auto":
+            return int(self.tr.batch_size)
+        budget = int(parse_quantity(self.spec.budgets.memory))
+        limit = min(512, max(1, self.info.train_samples))
+        size, probes = find_batch_size(
+            self.model, self.task, self.dataset, budget, self.spec.data.augmentation, self.device, limit
+        )
+        self.report("batch_size_fitted", batch_size=size, probes=probes, budget_bytes=budget)
+        return size
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.tr.precision)
+        if dtype is torch.float16 and self.device.type == "cpu":
+            self.report("precision_fallback", requested="fp16", used="bf16", reason="fp16 autocast is for GPUs")
+            return torch.bfloat16
+        return dtype
+
+    def _resume(self) -> int | None:
+        loaded, skipped = ckpt.load_latest(self.checkpoints)
+        if skipped:
+            self.report("checkpoints_skipped", corrupt=skipped)
+        if loaded is None:
+            return None
+        load_adapter_state(self.model, loaded.adapter)
+        self.optimizer.load_state_dict(loaded.optimizer)
+        self.scheduler.load_state_dict(loaded.scheduler)
         ckpt.set_rng_state(loaded.rng)
-        state = loaded.state
-        resumed_from = state.step
-        report(
-            "resumed",
-            step=state.step,
-            epoch=state.cursor.epoch,
-            position=state.cursor.position,
-            checkpoint=loaded.folder.name,
-        )
+        self.state = loaded.state
+        self.report("resumed", step=self.state.step, epoch=self.state.cursor.epoch,
+                    position=self.state.cursor.position, checkpoint=loaded.folder.name)  # fmt: skip
+        return self.state.step
 
-    meter = meter or best_meter(Path(rt.powercap_root), rt.watts_estimate, device.type == "cuda")
-    energy_offset = state.energy_j
-    deadline_s = parse_duration(spec.budgets.deadline) if spec.budgets.deadline else None
-    started = time.monotonic() - state.elapsed_s
-    accumulation = tr.gradient_accumulation
+    def energy(self) -> float:
+        return self.energy_offset + self.meter.joules()
 
-    def save() -> None:
-        state.elapsed_s = time.monotonic() - started
-        state.energy_j = energy_offset + meter.joules()
-        from edgetune_trainer.models import adapter_state  # noqa: PLC0415
+    def save(self) -> None:
+        self.state.elapsed_s = time.monotonic() - self.started
+        self.state.energy_j = self.energy()
+        ckpt.save(self.checkpoints, self.state, adapter_state(self.model), self.optimizer.state_dict(),
+                  self.scheduler.state_dict(), {})  # fmt: skip
 
-        ckpt.save(work, state, adapter_state(model), optimizer.state_dict(), scheduler.state_dict(), {})
+    def optimizer_step(self, micro: Iterator[tuple[list[Sample], int]]) -> tuple[int, bool]:
+        """Accumulate gradients over up to ``gradientAccumulation`` micro-batches and step once.
+        Returns (samples consumed, whether the epoch ran out)."""
+        t0 = time.monotonic()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, consumed = [], 0
+        for _ in range(self.tr.gradient_accumulation):
+            item = next(micro, None)
+            if item is None:
+                return self._finish_step(losses, consumed, t0), True
+            samples, first = item
+            rng = np.random.default_rng([self.tr.seed, self.state.cursor.epoch, first])
+            batch = self.task.batch(samples, rng, self.spec.data.augmentation)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                loss, _ = self.task.loss(self.model, batch)
+            scaled = loss * len(samples) / (self.batch_size * self.tr.gradient_accumulation)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()  # type: ignore[no-untyped-call]
+            losses.append(float(loss.detach()))
+            consumed += len(samples)
+        return self._finish_step(losses, consumed, t0), False
 
-    reason = ""
-    last_eval: dict[str, float] = {}
-    with _Signals() as signals:
-        while not reason:
-            if state.step >= tr.max_steps:
-                reason = "MaxSteps"
-                break
-            if tr.epochs is not None and state.cursor.epoch >= tr.epochs:
-                reason = "Epochs"
-                break
-            micro = _micro_batches(dataset, tr.seed, state.cursor, batch_size)
-            exhausted = False
-            while state.step < tr.max_steps and not reason:
-                t0 = time.monotonic()
-                optimizer.zero_grad(set_to_none=True)
-                losses = []
-                consumed = 0
-                for _ in range(accumulation):
-                    item = next(micro, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    samples, first = item
-                    rng = np.random.default_rng([tr.seed, state.cursor.epoch, first])
-                    batch = task.batch(samples, rng, spec.data.augmentation)
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        loss, _ = task.loss(model, batch)
-                    scaled = loss * len(samples) / (batch_size * accumulation)
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    losses.append(float(loss.detach()))
-                    consumed += len(samples)
-                if consumed:
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    state.step += 1
-                    state.cursor.position += consumed
-                    step_loss = float(np.mean(losses))
-                    state.history.append({"step": state.step, "loss": round(step_loss, 6)})
-                    rate = consumed / max(time.monotonic() - t0, 1e-9)
-                    report("step", step=state.step, loss=round(step_loss, 6), samples_per_s=round(rate, 1))
-                    report.gauge("step", state.step)
-                    report.gauge("loss", step_loss)
-                    report.gauge("samples_per_second", rate)
-                if exhausted:
-                    state.cursor = ckpt.Cursor(state.cursor.epoch + 1, 0)
-                if signals.term:
-                    save()
-                    raise Interrupted(f"SIGTERM at step {state.step}; checkpoint written")
-                if consumed and state.step % tr.eval_every == 0:
-                    last_eval = evaluate(model, task, dataset, batch_size, spec.data.augmentation)
-                    reason = _after_eval(state, last_eval, tr, report)
-                if consumed and state.step % tr.checkpoint_every == 0:
-                    save()
-                joules = energy_offset + meter.joules()
-                report.gauge("energy", joules, method=meter.method)
-                report.gauge("peak_memory", _peak(device), device=device.type)
-                if not reason and spec.budgets.energy_joules is not None and joules >= spec.budgets.energy_joules:
-                    reason = "EnergyBudget"
-                if not reason and deadline_s is not None and time.monotonic() - started >= deadline_s:
-                    reason = "Deadline"
-                if not reason and spec.budgets.min_battery_percent is not None:
-                    reason = _battery(spec, rt, report, save, signals)
-                if exhausted:
-                    break
-            if state.step >= tr.max_steps and not reason:
-                reason = "MaxSteps"
-    if not last_eval or state.step % tr.eval_every != 0:
-        last_eval = evaluate(model, task, dataset, batch_size, spec.data.augmentation)
-    save()
-    report("stopped", reason=reason, step=state.step, **last_eval)
-    return Outcome(
-        reason=reason,
-        steps=state.step,
-        history=state.history,
-        eval=last_eval,
-        duration_s=time.monotonic() - started,
-        energy_j=energy_offset + meter.joules(),
-        energy_method=meter.method,
-        peak_memory_bytes=_peak(device),
-        batch_size=batch_size,
-        resumed_from=resumed_from,
-        model=model,
-        data=info,
-        extra={"task": task},
-    )
+    def _finish_step(self, losses: list[float], consumed: int, t0: float) -> int:
+        if not consumed:
+            return 0
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.cursor.position += consumed
+        step_loss = float(np.mean(losses))
+        self.state.history.append({"step": self.state.step, "loss": round(step_loss, 6)})
+        rate = consumed / max(time.monotonic() - t0, 1e-9)
+        self.report("step", step=self.state.step, loss=round(step_loss, 6), samples_per_s=round(rate, 1))
+        self.report.gauge("step", self.state.step)
+        self.report.gauge("loss", step_loss)
+        self.report.gauge("samples_per_second", rate)
+        return consumed
+
+    def budget_stop(self, signals: _Signals) -> str:
+        """Energy, deadline and battery checks after a step; '' means go on."""
+        joules = self.energy()
+        self.report.gauge("energy", joules, method=self.meter.method)
+        self.report.gauge("peak_memory", _peak(self.device), device=self.device.type)
+        if self.spec.budgets.energy_joules is not None and joules >= self.spec.budgets.energy_joules:
+            return "EnergyBudget"
+        if self.deadline_s is not None and time.monotonic() - self.started >= self.deadline_s:
+            return "Deadline"
+        if self.spec.budgets.min_battery_percent is not None:
+            return _battery(self.spec, self.rt, self.report, self.save, signals)
+        return ""
+
+    def run(self) -> Outcome:
+        reason, last_eval = "", {}
+        with _Signals() as signals:
+            while not reason:
+                if self.state.step >= self.tr.max_steps:
+                    reason = "MaxSteps"
+                elif self.tr.epochs is not None and self.state.cursor.epoch >= self.tr.epochs:
+                    reason = "Epochs"
+                else:
+                    reason, last_eval = self._epoch(signals, last_eval)
+        if not last_eval or self.state.step % self.tr.eval_every != 0:
+            last_eval = evaluate(self.model, self.task, self.dataset, self.batch_size, self.spec.data.augmentation)
+        self.save()
+        self.report("stopped", reason=reason, step=self.state.step, **last_eval)
+        return Outcome(
+            reason=reason, steps=self.state.step, history=self.state.history, eval=last_eval,
+            duration_s=time.monotonic() - self.started, energy_j=self.energy(), energy_method=self.meter.method,
+            peak_memory_bytes=_peak(self.device), batch_size=self.batch_size, resumed_from=self.resumed_from,
+            model=self.model, data=self.info, extra={"task": self.task},
+        )  # fmt: skip
+
+    def _epoch(self, signals: _Signals, last_eval: dict[str, float]) -> tuple[str, dict[str, float]]:
+        """Steps through (the rest of) one epoch; returns a stop reason ('' at the epoch's end)."""
+        micro = _micro_batches(self.dataset, self.tr.seed, self.state.cursor, self.batch_size)
+        while self.state.step < self.tr.max_steps:
+            consumed, exhausted = self.optimizer_step(micro)
+            if exhausted:
+                self.state.cursor = ckpt.Cursor(self.state.cursor.epoch + 1, 0)
+            if signals.term:
+                self.save()
+                raise Interrupted(f"SIGTERM at step {self.state.step}; checkpoint written")
+            reason = ""
+            if consumed and self.state.step % self.tr.eval_every == 0:
+                last_eval = evaluate(self.model, self.task, self.dataset, self.batch_size, self.spec.data.augmentation)
+                reason = _after_eval(self.state, last_eval, self.tr, self.report)
+            if consumed and self.state.step % self.tr.checkpoint_every == 0:
+                self.save()
+            reason = reason or self.budget_stop(signals)
+            if reason:
+                return reason, last_eval
+            if exhausted:
+                return "", last_eval
+        return "MaxSteps", last_eval
+
+
+def train(
+    config: TrainerConfig, base: BaseModel, dataset: NodeDataset, report: Any, device: torch.device,
+    meter: EnergyMeter | None = None,
+) -> Outcome:  # fmt: skip
+    """Run (or resume) training until a stop condition; return what happened."""
+    return TrainingRun(config, base, dataset, report, device, meter).run()
 
 
 def _peak(device: torch.device) -> int:
