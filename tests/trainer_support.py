@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def sine_classes(
-    folder: Path, n: int = 240, channels: int = 3, length: int = 48, seed: int = 0, gain: float = 1.0
+    folder: Path, *, n: int = 240, channels: int = 3, length: int = 48, seed: int = 0, gain: float = 1.0
 ) -> Path:
     """Three classes of noisy multi-channel sines, saved as ``samples.npz`` (x, y)."""
     rng = np.random.default_rng(seed)
@@ -88,8 +88,8 @@ def spawn(config_path: Path, env: dict[str, str] | None = None) -> subprocess.Po
 
 def events(lines: list[str]) -> list[dict[str, Any]]:
     out = []
-    for line in lines:
-        line = line.strip()
+    for raw in lines:
+        line = raw.strip()
         if line.startswith("{"):
             try:
                 out.append(json.loads(line))

@@ -48,8 +48,8 @@ def test_trainer_uploads_verified_package_and_leaks_no_raw_values(
     bucket = s3.create_bucket("edge-adapters")
     cfg = config(
         tmp_path, tmp_path / "data",
-        data={"format": "csv", "labelField": "label",
-              "privacy": {"dropFields": ["operator"], "hashFields": ["badge"], "saltSecretRef": {"name": "s", "key": "k"}}},
+        data={"format": "csv", "labelField": "label", "privacy": {
+            "dropFields": ["operator"], "hashFields": ["badge"], "saltSecretRef": {"name": "s", "key": "k"}}},
         training={"maxSteps": 8, "evalEvery": 4},
         output={"encoding": "int8-zstd"},
         runtime={"s3Endpoint": s3.endpoint, "s3Bucket": bucket, "s3Prefix": "edgetune/ns/job/local/node-1",

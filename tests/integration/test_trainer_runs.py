@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from edgetune_api.delta import read_folder, verify_package
 from edgetune_trainer.__main__ import classify, main
 from edgetune_trainer.checkpoint import load_latest
+from edgetune_trainer.models import TimeSeriesCNN, save_builtin
 from tests.trainer_support import config, events, sine_classes, spawn, termination, write_config
 
 pytestmark = pytest.mark.slow
@@ -109,8 +111,6 @@ def test_failures_exit_non_zero_with_a_clear_termination_message(
 
 
 def test_wrong_base_model_hash_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from edgetune_trainer.models import TimeSeriesCNN, save_builtin
-
     digest = save_builtin(TimeSeriesCNN(3, 3), tmp_path / "base", ["0", "1", "2"])
     code, summary, _ = run(tmp_path, capsys, baseModel={"uri": str(tmp_path / "base"), "sha256": "a" * 64})
     assert code == 2
@@ -184,15 +184,13 @@ def _run_to_end(tmp: Path, cfg_path: Path) -> list[str]:
 
 
 def _kill_at(cfg_path: Path, step: int, signal_name: str) -> tuple[list[str], int]:
-    import signal as sig
-
     proc = spawn(cfg_path)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if '"event": "step"' in line and json.loads(line)["step"] == step:
-            proc.send_signal(getattr(sig, signal_name))
+            proc.send_signal(getattr(signal, signal_name))
             break
     rest, _ = proc.communicate(timeout=120)
     return lines + rest.splitlines(), proc.returncode

@@ -23,8 +23,9 @@ def _state(step: int) -> ckpt.TrainState:
 
 
 def _save(root: Path, step: int, keep: int = 2) -> Path:
+    adapter = {"w": torch.full((2,), float(step))}
     return ckpt.save(
-        root, _state(step), {"w": torch.full((2,), float(step))}, {"opt": step}, {"sched": step}, {}, keep=keep
+        root, _state(step), adapter=adapter, optimizer={"opt": step}, scheduler={"sched": step}, extra_rng={}, keep=keep
     )
 
 
@@ -161,7 +162,8 @@ def _key() -> tuple[bytes, bytes]:
 def _build(folder: Path, key: bytes | None) -> str:
     digest, _ = package.build(
         folder, _adapter(), encoding="int8-zstd", peft_config={"r": 8}, lineage=_lineage(), steps=5, duration_s=1.0,
-        metrics={"eval_loss": 0.5}, energy_joules=1.0, energy_method="estimate", peak_memory_bytes=1, signing_key_pem=key,
+        metrics={"eval_loss": 0.5}, energy_joules=1.0, energy_method="estimate", peak_memory_bytes=1,
+        signing_key_pem=key,
     )  # fmt: skip
     return digest
 

@@ -16,11 +16,11 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT = "edgetune.delta/v1"
+FORMAT: Final = "edgetune.delta/v1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 Encoding = Literal["fp32", "fp16", "int8-zstd"]
@@ -97,7 +97,7 @@ def sign(data: bytes, private_key_pem: bytes) -> bytes:
 
     key = load_pem_private_key(private_key_pem, password=None)
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"signing key must be an Ed25519 private key (PEM), got {type(key).__name__}")
+        raise TypeError(f"signing key must be an Ed25519 private key (PEM), got {type(key).__name__}")
     return base64.b64encode(key.sign(data))
 
 

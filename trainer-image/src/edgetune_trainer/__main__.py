@@ -70,7 +70,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         "cuda" if rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available()) else "cpu"
     )
     reporter = Reporter(
-        job=rt.job_name or "adhoc", namespace=rt.job_namespace or "", cluster=rt.cluster, node=rt.node or os.uname().nodename,
+        job=rt.job_name or "adhoc", namespace=rt.job_namespace or "", cluster=rt.cluster,
+        node=rt.node or os.uname().nodename,
         metrics_port=rt.metrics_port, pushgateway_url=rt.pushgateway_url,
     )  # fmt: skip
 
@@ -108,7 +109,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             )
         report("base_model", uri=uri, sha256=base.sha256, kind=base.kind)
 
-        outcome = train(config, base, dataset, report, device)
+        outcome = train(config, base, dataset, report, device=device)
 
         state = models.adapter_state(outcome.model)
         encoding = spec.output.encoding
@@ -146,7 +147,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             "deltaUri": delta_uri, "sha256": digest, "adapterBytes": manifest.adapter_bytes, "encoding": encoding,
             "samples": info.samples, "metrics": metrics, "energyJoules": round(outcome.energy_j, 3),
             "energyMethod": outcome.energy_method, "peakMemoryBytes": outcome.peak_memory_bytes,
-            "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from, "durationSeconds": round(outcome.duration_s, 2),
+            "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from,
+            "durationSeconds": round(outcome.duration_s, 2),
         }  # fmt: skip
     finally:
         reporter.push()
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         termination = Path(config.runtime.termination_log)
         summary = run(config)
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the termination message
+    except BaseException as exc:  # every failure must reach the termination message
         if isinstance(exc, KeyboardInterrupt):
             exc = InterruptedError("interrupted")
         reason = classify(exc)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgetune_trainer.report import TERMINATION_LIMIT, write_termination  # noqa: PLC0415
 
     write_termination(termination, summary, TERMINATION_LIMIT)
-    return EXIT[summary["reason"]] if summary["reason"] in EXIT else 1
+    return EXIT.get(summary["reason"], 1)
 
 
 if __name__ == "__main__":

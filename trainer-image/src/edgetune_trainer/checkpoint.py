@@ -83,6 +83,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(
     root: Path,
     state: TrainState,
+    *,
     adapter: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     scheduler: dict[str, Any],

@@ -71,9 +71,7 @@ class PrivacyFilter:
         for key, value in record.items():
             if key in self.drop:
                 continue
-            if key in self.hashed:
-                value = hashlib.sha256(self.salt + str(value).encode()).hexdigest()
-            out[key] = value
+            out[key] = hashlib.sha256(self.salt + str(value).encode()).hexdigest() if key in self.hashed else value
         return out
 
 
@@ -153,35 +151,43 @@ def _record_sample(record: dict[str, Any], spec: DataSpec, where: str) -> Sample
     return Sample(_series(numeric, where), label)
 
 
+def _read_text(path: Path) -> Iterator[Sample]:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                yield Sample(line.rstrip("\n"), None)
+
+
+def _read_csv(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample]:
+    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        for number, row in enumerate(csv.DictReader(fh), start=2):
+            yield _record_sample(privacy(dict(row)), spec, f"{path.name}:{number}")
+
+
+def _read_jsonl(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample]:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path.name}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise DataError(f"{path.name}:{number}: expected a JSON object per line")
+            yield _record_sample(privacy(record), spec, f"{path.name}:{number}")
+
+
 def _read(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample]:
-    fmt = spec.format
-    if fmt == "ts":
-        yield from _read_ts(path)
-    elif fmt == "text":
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.strip():
-                    yield Sample(line.rstrip("\n"), None)
-    elif fmt == "csv":
-        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-            for number, row in enumerate(csv.DictReader(fh), start=2):
-                yield _record_sample(privacy(dict(row)), spec, f"{path.name}:{number}")
-    elif fmt == "jsonl":
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path.name}:{number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise DataError(f"{path.name}:{number}: expected a JSON object per line")
-                yield _record_sample(privacy(record), spec, f"{path.name}:{number}")
-    elif fmt == "npy":
-        yield from _read_numpy(path)
-    else:  # pragma: no cover - the CRD enum makes this unreachable
-        raise DataError(f"unknown data format {fmt!r}")
+    if spec.format == "ts":
+        return _read_ts(path)
+    if spec.format == "text":
+        return _read_text(path)
+    if spec.format == "csv":
+        return _read_csv(path, spec, privacy)
+    if spec.format == "jsonl":
+        return _read_jsonl(path, spec, privacy)
+    return _read_numpy(path)
 
 
 def _read_numpy(path: Path) -> Iterator[Sample]:
@@ -305,7 +311,7 @@ def augment(x: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.nd
     out = x
     if aug.crop_fraction > 0:
         length = out.shape[1]
-        keep = max(2, int(round(length * (1 - rng.uniform(0, aug.crop_fraction)))))
+        keep = max(2, round(length * (1 - rng.uniform(0, aug.crop_fraction))))
         start = int(rng.integers(0, length - keep + 1))
         window = out[:, start : start + keep]
         grid = np.linspace(0, keep - 1, length)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -122,16 +123,14 @@ class EstimateMeter:
 
 def best_meter(powercap_root: Path, watts_estimate: float, use_gpu: bool) -> EnergyMeter:
     """The most accurate meter this node offers."""
-    candidates = []
-    if use_gpu:
-        candidates.append(NvmlMeter)
+    candidates: list[Callable[[], EnergyMeter]] = [NvmlMeter] if use_gpu else []
     candidates += [JetsonMeter, lambda: RaplMeter(powercap_root)]
     for make in candidates:
         try:
-            return make()  # type: ignore[no-any-return]
+            return make()
         except (OSError, ImportError, ValueError, PermissionError):
             continue
-        except Exception as exc:  # noqa: BLE001 - e.g. pynvml.NVMLError: fall through to the next meter
+        except Exception as exc:  # e.g. pynvml.NVMLError: fall through to the next meter
             if type(exc).__name__.startswith("NVML"):
                 continue
             raise
@@ -184,8 +183,7 @@ def current_rss_bytes() -> int:
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to clear_refs). False where not allowed."""
     try:
-        with open(f"/proc/{os.getpid()}/clear_refs", "w") as fh:  # noqa: PTH123
-            fh.write("5")
-        return True
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
     except OSError:
         return False
+    return True

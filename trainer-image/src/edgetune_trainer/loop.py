@@ -200,7 +200,7 @@ def _micro_batches(
 
 
 def find_batch_size(
-    model: nn.Module, task: Task, dataset: NodeDataset, budget_bytes: int, aug: Any, device: torch.device, limit: int
+    model: nn.Module, task: Task, dataset: NodeDataset, *, budget_bytes: int, aug: Any, device: torch.device, limit: int
 ) -> tuple[int, list[dict[str, int]]]:
     """Largest micro-batch (powers of two up to ``limit``) whose measured fwd/bwd peak fits the budget."""
     samples = [s for _, s in zip(range(limit), dataset.iterate("train"), strict=False)]
@@ -215,7 +215,7 @@ def find_batch_size(
             torch.cuda.reset_peak_memory_stats(device)
         reset_peak_rss()
         loss, _ = task.loss(model, task.batch(batch, None, aug))
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         model.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
         probes.append({"batch": size, "peak_bytes": int(peak)})
@@ -251,7 +251,7 @@ class TrainingRun:
     """One (possibly resumed) run: set up once, then ``run()`` steps until a stop condition."""
 
     def __init__(
-        self, config: TrainerConfig, base: BaseModel, dataset: NodeDataset, report: Any, device: torch.device,
+        self, config: TrainerConfig, base: BaseModel, dataset: NodeDataset, report: Any, *, device: torch.device,
         meter: EnergyMeter | None = None,
     ) -> None:  # fmt: skip
         self.spec, self.rt, self.tr = config.spec, config.runtime, config.spec.training
@@ -262,14 +262,15 @@ class TrainingRun:
                 f"{self.info.samples} samples on this node, the job needs at least {self.spec.data.min_samples}"
             )
         torch.manual_seed(self.tr.seed)
-        np.random.seed(self.tr.seed)  # noqa: NPY002 - legacy global state that libraries may use
+        np.random.seed(self.tr.seed)  # legacy global state that libraries may use
         self.task = Task(base, self.info, device)
         self.model = attach_lora(base, self.spec.peft).to(device)
         if self.tr.gradient_checkpointing:
-            if hasattr(base.model, "gradient_checkpointing_enable"):
-                base.model.gradient_checkpointing_enable()
-            else:
-                base.model.gradient_checkpointing = True
+            enable = getattr(base.model, "gradient_checkpointing_enable", None)
+            if callable(enable):  # transformers models
+                enable()
+            else:  # our built-in models
+                setattr(base.model, "gradient_checkpointing", True)  # noqa: B010 - nn.Module attribute typing
         self.model.train()
         self.batch_size = self._batch_size()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -291,8 +292,9 @@ class TrainingRun:
         budget = int(parse_quantity(self.spec.budgets.memory))
         limit = min(512, max(1, self.info.train_samples))
         size, probes = find_batch_size(
-            self.model, self.task, self.dataset, budget, self.spec.data.augmentation, self.device, limit
-        )
+            self.model, self.task, self.dataset, budget_bytes=budget, aug=self.spec.data.augmentation,
+            device=self.device, limit=limit,
+        )  # fmt: skip
         self.report("batch_size_fitted", batch_size=size, probes=probes, budget_bytes=budget)
         return size
 
@@ -324,15 +326,18 @@ class TrainingRun:
     def save(self) -> None:
         self.state.elapsed_s = time.monotonic() - self.started
         self.state.energy_j = self.energy()
-        ckpt.save(self.checkpoints, self.state, adapter_state(self.model), self.optimizer.state_dict(),
-                  self.scheduler.state_dict(), {})  # fmt: skip
+        ckpt.save(
+            self.checkpoints, self.state, adapter=adapter_state(self.model), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), extra_rng={},
+        )  # fmt: skip
 
     def optimizer_step(self, micro: Iterator[tuple[list[Sample], int]]) -> tuple[int, bool]:
         """Accumulate gradients over up to ``gradientAccumulation`` micro-batches and step once.
         Returns (samples consumed, whether the epoch ran out)."""
         t0 = time.monotonic()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, consumed = [], 0
+        losses: list[float] = []
+        consumed = 0
         for _ in range(self.tr.gradient_accumulation):
             item = next(micro, None)
             if item is None:
@@ -382,7 +387,7 @@ class TrainingRun:
         return ""
 
     def run(self) -> Outcome:
-        reason, last_eval = "", {}
+        reason, last_eval = "", dict[str, float]()
         with _Signals() as signals:
             while not reason:
                 if self.state.step >= self.tr.max_steps:
@@ -427,11 +432,11 @@ class TrainingRun:
 
 
 def train(
-    config: TrainerConfig, base: BaseModel, dataset: NodeDataset, report: Any, device: torch.device,
+    config: TrainerConfig, base: BaseModel, dataset: NodeDataset, report: Any, *, device: torch.device,
     meter: EnergyMeter | None = None,
 ) -> Outcome:  # fmt: skip
     """Run (or resume) training until a stop condition; return what happened."""
-    return TrainingRun(config, base, dataset, report, device, meter).run()
+    return TrainingRun(config, base, dataset, report, device=device, meter=meter).run()
 
 
 def _peak(device: torch.device) -> int:

@@ -40,6 +40,8 @@ class TimeSeriesCNN(nn.Module):
     change its statistics while an adapter trains on top of it."""
 
     architecture = "timeseries-cnn"
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(self, channels: int, classes: int, width: int = 64, depth: int = 3, hidden: int = 64) -> None:
         super().__init__()
@@ -235,7 +237,7 @@ def attach_lora(base: BaseModel, spec: PeftSpec, *, trainable_head: bool = False
         modules_to_save=["head"] if trainable_head else None,
     )
     try:
-        return get_peft_model(base.model, config)  # type: ignore[no-any-return]
+        return get_peft_model(base.model, config)
     except ValueError as exc:
         raise ModelError(f"cannot attach LoRA to the base model: {exc}") from exc
 
