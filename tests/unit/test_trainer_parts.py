@@ -200,3 +200,35 @@ def test_unsigned_package_fails_when_a_key_is_required(tmp_path: Path) -> None:
     _, public = _key()
     with pytest.raises(DeltaVerificationError, match="unsigned"):
         verify_package(files, public)
+
+
+# -- chunked language-model loss -------------------------------------------------------------
+
+
+def test_chunked_lm_loss_equals_the_full_loss_and_trains_lora() -> None:
+    transformers = pytest.importorskip("transformers")
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from edgetune_trainer.loop import causal_lm_loss
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64)
+    model = get_peft_model(transformers.GPT2LMHeadModel(config), LoraConfig(r=4, target_modules=["c_attn"]))
+    model.eval()  # no dropout: both losses see the same network
+    ids = torch.randint(0, 1000, (3, 50))
+    mask = torch.ones_like(ids)
+    mask[0, 40:] = 0  # padding is not scored
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    full = nn.functional.cross_entropy(logits.reshape(-1, 1000), target.reshape(-1))
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    chunked = causal_lm_loss(model, ids, mask, chunk=7)
+    assert float(chunked) == pytest.approx(float(full), rel=1e-5)
+    chunked.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys() and len(got) == 4  # LoRA A and B of both layers
+    for name, grad in got.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), name

@@ -34,6 +34,7 @@ from edgetune_trainer.energy import (
 from edgetune_trainer.models import BaseModel, ModelError, adapter_state, attach_lora, load_adapter_state
 
 TEXT_MAX_TOKENS = 128
+LOSS_CHUNK_TOKENS = 32  # sequence positions per chunk of logits in the LM loss
 MEMORY_HEADROOM = 0.9  # auto batch size keeps the measured peak under 90 % of the budget
 
 
@@ -107,17 +108,73 @@ class Task:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Mean loss of the batch and the number of correct predictions (classification)."""
         if self.text:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1]
-            target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
-            return loss, 0
+            return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"]), 0
         logits = model(batch["x"])
         if hasattr(logits, "logits"):
             logits = logits.logits
         loss = nn.functional.cross_entropy(logits.float(), batch["y"])
         correct = int((logits.argmax(dim=-1) == batch["y"]).sum())
         return loss, correct
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Output head + cross-entropy, chunk by chunk, for a frozen head (LoRA leaves it frozen).
+
+    The forward pass computes each chunk's logits, its loss, and at once the gradient with
+    respect to the hidden states (softmax minus one-hot, times the head's weight); the chunk's
+    logits are then dropped. Backward only scales that stored gradient. Same arithmetic as the
+    plain loss's forward and backward (no recomputation), but never more than one chunk of
+    (positions x vocabulary) logits in memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, rows: int) -> torch.Tensor:
+        counted = (target != -100).sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows], target[start : start + rows]
+            logits = (h @ weight.to(h.dtype).T).float()
+            total += nn.functional.cross_entropy(logits, t, reduction="sum", ignore_index=-100)
+            if grad is not None:
+                probs = logits.softmax(dim=-1)
+                valid = t != -100
+                probs[valid, t[valid]] -= 1.0
+                probs[~valid] = 0.0
+                grad[start : start + rows] = (probs @ weight.float()).to(hidden.dtype)
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        ctx.counted = counted
+        return total / counted
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_out / ctx.counted).to(grad.dtype), None, None, None
+
+
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Next-token loss without ever holding the full (batch x sequence x vocabulary) logits.
+
+    With a large vocabulary the logits and their gradient dominate training memory (they are
+    larger than the whole adapter's activations). The backbone runs once; the frozen output head
+    and the cross-entropy then run ``chunk`` positions at a time (``_FrozenHeadCrossEntropy``).
+    Models whose head trains, or that are not transformers language models, use the plain loss.
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(hf, "base_model", None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    frozen_head = (
+        isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad and backbone is not hf
+    )
+    if backbone is None or not frozen_head:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    loss = _FrozenHeadCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, target.reshape(-1), chunk * ids.shape[0]
+    )
+    return loss  # type: ignore[no-any-return]
 
 
 def evaluate(model: nn.Module, task: Task, dataset: NodeDataset, batch_size: int, aug: Any) -> dict[str, float]:
