@@ -232,3 +232,32 @@ def test_chunked_lm_loss_equals_the_full_loss_and_trains_lora() -> None:
     assert got.keys() == expected.keys() and len(got) == 4  # LoRA A and B of both layers
     for name, grad in got.items():
         assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), name
+
+
+# -- reporting -------------------------------------------------------------------------------
+
+
+def test_metrics_are_served_and_the_termination_message_fits_4kib(tmp_path: Path) -> None:
+    import urllib.request
+
+    from edgetune_testenv.procs import free_port
+    from edgetune_trainer.report import Reporter, write_termination
+
+    port = free_port()
+    reporter = Reporter(job="j", namespace="ns", cluster="edge-a", node="n1", metrics_port=port)
+    try:
+        reporter.gauge("loss", 0.25)
+        reporter.gauge("energy", 12.5, method="rapl")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: S310
+    finally:
+        reporter.close()
+    assert 'edgetune_trainer_loss{cluster="edge-a",job="j",namespace="ns",node="n1"} 0.25' in body
+    assert (
+        'edgetune_trainer_energy_joules{cluster="edge-a",job="j",method="rapl",namespace="ns",node="n1"} 12.5' in body
+    )
+
+    path = tmp_path / "termination-log"
+    write_termination(path, {"status": "Failed", "reason": "InvalidInput", "message": "x" * 10_000})
+    written = json.loads(path.read_text())
+    assert len(path.read_bytes()) <= 4096
+    assert written["reason"] == "InvalidInput" and written["message"].startswith("xxx")

@@ -152,7 +152,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return grad * (grad_out / ctx.counted).to(grad.dtype), None, None, None
 
 
-def causal_lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS
+) -> torch.Tensor:
     """Next-token loss without ever holding the full (batch x sequence x vocabulary) logits.
 
     With a large vocabulary the logits and their gradient dominate training memory (they are
