@@ -14,6 +14,7 @@ the compression metric drop uses real sensor data (ItalyPowerDemand, shipped in 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -131,7 +132,7 @@ def _our_loop(tmp: Path, model_dir: Path, size: dict[str, int], checkpoint_every
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed: {summary}\n{proc.stdout[-2000:]}")
     stamps = [json.loads(line)["ts"] for line in proc.stdout.splitlines() if '"event": "step"' in line]
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return {"summary": summary, "step_s": statistics.median(gaps), "package": work / "package"}
 
 
@@ -139,7 +140,6 @@ def _compression_metric_drop(tmp: Path, quick: bool) -> float:
     """Accuracy points lost by int8 + zstd on the real-data adaptation (ItalyPowerDemand site shift)."""
     sys.path.insert(0, str(REPO))
     import numpy as np  # noqa: PLC0415
-
     from tests.integration.test_trainer_real_data import _train_base, _ucr, site_b  # noqa: PLC0415
     from tests.trainer_support import config  # noqa: PLC0415
 
@@ -205,7 +205,8 @@ def main() -> None:
             "lora_train_peak_rss_mb": train_rss >> 20, "bare_lora_peak_rss_mb": bare["peak_rss"] >> 20,
             "full_ft_peak_rss_mb": full_ft["peak_rss"] >> 20, "bare_step_s": round(bare["step_s"], 4),
             "our_step_s": round(ours["step_s"], 4), "our_step_s_checkpoint_every_step": round(ours_ckpt["step_s"], 4),
-            "infer_step_s": round(infer["step_s"], 4), "adapter_fp32_bytes": len(fp32), "adapter_int8_zstd_bytes": len(int8),
+            "infer_step_s": round(infer["step_s"], 4), "adapter_fp32_bytes": len(fp32),
+            "adapter_int8_zstd_bytes": len(int8),
             "base_bytes": base_bytes,
         },
     }  # fmt: skip

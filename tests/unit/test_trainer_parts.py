@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 from edgetune_api.delta import DeltaVerificationError, Lineage, read_folder, verify_package
+from edgetune_testenv.procs import free_port
 from edgetune_trainer import checkpoint as ckpt
 from edgetune_trainer import package
 from edgetune_trainer.energy import EstimateMeter, JetsonMeter, RaplMeter, battery_percent, best_meter, on_ac_power
+from edgetune_trainer.loop import causal_lm_loss
+from edgetune_trainer.report import Reporter, write_termination
 
 # -- checkpoints -----------------------------------------------------------------------------
 
@@ -207,11 +213,6 @@ def test_unsigned_package_fails_when_a_key_is_required(tmp_path: Path) -> None:
 
 def test_chunked_lm_loss_equals_the_full_loss_and_trains_lora() -> None:
     transformers = pytest.importorskip("transformers")
-    from peft import LoraConfig, get_peft_model
-    from torch import nn
-
-    from edgetune_trainer.loop import causal_lm_loss
-
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64)
     model = get_peft_model(transformers.GPT2LMHeadModel(config), LoraConfig(r=4, target_modules=["c_attn"]))
@@ -238,17 +239,12 @@ def test_chunked_lm_loss_equals_the_full_loss_and_trains_lora() -> None:
 
 
 def test_metrics_are_served_and_the_termination_message_fits_4kib(tmp_path: Path) -> None:
-    import urllib.request
-
-    from edgetune_testenv.procs import free_port
-    from edgetune_trainer.report import Reporter, write_termination
-
     port = free_port()
     reporter = Reporter(job="j", namespace="ns", cluster="edge-a", node="n1", metrics_port=port)
     try:
         reporter.gauge("loss", 0.25)
         reporter.gauge("energy", 12.5, method="rapl")
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: S310
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         reporter.close()
     assert 'edgetune_trainer_loss{cluster="edge-a",job="j",namespace="ns",node="n1"} 0.25' in body
