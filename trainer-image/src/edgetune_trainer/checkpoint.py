@@ -9,11 +9,13 @@ only after a newer one is in place, so the last good checkpoint is never at risk
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +91,9 @@ def save(
     scheduler: dict[str, Any],
     extra_rng: dict[str, Any],
     keep: int = 2,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically; return its folder."""
+    """Write one checkpoint atomically; return its folder. ``rng`` defaults to the states now."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{name}"
@@ -101,7 +104,7 @@ def save(
         "adapter.pt": adapter,
         "optimizer.pt": optimizer,
         "scheduler.pt": scheduler,
-        "rng.pt": {**rng_state(), **extra_rng},
+        "rng.pt": {**(rng if rng is not None else rng_state()), **extra_rng},
     }
     for filename, obj in payload.items():
         buffer = io.BytesIO()
@@ -174,3 +177,55 @@ def load_latest(root: Path) -> tuple[Loaded | None, list[str]]:
         loaded = Loaded(folder, state, load("adapter.pt"), load("optimizer.pt"), load("scheduler.pt"), load("rng.pt"))
         return loaded, skipped
     return None, skipped
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a thread while training goes on.
+
+    ``submit`` snapshots everything (tensors cloned, RNG states taken now) and returns at once;
+    serialising and fsyncing happen beside the next step. At most one write is in flight:
+    ``wait`` (called before each step and before exiting) finishes it and re-raises its error.
+    So when step N has started, checkpoint N-1 is on disk: a crash loses at most one step.
+    """
+
+    def __init__(self, root: Path, keep: int = 2) -> None:
+        self.root = root
+        self.keep = keep
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(
+        self,
+        state: TrainState,
+        *,
+        adapter: dict[str, torch.Tensor],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+    ) -> None:
+        self.wait()
+        snapshot = {
+            "state": copy.deepcopy(state),
+            "adapter": {k: v.detach().clone() for k, v in adapter.items()},
+            "optimizer": copy.deepcopy(optimizer),
+            "scheduler": copy.deepcopy(scheduler),
+            "rng": rng_state(),
+        }
+        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, snapshot: dict[str, Any]) -> None:
+        try:
+            save(
+                self.root, snapshot["state"], adapter=snapshot["adapter"], optimizer=snapshot["optimizer"],
+                scheduler=snapshot["scheduler"], extra_rng={}, keep=self.keep, rng=snapshot["rng"],
+            )  # fmt: skip
+        except BaseException as exc:  # surfaced by wait() on the training thread
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -162,14 +162,19 @@ def causal_lm_loss(
     and the cross-entropy then run ``chunk`` positions at a time (``_FrozenHeadCrossEntropy``).
     Models whose head trains, or that are not transformers language models, use the plain loss.
     """
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    hf: Any = get_base() if callable(get_base) else model
     backbone = getattr(hf, "base_model", None)
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    get_head = getattr(hf, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    frozen_head = (
-        isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad and backbone is not hf
-    )
-    if backbone is None or not frozen_head:
+    if (
+        backbone is None
+        or backbone is hf
+        or not isinstance(head, nn.Linear)
+        or head.bias is not None
+        or head.weight.requires_grad
+    ):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
     hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
@@ -338,6 +343,7 @@ class TrainingRun:
         self.autocast = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
         self.checkpoints = Path(self.rt.work_dir) / "checkpoints"
+        self.writer = ckpt.BackgroundWriter(self.checkpoints)
         self.state = ckpt.TrainState(0, ckpt.Cursor(), None, 0, [], 0.0, 0.0)
         self.resumed_from = self._resume()
         self.meter = meter or best_meter(Path(self.rt.powercap_root), self.rt.watts_estimate, device.type == "cuda")
@@ -382,17 +388,21 @@ class TrainingRun:
     def energy(self) -> float:
         return self.energy_offset + self.meter.joules()
 
-    def save(self) -> None:
+    def save(self, *, wait: bool = False) -> None:
+        """Checkpoint now (written in the background unless ``wait``)."""
         self.state.elapsed_s = time.monotonic() - self.started
         self.state.energy_j = self.energy()
-        ckpt.save(
-            self.checkpoints, self.state, adapter=adapter_state(self.model), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), extra_rng={},
+        self.writer.submit(
+            self.state, adapter=adapter_state(self.model), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
         )  # fmt: skip
+        if wait:
+            self.writer.wait()
 
     def optimizer_step(self, micro: Iterator[tuple[list[Sample], int]]) -> tuple[int, bool]:
         """Accumulate gradients over up to ``gradientAccumulation`` micro-batches and step once.
         Returns (samples consumed, whether the epoch ran out)."""
+        self.writer.wait()  # the previous step's checkpoint is on disk before this step starts
         t0 = time.monotonic()
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[float] = []
@@ -442,7 +452,7 @@ class TrainingRun:
         if self.deadline_s is not None and time.monotonic() - self.started >= self.deadline_s:
             return "Deadline"
         if self.spec.budgets.min_battery_percent is not None:
-            return _battery(self.spec, self.rt, self.report, self.save, signals)
+            return _battery(self.spec, self.rt, self.report, lambda: self.save(wait=True), signals)
         return ""
 
     def run(self) -> Outcome:
@@ -457,7 +467,7 @@ class TrainingRun:
                     reason, last_eval = self._epoch(signals, last_eval)
         if not last_eval or self.state.step % self.tr.eval_every != 0:
             last_eval = evaluate(self.model, self.task, self.dataset, self.batch_size, self.spec.data.augmentation)
-        self.save()
+        self.save(wait=True)
         self.report("stopped", reason=reason, step=self.state.step, **last_eval)
         return Outcome(
             reason=reason, steps=self.state.step, history=self.state.history, eval=last_eval,
@@ -474,7 +484,7 @@ class TrainingRun:
             if exhausted:
                 self.state.cursor = ckpt.Cursor(self.state.cursor.epoch + 1, 0)
             if signals.term:
-                self.save()
+                self.save(wait=True)
                 raise Interrupted(f"SIGTERM at step {self.state.step}; checkpoint written")
             reason = ""
             if consumed and self.state.step % self.tr.eval_every == 0:
