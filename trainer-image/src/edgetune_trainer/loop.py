@@ -181,7 +181,7 @@ def causal_lm_loss(
     loss = _FrozenHeadCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), head.weight, target.reshape(-1), chunk * ids.shape[0]
     )
-    return loss  # type: ignore[no-any-return]
+    return loss
 
 
 def evaluate(model: nn.Module, task: Task, dataset: NodeDataset, batch_size: int, aug: Any) -> dict[str, float]:
