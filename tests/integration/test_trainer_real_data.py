@@ -90,7 +90,10 @@ def test_lora_adapts_a_site_a_model_to_site_b(tmp_path: Path) -> None:
     summary = termination(tmp_path)
     adapted = summary["metrics"]["eval_accuracy"]
     shipped = summary["metrics"]["eval_accuracy_encoded"]
-    print(f"site B accuracy: frozen base {frozen_accuracy:.3f}, LoRA {adapted:.3f}, LoRA int8 {shipped:.3f}")
+    print(
+        f"site B accuracy: frozen base {frozen_accuracy:.3f}, LoRA {adapted:.3f}, LoRA int8 {shipped:.3f}; "
+        f"adapter {summary['adapterBytes']} bytes"
+    )
     assert frozen_accuracy < 0.65  # the shift really hurts
     assert adapted >= frozen_accuracy + 0.2  # and the adapter recovers
     assert abs(shipped - adapted) <= 0.01  # int8 + zstd costs at most a point
