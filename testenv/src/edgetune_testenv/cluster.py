@@ -9,10 +9,8 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import shutil
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +24,7 @@ from edgetune_testenv import binaries
 from edgetune_testenv.errors import EnvironmentSetupError
 from edgetune_testenv.nodes import KWOK_ANNOTATION, NodeSpec
 from edgetune_testenv.pki import Pki
-from edgetune_testenv.procs import ManagedProcess, free_port, http_ok
+from edgetune_testenv.procs import ManagedProcess, ProcessGroup, free_port, http_ok
 
 #: Pods carrying this label are run by the pod executor; kwok leaves their lifecycle alone.
 EXECUTOR_LABEL = "edgetune.io/executor"
@@ -50,26 +48,16 @@ def _kwok_stages(share: Path) -> list[dict[str, Any]]:
     return stages
 
 
-class ControlPlane:
+class ControlPlane(ProcessGroup):
     """A running (or stopped) local cluster. Use as a context manager or call start()/stop()."""
 
     def __init__(self, name: str, workdir: Path | None = None) -> None:
-        self.name = name
-        self._own_workdir = workdir is None
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"edgetune-{name}-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.processes: list[ManagedProcess] = []
+        super().__init__(name, workdir)
         self.kubeconfig = self.workdir / "kubeconfig"
         self.api_port = 0
         self._ssl: ssl.SSLContext | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
-
-    def __enter__(self) -> ControlPlane:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self, timeout: float = 90.0) -> ControlPlane:
         kube = binaries.ensure(binaries.KUBE)
@@ -97,83 +85,82 @@ class ControlPlane:
         logs = self.workdir / "logs"
 
         etcd_client, etcd_peer = free_port(), free_port()
-        etcd = ManagedProcess(
-            f"{self.name}/etcd",
-            [
-                str(kube / "etcd"),
-                "--name=default",
-                f"--data-dir={self.workdir / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{etcd_client}",
-                f"--advertise-client-urls=http://127.0.0.1:{etcd_client}",
-                f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
-                f"--initial-cluster=default=http://127.0.0.1:{etcd_peer}",
-                "--unsafe-no-fsync=true",  # test data only: trades durability for speed
-                "--log-level=warn",
-            ],
-            logs / "etcd.log",
-            ports=(etcd_client, etcd_peer),
-        ).start()
-        self.processes.append(etcd)
+        etcd = self.launch(
+            ManagedProcess(
+                f"{self.name}/etcd",
+                [
+                    str(kube / "etcd"),
+                    "--name=default",
+                    f"--data-dir={self.workdir / 'etcd'}",
+                    f"--listen-client-urls=http://127.0.0.1:{etcd_client}",
+                    f"--advertise-client-urls=http://127.0.0.1:{etcd_client}",
+                    f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
+                    f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
+                    f"--initial-cluster=default=http://127.0.0.1:{etcd_peer}",
+                    "--unsafe-no-fsync=true",  # test data only: trades durability for speed
+                    "--log-level=warn",
+                ],
+                logs / "etcd.log",
+                ports=(etcd_client, etcd_peer),
+            )
+        )
         etcd.wait_until(lambda: http_ok(f"http://127.0.0.1:{etcd_client}/health"), timeout, "healthy")
 
         self.api_port = free_port()
-        apiserver = ManagedProcess(
-            f"{self.name}/kube-apiserver",
-            [
-                str(kube / "kube-apiserver"),
-                f"--etcd-servers=http://127.0.0.1:{etcd_client}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={self.api_port}",
-                f"--tls-cert-file={apiserver_cert.cert}",
-                f"--tls-private-key-file={apiserver_cert.key}",
-                f"--client-ca-file={pki.ca.cert}",
-                f"--service-account-key-file={sa.cert}",
-                f"--service-account-signing-key-file={sa.key}",
-                "--service-account-issuer=https://kubernetes.default.svc",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--authorization-mode=Node,RBAC",
-                "--allow-privileged=true",
-                f"--cert-dir={self.workdir / 'pki'}",
-                "--profiling=false",
-                "--v=1",
-            ],
-            logs / "kube-apiserver.log",
-            ports=(self.api_port,),
-        ).start()
-        self.processes.append(apiserver)
+        apiserver = self.launch(
+            ManagedProcess(
+                f"{self.name}/kube-apiserver",
+                [
+                    str(kube / "kube-apiserver"),
+                    f"--etcd-servers=http://127.0.0.1:{etcd_client}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    f"--secure-port={self.api_port}",
+                    f"--tls-cert-file={apiserver_cert.cert}",
+                    f"--tls-private-key-file={apiserver_cert.key}",
+                    f"--client-ca-file={pki.ca.cert}",
+                    f"--service-account-key-file={sa.cert}",
+                    f"--service-account-signing-key-file={sa.key}",
+                    "--service-account-issuer=https://kubernetes.default.svc",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--authorization-mode=Node,RBAC",
+                    "--allow-privileged=true",
+                    f"--cert-dir={self.workdir / 'pki'}",
+                    "--profiling=false",
+                    "--v=1",
+                ],
+                logs / "kube-apiserver.log",
+                ports=(self.api_port,),
+            )
+        )
         self._write_kubeconfig(self.kubeconfig, admin.cert, admin.key, "edgetune-admin")
         apiserver.wait_until(lambda: http_ok(f"{self.server}/readyz", self.ssl_context()), timeout, "ready")
 
-        cm_cert = pki.issue("controller-manager", "system:kube-controller-manager")
-        cm_kubeconfig = self.workdir / "controller-manager.kubeconfig"
-        self._write_kubeconfig(cm_kubeconfig, cm_cert.cert, cm_cert.key, "system:kube-controller-manager")
+        cm_kubeconfig = self._client_kubeconfig("controller-manager", "system:kube-controller-manager")
         cm_port = free_port()
-        cm = ManagedProcess(
-            f"{self.name}/kube-controller-manager",
-            [
-                str(kube / "kube-controller-manager"),
-                f"--kubeconfig={cm_kubeconfig}",
-                f"--authentication-kubeconfig={cm_kubeconfig}",
-                f"--authorization-kubeconfig={cm_kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={cm_port}",
-                f"--service-account-private-key-file={sa.key}",
-                f"--root-ca-file={pki.ca.cert}",
-                "--use-service-account-credentials=true",
-                "--leader-elect=false",
-                f"--cluster-name={self.name}",
-                "--v=1",
-            ],
-            logs / "kube-controller-manager.log",
-            ports=(cm_port,),
-        ).start()
-        self.processes.append(cm)
+        cm = self.launch(
+            ManagedProcess(
+                f"{self.name}/kube-controller-manager",
+                [
+                    str(kube / "kube-controller-manager"),
+                    f"--kubeconfig={cm_kubeconfig}",
+                    f"--authentication-kubeconfig={cm_kubeconfig}",
+                    f"--authorization-kubeconfig={cm_kubeconfig}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={cm_port}",
+                    f"--service-account-private-key-file={sa.key}",
+                    f"--root-ca-file={pki.ca.cert}",
+                    "--use-service-account-credentials=true",
+                    "--leader-elect=false",
+                    f"--cluster-name={self.name}",
+                    "--v=1",
+                ],
+                logs / "kube-controller-manager.log",
+                ports=(cm_port,),
+            )
+        )
 
-        sched_cert = pki.issue("scheduler", "system:kube-scheduler")
-        sched_kubeconfig = self.workdir / "scheduler.kubeconfig"
-        self._write_kubeconfig(sched_kubeconfig, sched_cert.cert, sched_cert.key, "system:kube-scheduler")
+        sched_kubeconfig = self._client_kubeconfig("scheduler", "system:kube-scheduler")
         sched_config = self.workdir / "scheduler.yaml"
         sched_config.write_text(
             yaml.safe_dump(
@@ -186,40 +173,42 @@ class ControlPlane:
             )
         )
         sched_port = free_port()
-        scheduler = ManagedProcess(
-            f"{self.name}/kube-scheduler",
-            [
-                str(kube / "kube-scheduler"),
-                f"--config={sched_config}",
-                f"--authentication-kubeconfig={sched_kubeconfig}",
-                f"--authorization-kubeconfig={sched_kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={sched_port}",
-                "--v=1",
-            ],
-            logs / "kube-scheduler.log",
-            ports=(sched_port,),
-        ).start()
-        self.processes.append(scheduler)
+        scheduler = self.launch(
+            ManagedProcess(
+                f"{self.name}/kube-scheduler",
+                [
+                    str(kube / "kube-scheduler"),
+                    f"--config={sched_config}",
+                    f"--authentication-kubeconfig={sched_kubeconfig}",
+                    f"--authorization-kubeconfig={sched_kubeconfig}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={sched_port}",
+                    "--v=1",
+                ],
+                logs / "kube-scheduler.log",
+                ports=(sched_port,),
+            )
+        )
 
         kwok_config = self.workdir / "kwok.yaml"
         kwok_config.write_text(yaml.safe_dump_all(_kwok_stages(kwok_dir / "share")))
-        kwok = ManagedProcess(
-            f"{self.name}/kwok",
-            [
-                str(kwok_dir / "kwok"),
-                f"--kubeconfig={self.kubeconfig}",
-                f"--config={kwok_config}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-                "--node-lease-duration-seconds=40",
-                "--cidr=10.244.0.0/16",
-                "--node-ip=127.0.0.1",
-                "--server-address=",
-            ],
-            logs / "kwok.log",
-        ).start()
-        self.processes.append(kwok)
+        kwok = self.launch(
+            ManagedProcess(
+                f"{self.name}/kwok",
+                [
+                    str(kwok_dir / "kwok"),
+                    f"--kubeconfig={self.kubeconfig}",
+                    f"--config={kwok_config}",
+                    "--manage-all-nodes=false",
+                    f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                    "--node-lease-duration-seconds=40",
+                    "--cidr=10.244.0.0/16",
+                    "--node-ip=127.0.0.1",
+                    "--server-address=",
+                ],
+                logs / "kwok.log",
+            )
+        )
 
         # Ready means: controllers and scheduler answer health checks, and the service-account
         # controller has made the "default" ServiceAccount (pods cannot be created before it).
@@ -232,17 +221,6 @@ class ControlPlane:
             "ready (default ServiceAccount)",
         )
         kwok.check_alive()
-
-    def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        self.processes.clear()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def check_alive(self) -> None:
-        for proc in self.processes:
-            proc.check_alive()
 
     def process(self, component: str) -> ManagedProcess:
         for proc in self.processes:
@@ -262,6 +240,13 @@ class ControlPlane:
             ctx.load_cert_chain(str(self._admin.cert), str(self._admin.key))
             self._ssl = ctx
         return self._ssl
+
+    def _client_kubeconfig(self, stem: str, user: str) -> Path:
+        """A client certificate for ``user`` (a built-in RBAC identity) and a kubeconfig using it."""
+        cert = self._pki.issue(stem, user)
+        path = self.workdir / f"{stem}.kubeconfig"
+        self._write_kubeconfig(path, cert.cert, cert.key, user)
+        return path
 
     def _write_kubeconfig(self, path: Path, cert: Path, key: Path, user: str) -> None:
         config = {

@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 from edgetune_testenv.errors import ComponentCrashedError, EnvironmentSetupError
 
@@ -147,3 +150,47 @@ def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.
             return 200 <= int(resp.status) < 300
     except urllib.error.HTTPError:
         return False
+
+
+class ProcessGroup:
+    """Processes started together and stopped together (newest first), with their work folder.
+
+    Subclasses implement ``start()``; as a context manager a failed start stops whatever did start.
+    A work folder the group created itself is removed on ``stop()``; one it was given is kept.
+    """
+
+    def __init__(self, name: str, workdir: Path | None = None) -> None:
+        self.name = name
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"edgetune-{name}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.processes: list[ManagedProcess] = []
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def launch(self, proc: ManagedProcess) -> ManagedProcess:
+        proc.start()
+        self.processes.append(proc)
+        return proc
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def check_alive(self) -> None:
+        for proc in self.processes:
+            proc.check_alive()

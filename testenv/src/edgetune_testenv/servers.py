@@ -10,51 +10,22 @@ import json
 import secrets
 import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import yaml
 
 from edgetune_testenv import binaries
 from edgetune_testenv.errors import EnvironmentSetupError
-from edgetune_testenv.procs import ManagedProcess, free_port, http_ok
+from edgetune_testenv.procs import ManagedProcess, ProcessGroup, free_port, http_ok
 
 
-class _Server:
+class _Server(ProcessGroup):
     name = "server"
 
     def __init__(self, workdir: Path | None = None) -> None:
-        self._own_workdir = workdir is None
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"edgetune-{self.name}-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.processes: list[ManagedProcess] = []
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> Self:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        self.processes.clear()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def check_alive(self) -> None:
-        for proc in self.processes:
-            proc.check_alive()
+        super().__init__(self.name, workdir)
 
 
 class S3Server(_Server):
@@ -79,28 +50,29 @@ class S3Server(_Server):
         data.mkdir(exist_ok=True)
         (self.workdir / "meta").mkdir(exist_ok=True)
         self.port = free_port()
-        proc = ManagedProcess(
-            "s3/versitygw",
-            [
-                str(exe),
-                "--access",
-                self.access_key,
-                "--secret",
-                self.secret_key,
-                "--region",
-                self.region,
-                "--port",
-                f"127.0.0.1:{self.port}",
-                # Object metadata (ETags, checksums) in a sidecar folder: needs no xattr support.
-                "posix",
-                "--sidecar",
-                str(self.workdir / "meta"),
-                str(data),
-            ],
-            self.workdir / "versitygw.log",
-            ports=(self.port,),
-        ).start()
-        self.processes.append(proc)
+        proc = self.launch(
+            ManagedProcess(
+                "s3/versitygw",
+                [
+                    str(exe),
+                    "--access",
+                    self.access_key,
+                    "--secret",
+                    self.secret_key,
+                    "--region",
+                    self.region,
+                    "--port",
+                    f"127.0.0.1:{self.port}",
+                    # Object metadata (ETags, checksums) in a sidecar folder: needs no xattr support.
+                    "posix",
+                    "--sidecar",
+                    str(self.workdir / "meta"),
+                    str(data),
+                ],
+                self.workdir / "versitygw.log",
+                ports=(self.port,),
+            )
+        )
         proc.wait_until(self._answers, 30, "ready")
         return self
 
@@ -160,29 +132,30 @@ class MlflowServer(_Server):
         self.s3.create_bucket(self.bucket)
         self.port = free_port()
         env = {**_base_env(), **self.s3.env()}
-        proc = ManagedProcess(
-            "mlflow",
-            [
-                str(mlflow),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{self.workdir / 'mlflow.db'}",
-                "--artifacts-destination",
-                f"s3://{self.bucket}/artifacts",
-                "--serve-artifacts",
-            ],
-            self.workdir / "mlflow.log",
-            env=env,
-            cwd=self.workdir,
-            ports=(self.port,),
-        ).start()
-        self.processes.append(proc)
+        proc = self.launch(
+            ManagedProcess(
+                "mlflow",
+                [
+                    str(mlflow),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.workdir / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    f"s3://{self.bucket}/artifacts",
+                    "--serve-artifacts",
+                ],
+                self.workdir / "mlflow.log",
+                env=env,
+                cwd=self.workdir,
+                ports=(self.port,),
+            )
+        )
         proc.wait_until(lambda: http_ok(f"{self.url}/health"), timeout, "healthy")
         return self
 
@@ -216,13 +189,14 @@ class Prometheus(_Server):
                 "(Debian: apt-get install prometheus prometheus-pushgateway; `make test` does this)"
             )
         self.port, self.pushgateway_port = free_port(), free_port()
-        pushgateway = ManagedProcess(
-            "pushgateway",
-            [gw, f"--web.listen-address=127.0.0.1:{self.pushgateway_port}", "--log.level=warn"],
-            self.workdir / "pushgateway.log",
-            ports=(self.pushgateway_port,),
-        ).start()
-        self.processes.append(pushgateway)
+        pushgateway = self.launch(
+            ManagedProcess(
+                "pushgateway",
+                [gw, f"--web.listen-address=127.0.0.1:{self.pushgateway_port}", "--log.level=warn"],
+                self.workdir / "pushgateway.log",
+                ports=(self.pushgateway_port,),
+            )
+        )
         self._write_targets()
         config = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
@@ -236,20 +210,21 @@ class Prometheus(_Server):
             ],
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        proc = ManagedProcess(
-            "prometheus",
-            [
-                prom,
-                f"--config.file={self.workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",
-                "--log.level=warn",
-            ],
-            self.workdir / "prometheus.log",
-            ports=(self.port,),
-        ).start()
-        self.processes.append(proc)
+        proc = self.launch(
+            ManagedProcess(
+                "prometheus",
+                [
+                    prom,
+                    f"--config.file={self.workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--web.enable-lifecycle",
+                    "--log.level=warn",
+                ],
+                self.workdir / "prometheus.log",
+                ports=(self.port,),
+            )
+        )
         pushgateway.wait_until(lambda: http_ok(f"{self.pushgateway_url}/-/ready"), 30, "ready")
         proc.wait_until(lambda: http_ok(f"{self.url}/-/ready"), 60, "ready")
         return self

@@ -159,25 +159,26 @@ def on_ac_power(power_supply_root: Path) -> bool:
     return False
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (VmHWM)."""
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmHWM, VmRSS), or None where there is no procfs."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (VmHWM; getrusage where there is no procfs)."""
+    kib = _status_kib("VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def current_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else peak_rss_bytes()
 
 
 def reset_peak_rss() -> bool:
