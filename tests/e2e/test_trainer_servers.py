@@ -3,17 +3,20 @@ reach Prometheus, and no raw sample value in anything that leaves the node."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 
-from edgetune_api.delta import verify_package
-from edgetune_testenv.servers import Prometheus, S3Server
+from edgetune_api.delta import read_folder, verify_package
+from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from edgetune_trainer.__main__ import main
+from edgetune_trainer.models import TimeSeriesCNN, save_builtin
 from tests.support import eventually
-from tests.trainer_support import config, termination, write_config
+from tests.trainer_support import config, sine_classes, termination, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -86,3 +89,43 @@ def test_trainer_uploads_verified_package_and_leaks_no_raw_values(
     assert float(result[0]["value"][1]) == 8
     energy = prometheus.query('edgetune_trainer_energy_joules{node="node-1"}')
     assert energy and energy[0]["metric"]["method"] == "estimate"
+
+
+def test_base_model_from_mlflow_registry_backed_by_s3(
+    tmp_path: Path, s3: S3Server, mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base is a registered MLflow model version whose source is an S3 folder: the trainer
+    resolves `models:/…` (by version and by alias) over MLflow's REST API, downloads, verifies."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    digest = save_builtin(TimeSeriesCNN(3, 3), tmp_path / "base", ["0", "1", "2"])
+    bucket = s3.create_bucket("base-models")
+    for path in (tmp_path / "base").iterdir():
+        s3.client().upload_file(str(path), bucket, f"sensor/v1/{path.name}")
+    name = f"sensor-base-{tmp_path.name[-6:]}"
+    _mlflow(mlflow_server, "registered-models/create", {"name": name})
+    version = _mlflow(mlflow_server, "model-versions/create", {"name": name, "source": f"s3://{bucket}/sensor/v1"})
+    _mlflow(
+        mlflow_server,
+        "registered-models/alias",
+        {"name": name, "alias": "champion", "version": version["model_version"]["version"]},
+    )
+    data = sine_classes(tmp_path / "data")
+    for uri in (f"models:/{name}/1", f"models:/{name}@champion"):
+        work = tmp_path / uri.rsplit("/", 1)[-1].replace("@", "-")
+        work.mkdir()
+        cfg = config(work, data, baseModel={"uri": uri, "sha256": digest}, training={"maxSteps": 2},
+                     runtime={"s3Endpoint": s3.endpoint})  # fmt: skip
+        assert main(["--config", str(write_config(work, cfg))]) == 0, termination(work)
+        manifest = verify_package(read_folder(work / "work" / "package"))
+        assert (manifest.lineage.base_model_uri, manifest.lineage.base_model_sha256) == (uri, digest)
+
+
+def _mlflow(server: MlflowServer, path: str, body: dict[str, object]) -> dict[str, Any]:
+    req = urllib.request.Request(  # noqa: S310 - loopback server we started
+        f"{server.url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+        return json.loads(resp.read() or b"{}")  # type: ignore[no-any-return]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import random
 import signal
 import threading
@@ -219,3 +220,24 @@ def test_interrupted_run_resumes_and_reproduces_the_uninterrupted_curve(tmp_path
     assert sorted(curve) == list(range(1, 15))
     for step, loss in straight:
         assert curve[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), f"step {step} differs after resume"
+
+
+@pytest.mark.parametrize(
+    ("training", "event"),
+    [
+        ({"optimizer": "sgd", "gradientCheckpointing": True}, None),
+        ({"optimizer": "adamw8bit"}, "optimizer_fallback"),  # no CUDA here: falls back, and says so
+        ({"precision": "bf16", "gradientAccumulation": 3}, None),
+        ({"precision": "fp16"}, "precision_fallback"),  # fp16 autocast is for GPUs: bf16 on CPU
+    ],
+    ids=["sgd-checkpointing", "adamw8bit", "bf16-accumulation", "fp16-on-cpu"],
+)
+def test_memory_and_precision_options_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], training: dict[str, object], event: str | None
+) -> None:
+    code, summary, log = run(tmp_path, capsys, training={"maxSteps": 4, **training})
+    assert code == 0, summary
+    losses = [e["loss"] for e in log if e["event"] == "step"]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    if event is not None:
+        assert any(e["event"] == event for e in log), f"expected a {event} event"

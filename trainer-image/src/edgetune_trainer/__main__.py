@@ -94,7 +94,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
                kind=info.kind, sha256=info.sha256)  # fmt: skip
         work = Path(rt.work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        s3 = _s3_client(rt.s3_endpoint) if (rt.s3_bucket or spec.base_model.uri.startswith("s3://")) else None
+        remote_model = spec.base_model.uri.startswith(("s3://", "models:/", "runs:/"))
+        s3 = _s3_client(rt.s3_endpoint) if (rt.s3_bucket or remote_model) else None
         uri = spec.base_model.uri
         if uri.startswith("builtin:"):
             base = models.builtin_random(

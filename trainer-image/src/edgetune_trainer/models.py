@@ -147,7 +147,8 @@ def _fetch_s3(uri: str, cache: Path, s3_client: Any) -> Path:
 
 
 def _resolve_mlflow(uri: str, tracking: str) -> str:
-    """``models:/name/version`` or ``runs:/id/path`` -> the artifact's storage URI (via MLflow's REST API)."""
+    """``models:/name/version``, ``models:/name@alias`` or ``runs:/id/path`` -> the artifact's storage URI,
+    through MLflow's REST API (no MLflow client library in the trainer)."""
 
     def get(path: str, **query: str) -> dict[str, Any]:
         url = f"{tracking.rstrip('/')}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
@@ -155,11 +156,15 @@ def _resolve_mlflow(uri: str, tracking: str) -> str:
             return json.loads(resp.read())  # type: ignore[no-any-return]
 
     if uri.startswith("models:/"):
-        name, _, ref = uri.removeprefix("models:/").partition("/")
-        if ref.isdigit():
-            version = get("model-versions/get", name=name, version=ref)["model_version"]
-        else:
-            version = get("registered-models/alias", name=name, alias=ref)["model_version"]
+        ref = uri.removeprefix("models:/")
+        if "@" in ref:  # models:/name@alias
+            name, _, alias = ref.partition("@")
+            version = get("registered-models/alias", name=name, alias=alias)["model_version"]
+        else:  # models:/name/version
+            name, _, number = ref.partition("/")
+            if not number.isdigit():
+                raise ModelError(f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
+            version = get("model-versions/get", name=name, version=number)["model_version"]
         return str(version["source"])
     run_id, _, path = uri.removeprefix("runs:/").partition("/")
     root = get("runs/get", run_id=run_id)["run"]["info"]["artifact_uri"]
