@@ -7,6 +7,8 @@ Run with ``.venv/bin/python bench/testenv.py [--runs N] [--cold]``. Prints one J
   binaries already cached; median of ``--runs``.
 - ``nodes_ready_s``: the default 6-node fleet created and Ready after that.
 - ``s3_s``, ``mlflow_s``, ``prometheus_s``: each server from launch to healthy.
+- ``--scale-nodes N``: also create N simulated nodes (1:1:2 GPU/NPU/CPU) in one control plane and
+  time until all are Ready (``scale_nodes_ready_s``).
 - ``--cold``: also time building every binary into an empty cache (``XDG_CACHE_HOME``, ``GOCACHE``
   and ``GOMODCACHE`` in a temp dir, so modules are downloaded and compiled from scratch).
 """
@@ -24,7 +26,7 @@ import time
 
 from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
-from edgetune_testenv.nodes import default_fleet
+from edgetune_testenv.nodes import default_fleet, scale_fleet
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cold", action="store_true", help="also measure a from-scratch build")
+    parser.add_argument("--scale-nodes", type=int, default=0, help="also time N nodes becoming Ready")
     args = parser.parse_args()
 
     result: dict[str, float | int | str] = {"machine_cores": os.cpu_count() or 0}
@@ -65,6 +68,12 @@ def main() -> None:
             plane.add_nodes(default_fleet())
             nodes.append(time.monotonic() - t1)
     result["control_plane_to_kubectl_s"] = round(statistics.median(starts), 2)
+    if args.scale_nodes:
+        with ControlPlane("bench-scale") as plane:
+            t0 = time.monotonic()
+            plane.add_nodes(scale_fleet(args.scale_nodes), timeout=600)
+            result["scale_nodes"] = args.scale_nodes
+            result["scale_nodes_ready_s"] = round(time.monotonic() - t0, 1)
     result["nodes_ready_s"] = round(statistics.median(nodes), 2)
 
     t0 = time.monotonic()

@@ -205,7 +205,8 @@ def test_examples_apply_and_show_printer_columns(hub_crds: ControlPlane, api: tu
     assert {line.split()[0] for line in jobs[1:]} >= {"vibration-lora-gpu", "demand-lora-npu", "soil-moisture-fedavg"}
     releases = hub_crds.kubectl("get", "ar", "-n", namespace).stdout.splitlines()
     assert releases[0].split() == ["NAME", "PHASE", "MODEL", "CANARY", "STABLE", "WEIGHT", "AGE"]
-    assert "vibration-lora-rollout" in releases[1]
+    rollout = next(line.split() for line in releases[1:] if line.startswith("vibration-lora-rollout "))
+    assert rollout[1] == "vibration-lora"  # MODEL; PHASE and the versions are empty until the operator acts
     clusters = hub_crds.kubectl("get", "ec", "factory-lyon").stdout.splitlines()
     assert clusters[0].split() == ["NAME", "REACHABLE", "VERSION", "NODES", "AGE"]
     # The category lists every kind at once.
