@@ -17,7 +17,7 @@ from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import LocalImage, PodExecutor
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
-from tests.support import TEST_IMAGE
+from tests.support import TEST_IMAGE, TRAINER_IMAGE
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -67,7 +67,10 @@ def edge_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
 
 @pytest.fixture(scope="session")
 def hub_executor(hub: ControlPlane) -> Iterator[PodExecutor]:
-    images = {TEST_IMAGE: LocalImage(entrypoint=(sys.executable,), env={"PYTHONUNBUFFERED": "1"})}
+    images = {
+        TEST_IMAGE: LocalImage(entrypoint=(sys.executable,), env={"PYTHONUNBUFFERED": "1"}),
+        TRAINER_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_trainer"), env={"PYTHONUNBUFFERED": "1"}),
+    }
     with PodExecutor(hub, images) as executor:
         yield executor
 

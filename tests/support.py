@@ -34,3 +34,8 @@ def new_namespace(core: Any) -> str:
         what=f"default ServiceAccount in {name}",
     )
     return name
+
+
+#: The image name the operator's settings give trainer pods in tests; the executor runs it as
+#: `python -m edgetune_trainer` with this interpreter.
+TRAINER_IMAGE = "edgetune.io/trainer:test"

@@ -435,15 +435,20 @@ class _PodRun:
             return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
         raise ValueError(f"unsupported fieldRef {field_path!r}")
 
-    def _env(self, container: dict[str, Any], image: LocalImage) -> dict[str, str]:
-        env: dict[str, str] = {
+    def _image_env(self, image: LocalImage) -> dict[str, str]:
+        """What the image provides (its own paths: never rewritten as mounts)."""
+        (self.sandbox / "home").mkdir(parents=True, exist_ok=True)
+        return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.sandbox / "home"),
             "HOSTNAME": self.name,
             "LANG": "C.UTF-8",
             **image.env,
         }
-        (self.sandbox / "home").mkdir(parents=True, exist_ok=True)
+
+    def _env(self, container: dict[str, Any], base: dict[str, str]) -> dict[str, str]:
+        """The container's declared env, resolved (``$(VAR)`` may refer to ``base``)."""
+        env: dict[str, str] = {}
         for src in container.get("envFrom") or []:
             prefix = src.get("prefix", "")
             if "configMapRef" in src:
@@ -453,7 +458,7 @@ class _PodRun:
             env.update({prefix + k: v for k, v in data.items()})
         for item in container.get("env") or []:
             if "valueFrom" not in item:
-                env[item["name"]] = expand_vars(item.get("value", ""), env)
+                env[item["name"]] = expand_vars(item.get("value", ""), {**base, **env})
                 continue
             ref = item["valueFrom"]
             if "fieldRef" in ref:
@@ -494,11 +499,16 @@ class _PodRun:
             m["mountPath"]: volumes[m["name"]] / m.get("subPath", "") for m in container.get("volumeMounts") or []
         }
         mounts[container.get("terminationMessagePath", "/dev/termination-log")] = run.termination_path
-        env = {k: rewrite_paths(v, mounts) for k, v in self._env(container, image).items()}
-        argv = list(container.get("command") or image.entrypoint) + list(container.get("args") or [])
+        # Only what the pod spec declares lives in the container's filesystem view and is rewritten;
+        # the image's own entrypoint and env point at the local environment standing in for it.
+        base = self._image_env(image)
+        declared = {k: rewrite_paths(v, mounts) for k, v in self._env(container, base).items()}
+        env = {**base, **declared}
+        entrypoint = [rewrite_paths(expand_vars(a, env), mounts) for a in container.get("command") or []]
+        entrypoint = entrypoint or list(image.entrypoint)
+        argv = entrypoint + [rewrite_paths(expand_vars(a, env), mounts) for a in container.get("args") or []]
         if not argv:
             raise ValueError(f"container {name!r} has no command and image {container.get('image')!r} no entrypoint")
-        argv = [rewrite_paths(expand_vars(a, env), mounts) for a in argv]
         workdir = Path(rewrite_paths(container["workingDir"], mounts)) if container.get("workingDir") else self.sandbox
         limit = (container.get("resources") or {}).get("limits", {}).get("memory")
         limit_bytes = parse_quantity_bytes(limit) if limit else None
@@ -506,16 +516,22 @@ class _PodRun:
         started = _now()
         run.state = {"running": {"startedAt": started}}
         self._report_containers(init)
-        with run.log_path.open("ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=workdir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        try:
+            with run.log_path.open("ab") as out:
+                proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=workdir,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+        except OSError as exc:  # what a runtime reports when the entrypoint cannot start
+            run.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc)[:1024],
+                                        "startedAt": started, "finishedAt": _now()}}  # fmt: skip
+            self._report_containers(init)
+            return 128
         self._procs[name] = proc
         oom = self._supervise(proc, limit_bytes)
         code = proc.wait()

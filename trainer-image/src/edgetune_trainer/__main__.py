@@ -181,11 +181,17 @@ def classify(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgetune_trainer", description=__doc__)
     parser.add_argument("--config", help="trainer configuration (JSON); default: $EDGETUNE_TRAINER_CONFIG")
+    parser.add_argument("--data-dir", help="override runtime.dataDir (where the data is mounted)")
+    parser.add_argument("--work-dir", help="override runtime.workDir (checkpoints, package)")
+    parser.add_argument("--termination-log", help="override runtime.terminationLog")
     args = parser.parse_args(argv)
-    termination = Path(os.environ.get("EDGETUNE_TERMINATION_LOG", "/dev/termination-log"))
+    termination = Path(args.termination_log or os.environ.get("EDGETUNE_TERMINATION_LOG", "/dev/termination-log"))
     started = time.time()
     try:
         config = load_config(args.config)
+        overrides = {"data_dir": args.data_dir, "work_dir": args.work_dir, "termination_log": args.termination_log}
+        runtime = config.runtime.model_copy(update={k: v for k, v in overrides.items() if v})
+        config = config.model_copy(update={"runtime": runtime})
         termination = Path(config.runtime.termination_log)
         summary = run(config)
     except BaseException as exc:  # every failure must reach the termination message

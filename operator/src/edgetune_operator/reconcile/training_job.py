@@ -1,0 +1,338 @@
+"""EdgeTrainingJob reconciliation logic, as pure functions: desired children from the spec, and
+trainer status from observed children. No I/O here; the handlers fetch and apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from edgetune_api.meta import API_VERSION, Condition, parse_duration
+from edgetune_api.trainer_config import TrainerConfig, TrainerRuntime
+from edgetune_api.training_job import EdgeTrainingJobSpec, TargetStatus
+from edgetune_operator.settings import AcceleratorProfile, Settings
+
+DATA_DIR = "/data"
+WORK_DIR = "/work"
+CONFIG_DIR = "/etc/edgetune"
+TERMINATION_LOG = "/dev/termination-log"
+TRAINER_UID = 10001
+LABEL_JOB = "edgetune.io/training-job"
+LABEL_TARGET = "edgetune.io/target"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The EdgeTrainingJob a child belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one trainer runs: a cluster, and with perNode a node of it."""
+
+    cluster: str = "local"
+    node: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A short, stable, DNS-safe id of the target (part of child names)."""
+        raw = f"{self.cluster}/{self.node or '*'}"
+        readable = re.sub(r"[^a-z0-9-]", "-", (self.node or self.cluster).lower()).strip("-")[:20].strip("-")
+        return f"{readable}-{hashlib.sha256(raw.encode()).hexdigest()[:6]}"
+
+
+def child_name(job: JobRef, target: Target) -> str:
+    """``<job>-<target key>``, within the 63 characters a Job's pods may carry as a label."""
+    return f"{job.name[: 63 - len(target.key) - 1]}-{target.key}"
+
+
+def s3_prefix(spec: EdgeTrainingJobSpec, job: JobRef, target: Target) -> str:
+    parts = [spec.output.s3.prefix.strip("/"), job.namespace, job.name, target.cluster, target.node or "any"]
+    return "/".join(p for p in parts if p)
+
+
+def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings) -> TrainerConfig:
+    """What the trainer pod reads from its ConfigMap: the spec as validated, plus its runtime."""
+    return TrainerConfig(
+        spec=spec,
+        runtime=TrainerRuntime(
+            data_dir=DATA_DIR,
+            work_dir=WORK_DIR,
+            termination_log=TERMINATION_LOG,
+            s3_endpoint=spec.output.s3.endpoint or settings.s3_endpoint,
+            s3_bucket=spec.output.s3.bucket,
+            s3_prefix=s3_prefix(spec, job, target),
+            signing_key_path=f"{CONFIG_DIR}/signing/key.pem" if spec.output.signing_key_secret_ref else None,
+            salt_path=f"{CONFIG_DIR}/salt/salt" if spec.data.privacy.salt_secret_ref else None,
+            pushgateway_url=settings.pushgateway_url,
+            job_namespace=job.namespace,
+            job_name=job.name,
+            job_uid=job.uid,
+            cluster=target.cluster,
+            node=target.node,
+        ),
+    )
+
+
+def _labels(job: JobRef, target: Target, settings: Settings) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "edgetune",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/managed-by": "edgetune-operator",
+        LABEL_JOB: job.name,
+        LABEL_TARGET: target.key,
+        **settings.trainer_labels,
+    }
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "EdgeTrainingJob",
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def config_map(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings) -> dict[str, Any]:
+    config = trainer_config(spec, job, target, settings)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": child_name(job, target),
+            "namespace": job.namespace,
+            "labels": _labels(job, target, settings),
+            **({"ownerReferences": [owner_reference(job)]} if target.cluster == "local" else {}),
+        },
+        "data": {"config.json": json.dumps(config.to_wire(), sort_keys=True, indent=1)},
+    }
+
+
+def _volumes(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings) -> list[dict[str, Any]]:
+    source = spec.data.source
+    if source.host_path:
+        data: dict[str, Any] = {"name": "data", "hostPath": {"path": source.host_path, "type": "Directory"}}
+    else:
+        pvc = source.persistent_volume_claim
+        if pvc is None:  # the CRD's CEL rule makes this unreachable for applied objects
+            raise ValueError("data.source needs hostPath or persistentVolumeClaim")
+        data = {"name": "data", "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}}
+    work = f"{settings.work_host_path.rstrip('/')}/{job.namespace}/{job.name}-{job.uid[:8]}/{target.key}"
+    volumes = [
+        data,
+        {"name": "work", "hostPath": {"path": work, "type": "DirectoryOrCreate"}},
+        {"name": "config", "configMap": {"name": child_name(job, target)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    if spec.output.signing_key_secret_ref:
+        ref = spec.output.signing_key_secret_ref
+        volumes.append(
+            {"name": "signing", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "key.pem"}]}}
+        )
+    if spec.data.privacy.salt_secret_ref:
+        ref = spec.data.privacy.salt_secret_ref
+        volumes.append(
+            {"name": "salt", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "salt"}]}}
+        )
+    return volumes
+
+
+def _mounts(spec: EdgeTrainingJobSpec) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {
+            "name": "data",
+            "mountPath": DATA_DIR,
+            "readOnly": True,
+            **({"subPath": p.sub_path} if (p := spec.data.source.persistent_volume_claim) and p.sub_path else {}),
+        },
+        {"name": "work", "mountPath": WORK_DIR},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the container's own scratch space
+    ]
+    if spec.output.signing_key_secret_ref:
+        mounts.append({"name": "signing", "mountPath": f"{CONFIG_DIR}/signing", "readOnly": True})
+    if spec.data.privacy.salt_secret_ref:
+        mounts.append({"name": "salt", "mountPath": f"{CONFIG_DIR}/salt", "readOnly": True})
+    return mounts
+
+
+def trainer_job(
+    spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings, profile: AcceleratorProfile
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs one trainer: budgets as resources and deadline, the accelerator
+    profile as requests, node selector and tolerations, a locked-down pod, data mounted read-only."""
+    labels = _labels(job, target, settings)
+    resources: dict[str, dict[str, str]] = {
+        "requests": {"memory": spec.budgets.memory, "cpu": "500m"},
+        "limits": {"memory": spec.budgets.memory},
+    }
+    if profile.resource:
+        count = str(spec.placement.accelerator_count)
+        resources["requests"][profile.resource] = count
+        resources["limits"][profile.resource] = count
+    node_selector = {**spec.placement.node_selector, **profile.node_labels}
+    if target.node:
+        node_selector["kubernetes.io/hostname"] = target.node
+    tolerations = [t.to_wire() for t in spec.placement.tolerations] + list(profile.tolerations)
+    env = [
+        {"name": "HOME", "value": "/tmp"},  # noqa: S108 - read-only root: the pod's own emptyDir
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},  # noqa: S108
+        {"name": "EDGETUNE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+    ]
+    if spec.output.s3.credentials_secret_ref:
+        secret = spec.output.s3.credentials_secret_ref
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
+    if settings.mlflow_tracking_uri:
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": settings.mlflow_tracking_uri})
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the trainer never talks to the Kubernetes API
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "nodeSelector": node_selector,
+        "tolerations": tolerations,
+        "containers": [
+            {
+                "name": "trainer",
+                "image": settings.trainer_image,
+                "imagePullPolicy": settings.trainer_image_pull_policy,
+                "args": [
+                    "--config", f"{CONFIG_DIR}/config.json", "--data-dir", DATA_DIR, "--work-dir", WORK_DIR,
+                    "--termination-log", TERMINATION_LOG,
+                ],
+                "env": env,
+                "resources": resources,
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": _mounts(spec),
+                "terminationMessagePath": TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": _volumes(spec, job, target, settings),
+    }  # fmt: skip
+    job_spec: dict[str, Any] = {
+        "backoffLimit": settings.backoff_limit,
+        "suspend": spec.suspend,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if spec.budgets.deadline:
+        # The trainer stops itself at the deadline and packages; the grace covers that, then Kubernetes acts.
+        job_spec["activeDeadlineSeconds"] = (
+            int(parse_duration(spec.budgets.deadline)) + 2 * settings.termination_grace_seconds
+        )
+    metadata: dict[str, Any] = {"name": child_name(job, target), "namespace": job.namespace, "labels": labels}
+    if target.cluster == "local":  # owner references cannot cross clusters
+        metadata["ownerReferences"] = [owner_reference(job)]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+# -- observed state -> status --------------------------------------------------------------------
+
+
+def set_condition(
+    conditions: list[Condition], kind: str, status: bool, *, reason: str, message: str, generation: int,
+    now: datetime | None = None,
+) -> list[Condition]:  # fmt: skip
+    """Conditions with ``kind`` set; ``lastTransitionTime`` moves only when the status changes."""
+    value: Literal["True", "False"] = "True" if status else "False"
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    out = []
+    for cond in conditions:
+        if cond.type != kind:
+            out.append(cond)
+            continue
+        changed = cond.status != value
+        out.append(cond.model_copy(update={
+            "status": value, "reason": reason, "message": message, "observed_generation": generation,
+            "last_transition_time": now if changed else cond.last_transition_time,
+        }))  # fmt: skip
+        return out
+    out.append(Condition(type=kind, status=value, reason=reason, message=message, last_transition_time=now,
+                         observed_generation=generation))  # fmt: skip
+    return out
+
+
+def _termination(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest trainer termination message (parsed when it is the trainer's JSON) and its node."""
+    finished = []
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated")
+            if terminated:
+                finished.append((terminated.get("finishedAt") or "", terminated.get("message") or "", pod))
+    if not finished:
+        return None, None
+    _, message, pod = max(finished, key=lambda item: item[0])
+    node = (pod.get("spec") or {}).get("nodeName")
+    try:
+        parsed = json.loads(message)
+    except json.JSONDecodeError:
+        return {"reason": "Failed", "message": message.strip()[-1000:]}, node
+    return (parsed if isinstance(parsed, dict) else {"message": str(parsed)}), node
+
+
+def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> TargetStatus:
+    """One trainer's status from its Job and the Job's pods (as the apiserver returns them)."""
+    status = TargetStatus(cluster=target.cluster, node=target.node)
+    if job is None:
+        return status
+    status.job_name = job["metadata"]["name"]
+    job_conditions = {
+        c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"
+    }
+    summary, node = _termination(pods)
+    status.node = (
+        status.node
+        or node
+        or next(((p.get("spec") or {}).get("nodeName") for p in pods if (p.get("spec") or {}).get("nodeName")), None)
+    )
+    if summary:
+        status.step = summary.get("steps")
+        status.samples = summary.get("samples")
+        status.peak_memory_bytes = summary.get("peakMemoryBytes")
+        status.energy_joules = summary.get("energyJoules")
+        status.energy_method = summary.get("energyMethod")
+        status.delta_uri = summary.get("deltaUri")
+        metrics = summary.get("metrics") or {}
+        status.loss = metrics.get("train_loss")
+        status.eval_loss = metrics.get("eval_loss")
+    if "Complete" in job_conditions:
+        status.phase = "Packaging" if summary and summary.get("status") == "Succeeded" else "Failed"
+        if status.phase == "Failed":
+            status.message = "the trainer exited 0 but left no success summary"
+    elif "Failed" in job_conditions or "FailureTarget" in job_conditions:
+        cond = job_conditions.get("Failed") or job_conditions["FailureTarget"]
+        status.phase = "Failed"
+        detail = f"{summary.get('reason')}: {summary.get('message')}" if summary else cond.get("message", "")
+        status.message = f"{cond.get('reason', 'Failed')}: {detail}"[:4096]
+    elif (job.get("status") or {}).get("active"):
+        running = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
+        status.phase = "Training" if running else "Scheduled"
+    elif (job.get("spec") or {}).get("suspend"):
+        status.phase = "Suspended"
+    return status

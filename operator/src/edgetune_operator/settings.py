@@ -1,0 +1,78 @@
+"""Operator settings: what differs between installations (images, accelerator profiles, endpoints).
+
+Read once at start-up from environment variables (the Helm chart sets them); pure data afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AcceleratorProfile(BaseModel):
+    """How one kind of accelerator appears on nodes: the extended resource a trainer requests, and
+    the labels and taints of nodes that have it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resource: str | None = None
+    """Extended resource requested per accelerator (None for CPU-only)."""
+    node_labels: dict[str, str] = Field(default_factory=dict)
+    """Labels a node of this kind carries; become the trainer pod's node selector."""
+    tolerations: list[dict[str, str]] = Field(default_factory=list)
+    """Tolerations for taints such nodes usually carry."""
+
+
+def default_profiles() -> dict[str, list[AcceleratorProfile]]:
+    """Profiles per `placement.accelerator`; an NPU can be any of several vendors' devices."""
+    return {
+        "gpu": [
+            AcceleratorProfile(
+                resource="nvidia.com/gpu",
+                tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            )
+        ],
+        "npu": [
+            AcceleratorProfile(resource="rockchip.com/npu"),
+            AcceleratorProfile(resource="hailo.ai/h8"),
+            AcceleratorProfile(resource="huawei.com/Ascend310P"),
+            AcceleratorProfile(resource="npu.intel.com/accel"),
+        ],
+        "cpu": [AcceleratorProfile()],
+    }
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trainer_image: str = "edgetune/trainer:0.1.0"
+    """Image of trainer pods."""
+    trainer_image_pull_policy: str = "IfNotPresent"
+    accelerator_profiles: dict[str, list[AcceleratorProfile]] = Field(default_factory=default_profiles)
+    trainer_labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels on trainer pods (e.g. for a service mesh, or the test environment's executor)."""
+    work_host_path: str = "/var/lib/edgetune/work"
+    """Node folder under which each trainer keeps its checkpoints, so a retried pod on the same node resumes."""
+    backoff_limit: Annotated[int, Field(ge=0)] = 3
+    """Retries of a trainer pod (each resumes from its last checkpoint)."""
+    termination_grace_seconds: Annotated[int, Field(ge=1)] = 60
+    """Time a trainer gets after SIGTERM to write its checkpoint."""
+    mlflow_tracking_uri: str | None = None
+    s3_endpoint: str | None = None
+    pushgateway_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """``EDGETUNE_<FIELD>`` variables; JSON for the structured ones."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(f"EDGETUNE_{name.upper()}")
+            if raw is None:
+                continue
+            structured = field.annotation not in (str, int, str | None)
+            values[name] = json.loads(raw) if structured else raw
+        return cls.model_validate(values)

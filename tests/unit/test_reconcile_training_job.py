@@ -1,0 +1,138 @@
+"""Pure reconciliation logic for EdgeTrainingJob: desired children and observed status."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgetune_api import EdgeTrainingJob
+from edgetune_api.trainer_config import TrainerConfig
+from edgetune_operator.reconcile.training_job import (
+    JobRef,
+    Target,
+    child_name,
+    config_map,
+    observe_trainer,
+    set_condition,
+    trainer_job,
+)
+from edgetune_operator.settings import Settings, default_profiles
+
+REPO = Path(__file__).resolve().parents[2]
+JOB = JobRef(name="vibration-lora-gpu", namespace="plant", uid="0d9c5a1e-0000-4000-8000-000000000001")
+
+
+def _spec(example: str) -> Any:
+    return EdgeTrainingJob.model_validate(yaml.safe_load((REPO / "examples" / example).read_text())).spec
+
+
+def test_gpu_trainer_job_requests_the_gpu_and_is_locked_down() -> None:
+    spec = _spec("trainingjob-gpu.yaml")
+    job = trainer_job(spec, JOB, Target("local"), Settings(), default_profiles()["gpu"][0])
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"memory": "4Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"
+    }
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+    }  # fmt: skip
+    assert pod["automountServiceAccountToken"] is False
+    data_mount = next(m for m in container["volumeMounts"] if m["name"] == "data")
+    assert data_mount == {"name": "data", "mountPath": "/data", "readOnly": True}
+    assert next(v for v in pod["volumes"] if v["name"] == "data")["hostPath"]["path"] == "/var/lib/edgetune/vibration"
+    assert job["spec"]["activeDeadlineSeconds"] == 45 * 60 + 120  # deadline + 2 x termination grace
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "EdgeTrainingJob"
+    assert job["metadata"]["name"] == child_name(JOB, Target("local")) and len(job["metadata"]["name"]) <= 63
+
+
+def test_npu_per_node_job_pins_the_node_and_remote_children_have_no_owner() -> None:
+    spec = _spec("trainingjob-npu.yaml")
+    target = Target("edge-shop-12", "rk3588-a")
+    job = trainer_job(spec, JOB, target, Settings(), default_profiles()["npu"][0])
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["kubernetes.io/hostname"] == "rk3588-a"
+    assert pod["containers"][0]["resources"]["limits"]["rockchip.com/npu"] == "1"
+    assert next(v for v in pod["volumes"] if v["name"] == "data")["persistentVolumeClaim"] == {
+        "claimName": "pos-history", "readOnly": True,
+    }  # fmt: skip
+    assert next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "data")["subPath"] == "daily"
+    assert "ownerReferences" not in job["metadata"]  # owner references cannot cross clusters
+    assert any(v["name"] == "salt" for v in pod["volumes"])
+
+
+def test_config_map_carries_the_validated_spec_and_runtime() -> None:
+    spec = _spec("trainingjob-gpu.yaml")
+    cm = config_map(spec, JOB, Target("local"), Settings(s3_endpoint="http://s3.local:9000"))
+    config = TrainerConfig.model_validate(json.loads(cm["data"]["config.json"]))
+    assert config.spec == spec
+    assert config.runtime.s3_bucket == "edge-adapters"
+    assert config.runtime.s3_prefix == "vibration/plant/vibration-lora-gpu/local/any"
+    assert config.runtime.s3_endpoint == "http://s3.local:9000"
+    assert config.runtime.signing_key_path == "/etc/edgetune/signing/key.pem"
+
+
+def test_settings_from_environment() -> None:
+    settings = Settings.from_env({
+        "EDGETUNE_TRAINER_IMAGE": "registry.local/edgetune/trainer:1.2",
+        "EDGETUNE_TRAINER_LABELS": '{"edgetune.io/executor": "local"}',
+        "EDGETUNE_BACKOFF_LIMIT": "5",
+    })  # fmt: skip
+    assert settings.trainer_image == "registry.local/edgetune/trainer:1.2"
+    assert settings.trainer_labels == {"edgetune.io/executor": "local"}
+    assert settings.backoff_limit == 5
+
+
+def test_condition_transition_time_moves_only_on_change() -> None:
+    t0, t1 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    conds = set_condition([], "Training", True, reason="Started", message="1 trainer", generation=1, now=t0)
+    conds = set_condition(conds, "Training", True, reason="Progress", message="step 5", generation=2, now=t1)
+    assert (conds[0].last_transition_time, conds[0].reason, conds[0].observed_generation) == (t0, "Progress", 2)
+    conds = set_condition(conds, "Training", False, reason="Done", message="", generation=2, now=t1)
+    assert conds[0].last_transition_time == t1 and conds[0].status == "False"
+
+
+def _pod(message: str, node: str = "n1") -> dict[str, Any]:
+    terminated = {"exitCode": 0, "finishedAt": "2026-11-22T10:00:00Z", "message": message}
+    return {"spec": {"nodeName": node}, "status": {"containerStatuses": [{"state": {"terminated": terminated}}]}}
+
+
+def test_observe_succeeded_and_failed_trainers() -> None:
+    done = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    summary = {"status": "Succeeded", "reason": "Succeeded", "steps": 12, "deltaUri": "s3://b/p", "samples": 240,
+               "metrics": {"train_loss": 0.1, "eval_loss": 0.2}, "energyJoules": 5.0, "energyMethod": "estimate",
+               "peakMemoryBytes": 123}  # fmt: skip
+    status = observe_trainer(Target(), done, [_pod(json.dumps(summary))])
+    assert (status.phase, status.step, status.delta_uri, status.node, status.eval_loss) == (
+        "Packaging",
+        12,
+        "s3://b/p",
+        "n1",
+        0.2,
+    )
+
+    limit = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "backoff limit reached"}
+    failed = {"metadata": {"name": "j"}, "status": {"conditions": [limit]}}
+    message = json.dumps(
+        {
+            "status": "Failed",
+            "reason": "InsufficientData",
+            "message": "12 samples on this node, the job needs at least 200",
+        }
+    )
+    status = observe_trainer(Target(), failed, [_pod(message)])
+    assert status.phase == "Failed"
+    assert (
+        status.message == "BackoffLimitExceeded: InsufficientData: 12 samples on this node, the job needs at least 200"
+    )
+
+    crashed = observe_trainer(Target(), failed, [_pod("Traceback (most recent call last): ... MemoryError")])
+    assert crashed.message is not None and crashed.message.endswith("MemoryError")
+    assert observe_trainer(Target(), None, []).phase == "Pending"
