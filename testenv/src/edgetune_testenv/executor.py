@@ -38,6 +38,7 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
 from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
+from edgetune_testenv.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -526,6 +527,7 @@ class _PodRun:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
+                    preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl; a killed test run takes pods along
                 )
         except OSError as exc:  # what a runtime reports when the entrypoint cannot start
             run.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc)[:1024],
