@@ -143,7 +143,24 @@ def test_int8_encoding_round_trips_within_quantisation_error() -> None:
     torch.manual_seed(1)
     layer = {"lora_A.weight": torch.randn(8, 512) * 0.02, "lora_B.weight": torch.randn(512, 8) * 0.01}
     ratio = len(package.encode(layer, "fp32")) / len(package.encode(layer, "int8-zstd"))
-    assert ratio > 3.5  # 4x from int8, less the per-row scales and headers
+    assert ratio > 3.5  # 4x from int8, less the per-block scales and headers
+
+
+def test_int4_encoding_round_trips_shapes_within_half_a_level() -> None:
+    torch.manual_seed(2)
+    layer = {"a": torch.randn(8, 512) * 0.02, "b": torch.randn(512, 8) * 0.01, "odd": torch.randn(3, 7)}
+    data = package.encode(layer, "int4-zstd")
+    decoded = package.decode(data, "int4-zstd")
+    for name, tensor in layer.items():
+        assert decoded[name].shape == tensor.shape, name
+        flat = torch.nn.functional.pad(tensor.reshape(-1), (0, (-tensor.numel()) % package.BLOCK4))
+        step = flat.reshape(-1, package.BLOCK4).abs().amax(dim=1, keepdim=True) / 7  # one level
+        error = torch.nn.functional.pad(
+            (decoded[name] - tensor).abs().reshape(-1), (0, (-tensor.numel()) % package.BLOCK4)
+        )
+        assert torch.all(error.reshape(-1, package.BLOCK4) <= step * 0.5 * 1.01), name  # fp16 scale: 1 % slack
+    fp32 = len(package.encode(layer, "fp32"))
+    assert fp32 / len(data) > 7  # 4.25 bits per value before zstd
 
 
 def _lineage() -> Lineage:

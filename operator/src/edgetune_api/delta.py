@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 FORMAT: Final = "edgetune.delta/v1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
-Encoding = Literal["fp32", "fp16", "int8-zstd"]
+Encoding = Literal["fp32", "fp16", "int8-zstd", "int4-zstd"]
 
 
 class DeltaVerificationError(ValueError):

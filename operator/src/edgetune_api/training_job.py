@@ -295,8 +295,9 @@ class OutputSpec(ApiModel):
     """Object store for the adapter package."""
     mlflow: MlflowOutput
     """Model registry entry."""
-    encoding: Literal["fp32", "fp16", "int8-zstd"] = "fp16"
-    """Encoding of the adapter weights in the package."""
+    encoding: Literal["fp32", "fp16", "int8-zstd", "int4-zstd"] = "fp16"
+    """Encoding of the adapter weights in the package: fp32, fp16, or int8/int4 blockwise quantised and
+    zstd-compressed (the trainer reports the evaluation metric of the decoded adapter)."""
     signing_key_secret_ref: SecretKeyRef | None = None
     """Ed25519 private key (PEM) that signs the package manifest; unsigned when empty."""
 
