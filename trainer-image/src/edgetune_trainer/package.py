@@ -5,7 +5,7 @@ Encodings:
 - ``int8-zstd``: symmetric int8 quantisation in blocks of 64 values (int8 tensor + one fp32 scale
   per block, stored as ``<name>`` and ``<name>.__scale__``), then the safetensors bytes are
   zstd-compressed into ``adapter.safetensors.zst``.
-- ``int4-zstd``: the same with 4-bit levels (-7..7) packed two per byte and one fp16 scale per 64
+- ``int4-zstd``: the same with 4-bit levels (-7..7) packed two per byte and one fp16 scale per 128
   values; tensor shapes travel in the safetensors metadata. The trainer evaluates the *dequantised*
   adapter and reports that metric, so the number that ships is the number measured.
 """
@@ -27,7 +27,7 @@ from edgetune_api.delta import DeltaManifest, FileEntry, Lineage, sha256_bytes, 
 
 SCALE_SUFFIX = ".__scale__"
 BLOCK = 64  # values per int8 scale: 6 % overhead, error bounded by each block's own range
-BLOCK4 = 64  # values per int4 scale (fp16): 4.25 bits per value before zstd
+BLOCK4 = 128  # values per int4 scale (fp16), the usual 4-bit group size: 4.125 bits per value before zstd
 WEIGHTS = {
     "fp32": "adapter.safetensors",
     "fp16": "adapter.safetensors",
