@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import zstandard
 
-from edgetune_api.delta import read_folder, verify_package
+from edgetune_api.delta import DeltaVerificationError, Lineage, read_folder, verify_package
+from edgetune_operator.clients.object_store import PackageNotFoundError, fetch_and_verify
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
+from edgetune_trainer import package
 from edgetune_trainer.__main__ import main
 from edgetune_trainer.models import TimeSeriesCNN, save_builtin
 from tests.support import eventually
@@ -129,3 +132,28 @@ def _mlflow(server: MlflowServer, path: str, body: dict[str, object]) -> dict[st
     )  # fmt: skip
     with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
         return json.loads(resp.read() or b"{}")  # type: ignore[no-any-return]
+
+
+def test_operator_side_verification_detects_a_tampered_package(tmp_path: Path, s3: S3Server) -> None:
+    """A package changed in S3 after upload is refused, naming the file; a missing one is named too."""
+    lineage = Lineage(base_model_uri="builtin:timeseries-cnn", data_sha256="0" * 64, samples=3, data_format="npy",
+                      trainer_version="test")  # fmt: skip
+    digest, _ = package.build(
+        tmp_path / "pkg", {"lora_A.weight": torch.ones(4, 8)}, encoding="int4-zstd", peft_config={"r": 4},
+        lineage=lineage, steps=1, duration_s=0.1, metrics={}, energy_joules=None, energy_method=None, peak_memory_bytes=None,
+        signing_key_pem=None,
+    )  # fmt: skip
+    client = s3.client()
+    bucket = s3.create_bucket("tamper")
+    uri = package.upload(tmp_path / "pkg", client, bucket, "ns/job/local/n1")
+    manifest, files = fetch_and_verify(client, uri, expected_digest=digest, public_key_pem=None)
+    assert manifest.encoding == "int4-zstd" and "adapter.safetensors.zst" in files
+
+    original = client.get_object(Bucket=bucket, Key="ns/job/local/n1/adapter.safetensors.zst")["Body"].read()
+    client.put_object(
+        Bucket=bucket, Key="ns/job/local/n1/adapter.safetensors.zst", Body=original[:-1] + bytes([original[-1] ^ 1])
+    )
+    with pytest.raises(DeltaVerificationError, match=r"adapter\.safetensors\.zst has SHA-256 .* the manifest says"):
+        fetch_and_verify(client, uri, expected_digest=digest, public_key_pem=None)
+    with pytest.raises(PackageNotFoundError, match="no package at s3://tamper/ns/job/local/n2"):
+        fetch_and_verify(client, f"s3://{bucket}/ns/job/local/n2", expected_digest=None, public_key_pem=None)

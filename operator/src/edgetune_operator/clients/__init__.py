@@ -1,0 +1,1 @@
+"""The only modules that do I/O: one per external system."""

@@ -1,0 +1,50 @@
+"""S3: fetch an adapter package as the operator sees it, to verify it before anything is registered."""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+from edgetune_api.delta import DeltaManifest, verify_package
+
+MAX_PACKAGE_BYTES = 512 * 2**20  # a delta is KB to MB; anything near this is not one
+
+
+class PackageNotFoundError(LookupError):
+    """No package at the URI."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"expected s3://bucket/prefix, got {uri!r}")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def fetch_package(client: Any, uri: str) -> dict[str, bytes]:
+    """Every object directly under the package prefix, by file name."""
+    bucket, prefix = split_uri(uri)
+    files: dict[str, bytes] = {}
+    total = 0
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(prefix) + 1 :]
+            if "/" in name:
+                continue  # not part of this package
+            total += int(obj["Size"])
+            if total > MAX_PACKAGE_BYTES:
+                raise ValueError(f"{uri} holds more than {MAX_PACKAGE_BYTES >> 20} MiB: not an adapter package")
+            files[name] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    if not files:
+        raise PackageNotFoundError(f"no package at {uri}")
+    return files
+
+
+def fetch_and_verify(
+    client: Any, uri: str, *, expected_digest: str | None, public_key_pem: bytes | None
+) -> tuple[DeltaManifest, dict[str, bytes]]:
+    """Download and verify (digest, signature, every file's size and SHA-256); raises
+    ``DeltaVerificationError`` with the failing file or check named."""
+    files = fetch_package(client, uri)
+    return verify_package(files, public_key_pem, expected_digest=expected_digest), files
