@@ -140,8 +140,8 @@ def test_operator_side_verification_detects_a_tampered_package(tmp_path: Path, s
                       trainer_version="test")  # fmt: skip
     digest, _ = package.build(
         tmp_path / "pkg", {"lora_A.weight": torch.ones(4, 8)}, encoding="int4-zstd", peft_config={"r": 4},
-        lineage=lineage, steps=1, duration_s=0.1, metrics={}, energy_joules=None, energy_method=None, peak_memory_bytes=None,
-        signing_key_pem=None,
+        lineage=lineage, steps=1, duration_s=0.1, metrics={}, energy_joules=None, energy_method=None,
+        peak_memory_bytes=None, signing_key_pem=None,
     )  # fmt: skip
     client = s3.client()
     bucket = s3.create_bucket("tamper")
