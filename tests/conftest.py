@@ -6,6 +6,7 @@ here touches a cluster named by the user's own kubeconfig.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import LocalImage, PodExecutor
 from edgetune_testenv.nodes import default_fleet
+from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.support import TEST_IMAGE, TRAINER_IMAGE
 
@@ -65,14 +67,28 @@ def edge_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     yield from _cluster("edge-b", tmp_path_factory, "farm")
 
 
-@pytest.fixture(scope="session")
-def hub_executor(hub: ControlPlane) -> Iterator[PodExecutor]:
+def _executor(plane: ControlPlane) -> Iterator[PodExecutor]:
     images = {
         TEST_IMAGE: LocalImage(entrypoint=(sys.executable,), env={"PYTHONUNBUFFERED": "1"}),
         TRAINER_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_trainer"), env={"PYTHONUNBUFFERED": "1"}),
     }
-    with PodExecutor(hub, images) as executor:
+    with PodExecutor(plane, images) as executor:
         yield executor
+
+
+@pytest.fixture(scope="session")
+def hub_executor(hub: ControlPlane) -> Iterator[PodExecutor]:
+    yield from _executor(hub)
+
+
+@pytest.fixture(scope="session")
+def edge_a_executor(edge_a: ControlPlane) -> Iterator[PodExecutor]:
+    yield from _executor(edge_a)
+
+
+@pytest.fixture(scope="session")
+def edge_b_executor(edge_b: ControlPlane) -> Iterator[PodExecutor]:
+    yield from _executor(edge_b)
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +107,43 @@ def mlflow_server(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     with Prometheus(tmp_path_factory.mktemp("prometheus")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def fleet(hub_crds: ControlPlane, edge_a: ControlPlane, edge_b: ControlPlane) -> dict[str, ControlPlane]:
+    """edge-a (site factory) and edge-b (site farm), both region eu, registered on the hub as EdgeClusters."""
+    planes = {"edge-a": edge_a, "edge-b": edge_b}
+    hub_crds.kubectl("create", "namespace", "edgetune-system")
+    for name, plane in planes.items():
+        hub_crds.kubectl("-n", "edgetune-system", "create", "secret", "generic", f"{name}-kubeconfig",
+                         f"--from-file=kubeconfig={plane.kubeconfig}")  # fmt: skip
+        site = "factory" if name == "edge-a" else "farm"
+        manifest = {
+            "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeCluster",
+            "metadata": {"name": name, "labels": {"region": "eu", "site": site}},
+            "spec": {"kubeconfigSecretRef": {"name": f"{name}-kubeconfig", "namespace": "edgetune-system"},
+                     "heartbeatInterval": "2s"},
+        }  # fmt: skip
+        hub_crds.kubectl("apply", "-f", "-", input_text=json.dumps(manifest))
+    return planes
+
+
+@pytest.fixture(scope="session")
+def operator_proc(
+    hub_crds: ControlPlane, fleet: dict[str, ControlPlane], s3: S3Server, mlflow_server: MlflowServer,
+    prometheus: Prometheus, hub_executor: PodExecutor, edge_a_executor: PodExecutor, edge_b_executor: PodExecutor,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    """The operator, as a process, wired to the hub, both edges, MLflow, S3 and the Pushgateway."""
+    s3.create_bucket("adapters")
+    env = {
+        "EDGETUNE_MLFLOW_TRACKING_URI": mlflow_server.url,
+        "EDGETUNE_S3_ENDPOINT": s3.endpoint,
+        "EDGETUNE_PUSHGATEWAY_URL": prometheus.pushgateway_url,
+        "EDGETUNE_CLUSTER_LOST_AFTER_SECONDS": "20",
+        **{k: v for k, v in s3.env().items() if k.startswith("AWS_") and k != "AWS_ENDPOINT_URL_S3"},
+    }
+    proc = OperatorProcess(hub_crds, tmp_path_factory.mktemp("operator"), env, TRAINER_IMAGE)
+    with proc:
+        prometheus.add_target("edgetune-operator", f"127.0.0.1:{proc.metrics_port}")
+        yield proc

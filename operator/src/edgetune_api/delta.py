@@ -71,6 +71,8 @@ class DeltaManifest(BaseModel):
     adapter_bytes: int
     """Bytes of the encoded adapter weights."""
     created_at: str
+    sources: list[dict[str, Any]] = Field(default_factory=list)
+    """For an aggregated adapter: the packages averaged into it (digest, uri, cluster, node, samples)."""
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -118,6 +118,22 @@ class LabelSelector(ApiModel):
     match_expressions: Annotated[list[LabelSelectorRequirement], Field(max_length=32)] | None = None
     """Expressions that must all hold."""
 
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Kubernetes semantics: every matchLabels pair and every expression must hold; empty matches all."""
+        if any(labels.get(k) != v for k, v in (self.match_labels or {}).items()):
+            return False
+        for req in self.match_expressions or []:
+            present = req.key in labels
+            if req.operator == "In" and not (present and labels[req.key] in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
 
 class SecretKeyRef(ApiModel):
     """A key of a Secret in the resource's own namespace."""

@@ -372,6 +372,10 @@ class TargetStatus(ApiModel):
     """How energy was measured: nvml, rapl, jetson, or estimate."""
     delta_uri: Annotated[str, StringConstraints(max_length=2048)] | None = None
     """This trainer's adapter package."""
+    sha256: Annotated[str, StringConstraints(max_length=64)] | None = None
+    """SHA-256 of this trainer's package manifest, once the operator verified the package."""
+    mlflow_version: ShortString | None = None
+    """Model version registered for this trainer's adapter (without aggregation)."""
     message: Annotated[str, StringConstraints(max_length=4096)] | None = None
     """Why this trainer is in its phase."""
 
@@ -393,6 +397,8 @@ class TrainingResult(ApiModel):
     """Registered model version."""
     mlflow_run_id: ShortString | None = None
     """MLflow run holding params, metrics and lineage."""
+    participants: Annotated[int, Field(ge=0)] | None = None
+    """Per-node adapters averaged into this one (fedavg)."""
 
 
 class EdgeTrainingJobStatus(ApiModel):

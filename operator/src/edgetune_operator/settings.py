@@ -61,8 +61,21 @@ class Settings(BaseModel):
     termination_grace_seconds: Annotated[int, Field(ge=1)] = 60
     """Time a trainer gets after SIGTERM to write its checkpoint."""
     mlflow_tracking_uri: str | None = None
+    """MLflow tracking server the operator registers adapters in (and trainers may read base models from)."""
     s3_endpoint: str | None = None
+    """Default S3 endpoint for jobs that name none (AWS when empty too)."""
     pushgateway_url: str | None = None
+    """Where trainers push their metrics (Prometheus cannot scrape pods on remote edge clusters)."""
+    resync_seconds: Annotated[float, Field(gt=0)] = 10.0
+    """How often every unfinished job is reconciled even without events (edge clusters are polled at this pace)."""
+    cluster_lost_after_seconds: Annotated[float, Field(gt=0)] = 300.0
+    """An edge cluster silent for longer fails its unfinished trainers (the job's other clusters go on)."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    """Port of the operator's /metrics; 0 disables it."""
+    health_port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    """Port of the liveness endpoint (/healthz); 0 disables it."""
+    workers: Annotated[int, Field(ge=1, le=256)] = 8
+    """Threads running reconciles (calls to Kubernetes, S3 and MLflow block)."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -73,6 +86,6 @@ class Settings(BaseModel):
             raw = env.get(f"EDGETUNE_{name.upper()}")
             if raw is None:
                 continue
-            structured = field.annotation not in (str, int, str | None)
+            structured = field.annotation not in (str, int, float, str | None)
             values[name] = json.loads(raw) if structured else raw
         return cls.model_validate(values)

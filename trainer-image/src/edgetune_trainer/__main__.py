@@ -64,6 +64,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     from edgetune_trainer.report import Reporter  # noqa: PLC0415
 
     spec, rt = config.spec, config.runtime
+    if rt.node is None and os.environ.get("EDGETUNE_NODE"):  # the pod's spec.nodeName (downward API)
+        rt = rt.model_copy(update={"node": os.environ["EDGETUNE_NODE"]})
     if rt.threads:
         torch.set_num_threads(rt.threads)
     device = torch.device(
@@ -71,7 +73,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     )
     reporter = Reporter(
         job=rt.job_name or "adhoc", namespace=rt.job_namespace or "", cluster=rt.cluster,
-        node=rt.node or os.uname().nodename,
+        node=rt.node or os.uname().nodename,  # outside Kubernetes
         metrics_port=rt.metrics_port, pushgateway_url=rt.pushgateway_url,
     )  # fmt: skip
 

@@ -23,6 +23,9 @@ TERMINATION_LOG = "/dev/termination-log"
 TRAINER_UID = 10001
 LABEL_JOB = "edgetune.io/training-job"
 LABEL_TARGET = "edgetune.io/target"
+LABEL_JOB_UID = "edgetune.io/training-job-uid"
+ANNOTATION_CLUSTER = "edgetune.io/target-cluster"
+ANNOTATION_NODE = "edgetune.io/target-node"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ def _labels(job: JobRef, target: Target, settings: Settings) -> dict[str, str]:
         "app.kubernetes.io/component": "trainer",
         "app.kubernetes.io/managed-by": "edgetune-operator",
         LABEL_JOB: job.name,
+        LABEL_JOB_UID: job.uid,
         LABEL_TARGET: target.key,
         **settings.trainer_labels,
     }
@@ -169,10 +173,12 @@ def _mounts(spec: EdgeTrainingJobSpec) -> list[dict[str, Any]]:
 
 
 def trainer_job(
-    spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings, profile: AcceleratorProfile
+    spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings, profile: AcceleratorProfile,
+    candidates: list[str] | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs one trainer: budgets as resources and deadline, the accelerator
-    profile as requests, node selector and tolerations, a locked-down pod, data mounted read-only."""
+    profile as requests, node selector and tolerations, a locked-down pod, data mounted read-only.
+    ``candidates`` (nodes holding enough data) become a required node affinity."""
     labels = _labels(job, target, settings)
     resources: dict[str, dict[str, str]] = {
         "requests": {"memory": spec.budgets.memory, "cpu": "500m"},
@@ -185,6 +191,9 @@ def trainer_job(
     node_selector = {**spec.placement.node_selector, **profile.node_labels}
     if target.node:
         node_selector["kubernetes.io/hostname"] = target.node
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": sorted(candidates)}]}
+    ]}}} if candidates and not target.node else None  # fmt: skip
     tolerations = [t.to_wire() for t in spec.placement.tolerations] + list(profile.tolerations)
     env = [
         {"name": "HOME", "value": "/tmp"},  # noqa: S108 - read-only root: the pod's own emptyDir
@@ -211,6 +220,7 @@ def trainer_job(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "nodeSelector": node_selector,
+        **({"affinity": affinity} if affinity else {}),
         "tolerations": tolerations,
         "containers": [
             {
@@ -245,7 +255,10 @@ def trainer_job(
         job_spec["activeDeadlineSeconds"] = (
             int(parse_duration(spec.budgets.deadline)) + 2 * settings.termination_grace_seconds
         )
-    metadata: dict[str, Any] = {"name": child_name(job, target), "namespace": job.namespace, "labels": labels}
+    annotations = {ANNOTATION_CLUSTER: target.cluster, **({ANNOTATION_NODE: target.node} if target.node else {})}
+    metadata: dict[str, Any] = {
+        "name": child_name(job, target), "namespace": job.namespace, "labels": labels, "annotations": annotations,
+    }
     if target.cluster == "local":  # owner references cannot cross clusters
         metadata["ownerReferences"] = [owner_reference(job)]
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}

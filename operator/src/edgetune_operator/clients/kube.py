@@ -1,0 +1,241 @@
+"""Kubernetes: a thin, typed layer over the official client's ``ApiClient`` for the handful of
+resources the operator touches, on the local cluster and on every registered edge cluster.
+
+Objects go in and come out as plain dicts (the wire format), which is what the pure reconcile
+functions consume; errors come out as three exceptions the controllers act on. Calls are
+synchronous: kopf runs our handlers in its thread pool.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.rest import ApiException
+
+from edgetune_api.meta import GROUP, VERSION
+from edgetune_operator import metrics
+
+#: (connect, read) seconds: an unreachable edge cluster must fail fast, not hold a worker thread.
+TIMEOUT = (3.0, 20.0)
+FIELD_MANAGER = "edgetune-operator"
+
+
+class KubeError(RuntimeError):
+    """The API server refused a request; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status, self.reason, self.message = status, reason, message
+
+
+class NotFoundError(KubeError):
+    """404."""
+
+
+class ConflictError(KubeError):
+    """409: already exists, or a conflicting change."""
+
+
+class UnreachableError(ConnectionError):
+    """The API server did not answer (connection refused, timeout, TLS failure)."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Where a kind lives on the API server."""
+
+    group_version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+        base = "/api/v1" if self.group_version == "v1" else f"/apis/{self.group_version}"
+        parts = [base]
+        if self.namespaced and namespace:
+            parts.append(f"namespaces/{namespace}")
+        parts.append(self.plural)
+        if name:
+            parts.append(name)
+        if subresource:
+            parts.append(subresource)
+        return "/".join(parts)
+
+
+CONFIG_MAPS = Resource("v1", "configmaps")
+SECRETS = Resource("v1", "secrets")
+PODS = Resource("v1", "pods")
+EVENTS = Resource("v1", "events")
+NODES = Resource("v1", "nodes", namespaced=False)
+NAMESPACES = Resource("v1", "namespaces", namespaced=False)
+JOBS = Resource("batch/v1", "jobs")
+TRAINING_JOBS = Resource(f"{GROUP}/{VERSION}", "edgetrainingjobs")
+EDGE_CLUSTERS = Resource(f"{GROUP}/{VERSION}", "edgeclusters", namespaced=False)
+ADAPTER_RELEASES = Resource(f"{GROUP}/{VERSION}", "adapterreleases")
+KIND_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Secret": SECRETS, "Job": JOBS, "Namespace": NAMESPACES}
+
+
+class Kube:
+    """One cluster's API server."""
+
+    def __init__(self, api: k8s.ApiClient, cluster: str = "local") -> None:
+        self.api = api
+        self.cluster = cluster
+
+    @classmethod
+    def from_kubeconfig_dict(cls, kubeconfig: dict[str, Any], cluster: str) -> Kube:
+        return cls(k8s_config.new_client_from_config_dict(kubeconfig), cluster)
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster service account when running in a pod, else ``$KUBECONFIG``."""
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        return cls(k8s.ApiClient(), "local")
+
+    def close(self) -> None:
+        self.api.close()
+
+    # -- raw calls --------------------------------------------------------------------------------
+
+    def call(
+        self, method: str, path: str, *, body: Any = None, query: list[tuple[str, str]] | None = None,
+        content_type: str | None = None,
+    ) -> Any:  # fmt: skip
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            response = self.api.call_api(
+                path, method, query_params=query or [], header_params=headers, body=body,
+                auth_settings=["BearerToken"], _return_http_data_only=True, _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )  # fmt: skip
+            data = json.loads(response.data) if response.data else {}
+        except ApiException as exc:
+            outcome = str(exc.status)
+            raise _api_error(exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            outcome = "unreachable"
+            raise UnreachableError(f"cluster {self.cluster}: {type(exc).__name__}: {exc}") from None
+        finally:
+            metrics.observe_call("kubernetes", method, outcome, time.perf_counter() - started)
+        return data
+
+    # -- verbs ------------------------------------------------------------------------------------
+
+    def get(self, resource: Resource, name: str, namespace: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", resource.path(namespace, name))
+        return result
+
+    def get_or_none(self, resource: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            return self.get(resource, name, namespace)
+        except NotFoundError:
+            return None
+
+    def list(
+        self, resource: Resource, namespace: str | None = None, *, labels: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self.call("GET", resource.path(namespace), query=[*query, ("limit", "500")])
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            query = [*query, ("continue", token)]
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create ``obj``; when it exists already, return the existing one (creation is idempotent)."""
+        resource = KIND_RESOURCES[obj["kind"]]
+        namespace = obj["metadata"].get("namespace")
+        try:
+            created: dict[str, Any] = self.call("POST", resource.path(namespace), body=obj)
+            return created
+        except ConflictError:
+            return self.get(resource, obj["metadata"]["name"], namespace)
+
+    def merge_patch(
+        self, resource: Resource, name: str, patch: dict[str, Any], namespace: str | None = None,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        result: dict[str, Any] = self.call(
+            "PATCH", resource.path(namespace, name, subresource), body=patch,
+            content_type="application/merge-patch+json",
+        )  # fmt: skip
+        return result
+
+    def replace_status(self, resource: Resource, name: str, namespace: str | None, status: dict[str, Any]) -> None:
+        """Write the whole status (a JSON patch ``add`` replaces it, present or not)."""
+        self.call(
+            "PATCH", resource.path(namespace, name, "status"), body=[{"op": "add", "path": "/status", "value": status}],
+            content_type="application/json-patch+json",
+        )  # fmt: skip
+
+    def delete(self, resource: Resource, name: str, namespace: str | None = None) -> None:
+        """Delete with foreground-independent background propagation; absent objects are fine."""
+        try:
+            self.call(
+                "DELETE", resource.path(namespace, name),
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            )  # fmt: skip
+        except NotFoundError:
+            pass
+
+    def ensure_namespace(self, namespace: str) -> None:
+        if self.get_or_none(NAMESPACES, namespace) is None:
+            self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                "name": namespace, "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}}})  # fmt: skip
+
+    def version(self) -> str:
+        info = self.call("GET", "/version")
+        return str(info.get("gitVersion", "unknown"))
+
+    def event(
+        self, involved: dict[str, Any], *, reason: str, message: str, warning: bool = False,
+        component: str = FIELD_MANAGER,
+    ) -> None:  # fmt: skip
+        """Record a core/v1 Event on ``involved`` (best effort: an Event is never worth failing over)."""
+        meta = involved["metadata"]
+        namespace = meta.get("namespace") or "default"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"), "name": meta["name"],
+                "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason, "message": message[:1024], "type": "Warning" if warning else "Normal",
+            "source": {"component": component}, "reportingComponent": component,
+            "reportingInstance": component, "firstTimestamp": now[:19] + "Z", "lastTimestamp": now[:19] + "Z",
+            "eventTime": now, "action": reason, "count": 1,
+        }  # fmt: skip
+        try:
+            self.call("POST", EVENTS.path(namespace), body=body)
+        except (KubeError, UnreachableError):
+            pass
+
+
+def _api_error(exc: ApiException) -> KubeError:
+    message = exc.reason or ""
+    try:
+        message = json.loads(exc.body or "{}").get("message", message)
+    except (ValueError, AttributeError):
+        pass
+    kind = {404: NotFoundError, 409: ConflictError}.get(exc.status or 0, KubeError)
+    return kind(exc.status or 0, exc.reason or "", message)
+

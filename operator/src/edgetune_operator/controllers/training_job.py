@@ -1,0 +1,460 @@
+"""EdgeTrainingJob controller: one level-based ``reconcile`` that observes the job's children on
+every selected cluster, creates the missing ones, verifies and registers finished adapters, and
+writes the status. Any handler may call it at any time (create, update, resume, a child Job's
+event, the resync timer); it converges on the same state. Calls for one job are serialised.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from edgetune_api.delta import DeltaManifest, DeltaVerificationError, sha256_bytes
+from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
+from edgetune_operator import metrics
+from edgetune_operator.clients import object_store
+from edgetune_operator.clients.kube import (
+    CONFIG_MAPS, JOBS, NODES, PODS, SECRETS, TRAINING_JOBS, Kube, KubeError, NotFoundError, UnreachableError,
+)  # fmt: skip
+from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
+from edgetune_operator.controllers.clusters import LOCAL, ClusterUnavailableError, Clusters
+from edgetune_operator.delta.aggregate import Verified, aggregate
+from edgetune_operator.delta.fedavg import AggregationError
+from edgetune_operator.reconcile import placement, registration
+from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
+from edgetune_operator.reconcile.training_job import (
+    ANNOTATION_CLUSTER, ANNOTATION_NODE, LABEL_JOB_UID, LABEL_TARGET, JobRef, Target, config_map, observe_trainer,
+    set_condition, trainer_job,
+)  # fmt: skip
+from edgetune_operator.settings import Settings
+
+log = logging.getLogger("edgetune.training")
+
+
+class RetryableError(RuntimeError):
+    """S3 or MLflow is unavailable: nothing is lost, the next reconcile retries."""
+
+
+class ConfigurationError(RuntimeError):
+    """Something the job names is missing or refused (a Secret, the bucket, MLflow's configuration):
+    reported on the job; retried, since a person may create it."""
+
+
+RETRYABLE = (UnreachableError, MlflowUnavailableError, ConnectionError, TimeoutError, RetryableError)
+
+
+class TrainingJobController:
+    def __init__(
+        self, settings: Settings, clusters: Clusters, *, s3_factory: Callable[[str | None, dict[str, str]], Any],
+        mlflow: Mlflow | None,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.clusters = clusters
+        self.hub = clusters.local
+        self.s3_factory = s3_factory
+        self.mlflow = mlflow
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._phases: dict[str, str] = {}
+
+    @contextmanager
+    def _serialised(self, uid: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(uid, threading.Lock())
+        with lock:
+            yield
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    def reconcile_named(self, namespace: str, name: str) -> None:
+        """Reconcile a job by name (from a child's event)."""
+        try:
+            body = self.hub.get(TRAINING_JOBS, name, namespace)
+        except NotFoundError:
+            return
+        self.reconcile(body)
+
+    def reconcile(self, body: dict[str, Any]) -> EdgeTrainingJobStatus:
+        meta = body["metadata"]
+        status = body.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get("generation"):
+            return EdgeTrainingJobStatus.model_validate(status)  # finished: no I/O at all
+        started = time.perf_counter()
+        result = "ok"
+        try:
+            with self._serialised(meta["uid"]):
+                return self._reconcile(body)
+        except Exception as exc:
+            result = "error"
+            self._report_error(body, exc)
+            raise
+        finally:
+            metrics.RECONCILES.labels("EdgeTrainingJob", result).inc()
+            metrics.RECONCILE_SECONDS.labels("EdgeTrainingJob").observe(time.perf_counter() - started)
+
+    def _reconcile(self, body: dict[str, Any]) -> EdgeTrainingJobStatus:
+        meta = body["metadata"]
+        job = JobRef(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)))
+        # The freshest copy: a child's event or the timer may carry an older one.
+        body = self.hub.get_or_none(TRAINING_JOBS, job.name, job.namespace) or body
+        if body["metadata"]["uid"] != job.uid or body["metadata"].get("deletionTimestamp"):
+            return EdgeTrainingJobStatus()
+        job = JobRef(job.name, job.namespace, job.uid, int(body["metadata"].get("generation", 1)))
+        old = EdgeTrainingJobStatus.model_validate(body.get("status") or {})
+        if old.phase in ("Succeeded", "Failed") and old.observed_generation == job.generation:
+            self._count_phase(job.uid, old.phase)
+            return old  # finished: nothing left to watch
+        spec = EdgeTrainingJobSpec.model_validate(body["spec"])
+        obs = Observation()
+        old_targets = {(t.cluster, t.node): t for t in old.targets}
+        try:
+            names = self.clusters.select(spec.placement.cluster_selector)
+        except RETRYABLE as exc:
+            names = []
+            obs.unreachable[LOCAL] = str(exc)
+        if not names:
+            obs.waiting.append("no EdgeCluster matches placement.clusterSelector")
+        for cluster in names:
+            self._observe_cluster(spec, job, cluster, obs, old_targets)
+        self._results(spec, job, body, obs, old)
+        new = summarize(spec, job.generation, old, obs)
+        if not same(old, new):
+            self.hub.replace_status(TRAINING_JOBS, job.name, job.namespace, new.to_wire())
+            for reason, message, warning in transitions(old, new):
+                self.hub.event(body, reason=reason, message=message, warning=warning)
+        self._count_phase(job.uid, new.phase or "Pending")
+        return new
+
+    def _report_error(self, body: dict[str, Any], exc: Exception) -> None:
+        """An unexpected failure: a condition and a Warning Event say so; kopf retries with backoff."""
+        log.exception("reconcile of %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
+            old = EdgeTrainingJobStatus.model_validate(body.get("status") or {})
+            conditions = set_condition(old.conditions, "Reconciled", False, reason="ReconcileError", message=message,
+                                       generation=int(body["metadata"].get("generation", 1)))  # fmt: skip
+            self.hub.merge_patch(TRAINING_JOBS, body["metadata"]["name"], {"status": {"conditions": [
+                c.to_wire() for c in conditions]}}, body["metadata"]["namespace"], subresource="status")  # fmt: skip
+            self.hub.event(body, reason="ReconcileError", message=message, warning=True)
+        except Exception:  # noqa: BLE001 - reporting must not hide the original error
+            log.exception("could not report the reconcile error")
+
+    def forget(self, uid: str) -> None:
+        with self._locks_guard:
+            self._locks.pop(uid, None)
+        self._phases.pop(uid, None)
+        self._publish_phases()
+
+    def _count_phase(self, uid: str, phase: str) -> None:
+        if self._phases.get(uid) != phase:
+            self._phases[uid] = phase
+            self._publish_phases()
+
+    def _publish_phases(self) -> None:
+        tally = Tally(self._phases.values())
+        for phase in ("Pending", "WaitingForData", "Scheduled", "Training", "Packaging", "Registering",
+                      "Succeeded", "Failed", "Suspended"):  # fmt: skip
+            metrics.JOBS_BY_PHASE.labels(phase).set(tally.get(phase, 0))
+
+    # -- one cluster -----------------------------------------------------------------------------
+
+    def _observe_cluster(
+        self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, obs: Observation,
+        old_targets: dict[tuple[str, str | None], TargetStatus],
+    ) -> None:  # fmt: skip
+        try:
+            kube = self.clusters.get(cluster)
+            children = kube.list(JOBS, job.namespace, labels={LABEL_JOB_UID: job.uid})
+            if not children and not spec.suspend:
+                children = self._start(spec, job, cluster, kube, obs)
+            pods = kube.list(PODS, job.namespace, labels={LABEL_JOB_UID: job.uid}) if children else []
+            for child in sorted(children, key=lambda c: c["metadata"]["name"]):
+                annotations = child["metadata"].get("annotations") or {}
+                target = Target(annotations.get(ANNOTATION_CLUSTER, cluster), annotations.get(ANNOTATION_NODE))
+                own = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_TARGET) == target.key]
+                status = observe_trainer(target, child, own)
+                if bool((child.get("spec") or {}).get("suspend")) != spec.suspend and status.phase not in (
+                        "Packaging", "Failed"):  # fmt: skip
+                    kube.merge_patch(JOBS, child["metadata"]["name"], {"spec": {"suspend": spec.suspend}},
+                                     job.namespace)  # fmt: skip
+                    status.phase = "Suspended" if spec.suspend else "Scheduled"
+                if status.phase == "Scheduled" and target.node and self._node_gone(kube, target.node, own):
+                    status.phase = "Failed"
+                    status.message = f"NodeGone: node {target.node} no longer exists"
+                    kube.delete(JOBS, child["metadata"]["name"], job.namespace)
+                previous = old_targets.get((target.cluster, target.node))
+                if previous and previous.phase in ("Succeeded", "Failed") and previous.job_name == status.job_name:
+                    status = previous  # verified/registered earlier (or refused): keep that outcome
+                elif previous and status.phase == "Packaging" and previous.sha256:
+                    status.sha256 = previous.sha256
+                obs.targets.append(status)
+        except ClusterUnavailableError as exc:
+            obs.unreachable[cluster] = str(exc)
+        except (UnreachableError, KubeError) as exc:
+            obs.unreachable[cluster] = f"{exc}"
+            self._carry_unreachable(cluster, obs, old_targets)
+
+    def _carry_unreachable(
+        self, cluster: str, obs: Observation, old_targets: dict[tuple[str, str | None], TargetStatus]
+    ) -> None:
+        """Keep the last known state of an unreachable cluster's trainers; past the grace period the
+        unfinished ones fail (the rest of the job goes on)."""
+        since = self._unreachable_since(cluster)
+        lost = since is not None and time.time() - since > self.settings.cluster_lost_after_seconds
+        for (c, _), previous in old_targets.items():
+            if c != cluster:
+                continue
+            status = previous.model_copy()
+            if status.phase not in ("Succeeded", "Failed", "Packaging"):
+                if lost:
+                    status.phase = "Failed"
+                    status.message = (f"ClusterUnreachable: cluster {cluster} has not answered for more than "
+                                      f"{self.settings.cluster_lost_after_seconds} s")  # fmt: skip
+                else:
+                    status.message = f"cluster {cluster} is not answering; retrying"
+            obs.targets.append(status)
+
+    def _unreachable_since(self, cluster: str) -> float | None:
+        """When the cluster last answered a heartbeat (EdgeCluster status), as a Unix time."""
+        if cluster == LOCAL:
+            return None
+        try:
+            status = (self.clusters.edge_cluster(cluster).get("status") or {})
+        except (ClusterUnavailableError, UnreachableError, KubeError):
+            return None
+        beat = status.get("lastHeartbeatTime")
+        if not beat or status.get("reachable") is not False:
+            return None
+        return datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp()
+
+    def _node_gone(self, kube: Kube, node: str, pods: list[dict[str, Any]]) -> bool:
+        if any((p.get("spec") or {}).get("nodeName") for p in pods if (p.get("status") or {}).get("phase") != "Failed"):
+            return False
+        return kube.get_or_none(NODES, node) is None
+
+    def _start(
+        self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, kube: Kube, obs: Observation
+    ) -> list[dict[str, Any]]:
+        nodes = [placement.Node.from_wire(n) for n in kube.list(NODES)]
+        plan = placement.plan(cluster, spec, nodes, self.settings.accelerator_profiles)
+        if plan.waiting:
+            obs.waiting.append(plan.waiting)
+            return []
+        if cluster != LOCAL:
+            kube.ensure_namespace(job.namespace)
+            self._copy_secrets(spec, job, kube)
+        created = []
+        for node, profile, candidates in plan.targets:
+            target = Target(cluster, node)
+            kube.create(config_map(spec, job, target, self.settings))
+            created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates)))
+        return created
+
+    def _copy_secrets(self, spec: EdgeTrainingJobSpec, job: JobRef, kube: Kube) -> None:
+        """The Secrets a trainer mounts live on the hub with the job; an edge cluster gets a copy."""
+        names = {ref.name for ref in (spec.output.signing_key_secret_ref, spec.data.privacy.salt_secret_ref) if ref}
+        if spec.output.s3.credentials_secret_ref:
+            names.add(spec.output.s3.credentials_secret_ref)
+        for name in sorted(names):
+            secret = self.hub.get_or_none(SECRETS, name, job.namespace)
+            if secret is None:
+                raise ClusterUnavailableError(f"Secret {job.namespace}/{name} named by the job does not exist")
+            kube.create({
+                "apiVersion": "v1", "kind": "Secret", "type": secret.get("type", "Opaque"), "data": secret.get("data"),
+                "metadata": {"name": name, "namespace": job.namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "edgetune-operator", LABEL_JOB_UID: job.uid}},
+            })  # fmt: skip
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def _secret_value(self, namespace: str, name: str, key: str) -> bytes:
+        secret = self.hub.get_or_none(SECRETS, name, namespace)
+        if secret is None or key not in (secret.get("data") or {}):
+            raise ConfigurationError(f"Secret {namespace}/{name} (key {key}) does not exist")
+        return base64.b64decode(secret["data"][key])
+
+    def _s3(self, spec: EdgeTrainingJobSpec, namespace: str) -> Any:
+        creds: dict[str, str] = {}
+        if spec.output.s3.credentials_secret_ref:
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                creds[key] = self._secret_value(namespace, spec.output.s3.credentials_secret_ref, key).decode()
+        return self.s3_factory(spec.output.s3.endpoint or self.settings.s3_endpoint, creds)
+
+    def _keys(self, spec: EdgeTrainingJobSpec, namespace: str) -> tuple[bytes | None, bytes | None]:
+        """(private, public) PEM of the job's signing key, when it has one."""
+        ref = spec.output.signing_key_secret_ref
+        if ref is None:
+            return None, None
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+        private = self._secret_value(namespace, ref.name, ref.key)
+        key = serialization.load_pem_private_key(private, password=None)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return private, public
+
+    def _results(
+        self, spec: EdgeTrainingJobSpec, job: JobRef, body: dict[str, Any], obs: Observation,
+        old: EdgeTrainingJobStatus,
+    ) -> None:  # fmt: skip
+        obs.result = old.result
+        if obs.result and obs.result.mlflow_version:
+            return
+        ready = [t for t in obs.targets if t.phase == "Packaging"]
+        fedavg = spec.aggregation.strategy == "fedavg"
+        if not ready and not (fedavg and obs.targets and all(t.phase in ("Succeeded", "Failed") for t in obs.targets)):
+            return
+        try:
+            s3 = self._s3(spec, job.namespace)
+            private, public = self._keys(spec, job.namespace)
+            verified: list[Verified] = []
+            for target in ready:
+                package = self._verify(s3, job, body, target, public)
+                if package is None:
+                    continue
+                if fedavg:
+                    target.phase = "Succeeded"  # its part is done; the aggregate is registered below
+                    verified.append(package)
+                else:
+                    reg = self._register(spec, job, package.manifest, package.digest, package.uri, single=len(
+                        obs.targets) == 1, target=target)  # fmt: skip
+                    target.phase, target.mlflow_version = "Succeeded", reg.version
+                    if len(obs.targets) == 1:
+                        obs.result = TrainingResult(
+                            delta_uri=package.uri, sha256=package.digest, bytes=package.manifest.adapter_bytes,
+                            encoding=package.manifest.encoding, mlflow_model=reg.model, mlflow_version=reg.version,
+                            mlflow_run_id=reg.run_id,
+                        )  # fmt: skip
+            if fedavg and obs.targets and all(t.phase in ("Succeeded", "Failed") for t in obs.targets):
+                self._aggregate(spec, job, body, obs, s3, public, private)
+        except RETRYABLE as exc:
+            obs.pending_error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s/%s: %s (will retry)", job.namespace, job.name, obs.pending_error)
+        except (ConfigurationError, MlflowError) as exc:
+            obs.pending_error = f"{type(exc).__name__}: {exc}"
+            obs.blocked = True
+
+    def _verify(
+        self, s3: Any, job: JobRef, body: dict[str, Any], target: TargetStatus, public: bytes | None
+    ) -> Verified | None:
+        uri = target.delta_uri
+        if not uri:
+            target.phase, target.message = "Failed", "VerificationFailed: the trainer reported no package URI"
+            return None
+        try:
+            manifest, files = _s3_call(lambda: object_store.fetch_and_verify(
+                s3, uri, expected_digest=None, public_key_pem=public))  # fmt: skip
+        except (DeltaVerificationError, object_store.PackageNotFoundError, ValueError) as exc:
+            metrics.VERIFICATION_FAILURES.labels(job.namespace).inc()
+            target.phase, target.message = "Failed", f"VerificationFailed: {uri}: {exc}"[:4096]
+            return None
+        digest = sha256_bytes(files["manifest.json"])
+        if manifest.lineage.job_uid not in (None, job.uid):
+            target.phase = "Failed"
+            target.message = f"VerificationFailed: {uri} belongs to job uid {manifest.lineage.job_uid}, not {job.uid}"
+            return None
+        target.sha256 = digest
+        return Verified(uri=uri, digest=digest, manifest=manifest, files=files)
+
+    def _register(
+        self, spec: EdgeTrainingJobSpec, job: JobRef, manifest: DeltaManifest, digest: str, uri: str, *,
+        single: bool, target: TargetStatus | None,
+    ) -> Any:  # fmt: skip
+        if self.mlflow is None:
+            raise ConfigurationError("no MLflow tracking URI is configured (EDGETUNE_MLFLOW_TRACKING_URI)")
+        alias = spec.output.mlflow.alias if single or target is None else registration.target_alias(
+            spec.output.mlflow.alias, target.cluster, target.node)  # fmt: skip
+        return self.mlflow.register(
+            experiment=spec.output.mlflow.experiment, model=spec.output.mlflow.registered_model, alias=alias,
+            digest=digest, source=uri, run_name=registration.run_name(job, target),
+            params=registration.params(spec, manifest), metrics_=registration.metric_values(manifest),
+            tags=registration.tags(job, manifest, digest, uri),
+        )  # fmt: skip
+
+    def _aggregate(
+        self, spec: EdgeTrainingJobSpec, job: JobRef, body: dict[str, Any], obs: Observation, s3: Any,
+        public: bytes | None, private: bytes | None,
+    ) -> None:  # fmt: skip
+        succeeded = [t for t in obs.targets if t.phase == "Succeeded"]
+        if len(succeeded) < spec.aggregation.min_participants:
+            return  # summarize() reports the shortfall
+        packages = []
+        for target in succeeded:
+            package = self._verify(s3, job, body, target, public)  # re-read: the bytes averaged are verified bytes
+            if package is None:
+                continue
+            packages.append(package)
+        if len(packages) < spec.aggregation.min_participants:
+            return
+        try:
+            digest, manifest, files = aggregate(packages, signing_key_pem=private)
+        except AggregationError as exc:
+            obs.aggregation_error = f"fedavg: {exc}"
+            return
+        bucket = spec.output.s3.bucket
+        prefix = "/".join(p for p in (spec.output.s3.prefix.strip("/"), job.namespace, job.name, "fedavg", "package") if p)
+        uri = f"s3://{bucket}/{prefix}"
+        for name, data in files.items():
+            _s3_call(lambda n=name, d=data: s3.put_object(Bucket=bucket, Key=f"{prefix}/{n}", Body=d))
+        stored, _ = _s3_call(lambda: object_store.fetch_and_verify(s3, uri, expected_digest=digest, public_key_pem=public))
+        reg = self._register(spec, job, stored, digest, uri, single=True, target=None)
+        obs.result = TrainingResult(
+            delta_uri=uri, sha256=digest, bytes=manifest.adapter_bytes, encoding=manifest.encoding,
+            mlflow_model=reg.model, mlflow_version=reg.version, mlflow_run_id=reg.run_id, participants=len(packages),
+        )  # fmt: skip
+
+    # -- deletion ------------------------------------------------------------------------------------
+
+    def cleanup(self, body: dict[str, Any]) -> list[str]:
+        """Delete the job's children on every cluster it may have used; returns clusters that did not
+        answer (the caller retries). Local children also go by owner reference."""
+        meta = body["metadata"]
+        spec = EdgeTrainingJobSpec.model_validate(body["spec"])
+        failed = []
+        try:
+            names = set(self.clusters.select(spec.placement.cluster_selector))
+        except RETRYABLE:
+            names = set()
+        names |= {t.get("cluster", LOCAL) for t in (body.get("status") or {}).get("targets") or []}
+        for cluster in sorted(names):
+            try:
+                kube = self.clusters.get(cluster)
+                for resource in (JOBS, CONFIG_MAPS, SECRETS):
+                    for child in kube.list(resource, meta["namespace"], labels={LABEL_JOB_UID: meta["uid"]}):
+                        kube.delete(resource, child["metadata"]["name"], meta["namespace"])
+            except ClusterUnavailableError:
+                continue  # nothing we can reach or ever could
+            except (UnreachableError, KubeError):
+                failed.append(cluster)
+        self.forget(meta["uid"])
+        return failed
+
+
+def _s3_call(fn: Callable[[], Any]) -> Any:
+    """Run an S3 operation, timing it; connection problems become retryable errors."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError  # noqa: PLC0415
+
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        return fn()
+    except (EndpointConnectionError, BotoCoreError) as exc:
+        outcome = "unreachable"
+        raise RetryableError(f"S3: {exc}") from None
+    except ClientError as exc:
+        outcome = str(exc.response.get("Error", {}).get("Code", "error"))
+        if outcome in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise ConfigurationError(f"S3: {outcome}: {exc}") from None
+        raise RetryableError(f"S3: {exc}") from None
+    finally:
+        metrics.observe_call("s3", "package", outcome, time.perf_counter() - started)
+
+

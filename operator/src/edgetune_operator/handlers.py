@@ -1,0 +1,129 @@
+"""kopf handlers: thin. Each one hands the object to a controller's level-based reconcile.
+
+Triggers for an EdgeTrainingJob: create, spec update, resume (operator start), a resync timer
+(edge clusters are polled), and any event of a local trainer Job (so a finished trainer is noticed
+at once). All lead to the same ``reconcile``; none depends on which came first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from edgetune_api.meta import GROUP, VERSION
+from edgetune_operator import metrics
+from edgetune_operator.clients.kube import EDGE_CLUSTERS, Kube
+from edgetune_operator.clients.mlflow import Mlflow
+from edgetune_operator.controllers.clusters import Clusters
+from edgetune_operator.controllers.training_job import TrainingJobController
+from edgetune_operator.reconcile.training_job import LABEL_JOB, LABEL_JOB_UID
+from edgetune_operator.settings import Settings
+
+log = logging.getLogger("edgetune")
+PREFIX = GROUP  # finalizer, progress and diff-base annotations live under edgetune.io
+
+
+class Runtime:
+    """Built once at start-up; the handlers read it."""
+
+    settings: Settings
+    clusters: Clusters
+    jobs: TrainingJobController
+
+
+RUNTIME = Runtime()
+#: Read at import: kopf's decorators need the intervals before the operator starts.
+SETTINGS = Settings.from_env()
+
+
+def _s3_factory(endpoint: str | None, creds: dict[str, str]) -> Any:
+    import boto3  # noqa: PLC0415 - only once an adapter is verified: keeps the idle operator small
+    from botocore.config import Config  # noqa: PLC0415
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+        config=Config(connect_timeout=3, read_timeout=30, retries={"max_attempts": 2}),
+    )  # fmt: skip
+
+
+def build_runtime(settings: Settings, local: Kube) -> None:
+    RUNTIME.settings = settings
+    RUNTIME.clusters = Clusters(local, settings)
+    mlflow = Mlflow(settings.mlflow_tracking_uri) if settings.mlflow_tracking_uri else None
+    RUNTIME.jobs = TrainingJobController(settings, RUNTIME.clusters, s3_factory=_s3_factory, mlflow=mlflow)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    own = SETTINGS
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # our controllers write their own, more specific Events
+    settings.execution.max_workers = own.workers
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    build_runtime(own, Kube.from_environment())
+    metrics.serve(own.metrics_port)
+    log.info("edgetune operator started: resync %ss, %d workers", own.resync_seconds, own.workers)
+
+
+# -- EdgeTrainingJob ------------------------------------------------------------------------------
+
+JOB = (GROUP, VERSION, "edgetrainingjobs")
+
+
+@kopf.on.resume(*JOB)
+@kopf.on.create(*JOB)
+@kopf.on.update(*JOB, field="spec")
+def training_job_changed(body: kopf.Body, **_: Any) -> None:
+    RUNTIME.jobs.reconcile(dict(body))
+
+
+@kopf.timer(*JOB, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def training_job_resync(body: kopf.Body, **_: Any) -> None:
+    RUNTIME.jobs.reconcile(dict(body))
+
+
+@kopf.on.delete(*JOB)
+def training_job_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    failed = RUNTIME.jobs.cleanup(dict(body))
+    if failed and retry < 10:
+        raise kopf.TemporaryError(f"clusters {failed} did not answer; their trainers are deleted later", delay=15)
+    if failed:
+        log.warning("giving up cleaning %s on %s: unreachable", body["metadata"]["name"], failed)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT})
+def trainer_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
+    if type is None:  # the initial listing: resume handles those jobs
+        return
+    name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_JOB)
+    if name:
+        RUNTIME.jobs.reconcile_named(body["metadata"]["namespace"], name)
+
+
+# -- EdgeCluster ----------------------------------------------------------------------------------
+
+CLUSTER = (GROUP, VERSION, "edgeclusters")
+
+
+@kopf.on.resume(*CLUSTER)
+@kopf.on.create(*CLUSTER)
+@kopf.on.update(*CLUSTER, field="spec")
+@kopf.timer(*CLUSTER, interval=1.0)
+def edge_cluster_heartbeat(body: kopf.Body, **_: Any) -> None:
+    status = RUNTIME.clusters.heartbeat_if_due(dict(body))
+    if status is None:
+        return
+    RUNTIME.clusters.local.replace_status(EDGE_CLUSTERS, body["metadata"]["name"], None, status.to_wire())
+
+
+@kopf.on.delete(*CLUSTER, optional=True)
+def edge_cluster_deleted(name: str, **_: Any) -> None:
+    RUNTIME.clusters.forget(name)

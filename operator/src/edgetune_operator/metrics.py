@@ -1,0 +1,47 @@
+"""The operator's Prometheus metrics: every name is defined here and nowhere else.
+
+Served on ``/metrics`` (``Settings.metrics_port``). Trainer metrics are the trainer's own
+(``edgetune_trainer.metrics``) and reach Prometheus by scrape or the Pushgateway.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "edgetune_operator"
+
+RECONCILES = Counter(
+    f"{PREFIX}_reconciles", "Reconciles run, by resource kind and result (ok, error).", ["kind", "result"]
+)
+RECONCILE_SECONDS = Histogram(
+    f"{PREFIX}_reconcile_duration_seconds", "Time one reconcile took, by resource kind.", ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip
+JOBS_BY_PHASE = Gauge(f"{PREFIX}_training_jobs", "EdgeTrainingJobs by phase, as last reconciled.", ["phase"])
+CALL_SECONDS = Histogram(
+    f"{PREFIX}_external_call_duration_seconds",
+    "Latency of calls to external systems (kubernetes, mlflow, s3), by operation.", ["system", "operation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)  # fmt: skip
+CALL_ERRORS = Counter(
+    f"{PREFIX}_external_call_errors", "Failed calls to external systems, by operation and outcome.",
+    ["system", "operation", "outcome"],
+)  # fmt: skip
+CLUSTER_REACHABLE = Gauge(f"{PREFIX}_cluster_reachable", "1 when the edge cluster answered its last heartbeat.",
+                          ["cluster"])  # fmt: skip
+REGISTRATIONS = Counter(f"{PREFIX}_registrations", "Adapter versions registered in MLflow.", ["model"])
+VERIFICATION_FAILURES = Counter(
+    f"{PREFIX}_verification_failures", "Adapter packages refused by verification.", ["namespace"]
+)
+
+
+def observe_call(system: str, operation: str, outcome: str, seconds: float) -> None:
+    CALL_SECONDS.labels(system, operation).observe(seconds)
+    if outcome != "ok":
+        CALL_ERRORS.labels(system, operation, outcome).inc()
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """Serve ``/metrics`` on ``port`` (0: not at all)."""
+    if port:
+        start_http_server(port, registry=registry)

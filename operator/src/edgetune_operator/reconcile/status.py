@@ -1,0 +1,165 @@
+"""An EdgeTrainingJob's status from what was observed in one reconcile, and the Events its changes
+deserve. Pure: the controller gathers the observation, this decides what it means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
+from edgetune_operator.reconcile.training_job import set_condition
+
+FINISHED = ("Succeeded", "Failed")
+WARNING_CONDITIONS = {("Failed", "True"), ("Verified", "False"), ("ClustersReachable", "False")}
+WARNING_REASONS = {"RegistrationBlocked", "RegistryUnavailable", "VerificationFailed", "ClusterUnreachable"}
+
+
+@dataclass
+class Observation:
+    """What one reconcile saw and did."""
+
+    targets: list[TargetStatus] = field(default_factory=list)
+    """One per trainer, in a stable order."""
+    waiting: list[str] = field(default_factory=list)
+    """Why clusters have no trainers yet (data, matching nodes)."""
+    unreachable: dict[str, str] = field(default_factory=dict)
+    """Clusters that did not answer (or cannot be reached at all), with why."""
+    result: TrainingResult | None = None
+    """The registered adapter (single trainer or aggregate)."""
+    aggregation_error: str | None = None
+    """Why fedavg could not produce an adapter."""
+    pending_error: str | None = None
+    """A failure holding up verification or registration; retried on the next reconcile."""
+    blocked: bool = False
+    """The pending error needs a person (missing Secret, bucket, MLflow configuration), not just time."""
+
+
+def _registered(spec: EdgeTrainingJobSpec, obs: Observation) -> bool:
+    if spec.aggregation.strategy == "fedavg" or len(obs.targets) == 1:
+        return bool(obs.result and obs.result.mlflow_version)
+    succeeded = [t for t in obs.targets if t.phase == "Succeeded"]
+    return bool(succeeded) and all(t.mlflow_version for t in succeeded)
+
+
+def summarize(
+    spec: EdgeTrainingJobSpec, generation: int, old: EdgeTrainingJobStatus, obs: Observation,
+    now: datetime | None = None,
+) -> EdgeTrainingJobStatus:  # fmt: skip
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    targets = obs.targets
+    n = len(targets)
+    done = sum(t.phase in FINISHED for t in targets)
+    ok = sum(t.phase == "Succeeded" for t in targets)
+    finished = n > 0 and done == n
+    registered = _registered(spec, obs)
+    failures = [f"{t.cluster}/{t.node or '-'}: {t.message}" for t in targets if t.phase == "Failed"]
+    needed = spec.aggregation.min_participants if spec.aggregation.strategy == "fedavg" else 1
+
+    if finished and (ok < needed or obs.aggregation_error):
+        phase = "Failed"
+    elif finished and registered:
+        phase = "Succeeded"
+    elif spec.suspend:
+        phase = "Suspended"
+    elif finished:
+        phase = "Registering"
+    elif any(t.phase in ("Packaging", "Registering") for t in targets):
+        phase = "Packaging"
+    elif any(t.phase == "Training" for t in targets):
+        phase = "Training"
+    elif n:
+        phase = "Scheduled"
+    elif obs.waiting:
+        phase = "WaitingForData"
+    else:
+        phase = "Pending"
+
+    conds = list(old.conditions)
+
+    def cond(kind: str, value: bool, reason: str, message: str) -> None:
+        nonlocal conds
+        conds = set_condition(conds, kind, value, reason=reason, message=message, generation=generation, now=now)
+
+    if n:
+        cond("DataSufficient", True, "SamplesReported", f"{n} trainer(s) started where the data suffices")
+    else:
+        cond("DataSufficient", False, "WaitingForData", "; ".join(obs.waiting) or "no cluster selected yet")
+    if obs.unreachable:
+        cond("ClustersReachable", False, "ClusterUnreachable",
+             "; ".join(f"{c}: {m}" for c, m in sorted(obs.unreachable.items())))  # fmt: skip
+    else:
+        cond("ClustersReachable", True, "Reachable", "every selected cluster answered")
+    bound = sum(bool(t.node) and t.phase not in ("Pending",) for t in targets)
+    cond("Scheduled", bool(n) and bound == n, "TrainersBound" if n and bound == n else "Pending",
+         f"{bound}/{n} trainer pod(s) bound to nodes")  # fmt: skip
+    training = sum(t.phase == "Training" for t in targets)
+    cond("Training", training > 0, "TrainersRunning" if training else ("Finished" if finished else "NotRunning"),
+         f"{training} trainer(s) running")  # fmt: skip
+    bad = [t for t in targets if t.phase == "Failed" and (t.message or "").startswith("VerificationFailed")]
+    verified = [t for t in targets if t.sha256]
+    if bad:
+        cond("Verified", False, "VerificationFailed", "; ".join(f"{t.cluster}/{t.node or '-'}: {t.message}" for t in bad))
+    else:
+        cond("Verified", bool(verified), "PackagesVerified" if verified else "NothingToVerify",
+             f"{len(verified)} package(s) verified (SHA-256 of every file, signature when configured)")  # fmt: skip
+    if registered:
+        where = (
+            f"{obs.result.mlflow_model} version {obs.result.mlflow_version}" if obs.result and obs.result.mlflow_version
+            else ", ".join(f"{t.cluster}/{t.node or '-'} → version {t.mlflow_version}" for t in targets if t.mlflow_version)
+        )  # fmt: skip
+        cond("Registered", True, "ModelVersionCreated", f"registered in MLflow: {where}")
+    else:
+        reason = "RegistrationBlocked" if obs.blocked else "RegistryUnavailable" if obs.pending_error else "NotYetRegistered"
+        cond("Registered", False, reason,
+             obs.pending_error or "no verified adapter to register yet")  # fmt: skip
+    if phase == "Succeeded":
+        partial = ok < n
+        cond("Succeeded", True, "PartiallySucceeded" if partial else "AdapterRegistered",
+             f"{ok}/{n} trainer(s) succeeded" + (f"; failed: {'; '.join(failures)}" if partial else ""))  # fmt: skip
+        cond("Failed", False, "Succeeded", "")
+    elif phase == "Failed":
+        why = obs.aggregation_error or f"{ok}/{n} trainer(s) succeeded, {needed} needed: {'; '.join(failures)}"
+        cond("Succeeded", False, "Failed", why)
+        cond("Failed", True, "TrainingFailed" if not obs.aggregation_error else "AggregationFailed", why)
+    else:
+        cond("Succeeded", False, "InProgress", f"phase {phase}")
+        cond("Failed", False, "InProgress", "")
+
+    cond("Reconciled", True, "ReconcileSucceeded", "the last reconcile completed")
+    started = old.start_time or (now if any(t.job_name for t in targets) else None)
+    return EdgeTrainingJobStatus(
+        phase=phase,  # type: ignore[arg-type]
+        conditions=conds,
+        observed_generation=generation,
+        progress=f"{done}/{n}",
+        start_time=started,
+        completion_time=(old.completion_time or now) if phase in FINISHED else None,
+        targets=targets,
+        result=obs.result,
+    )
+
+
+def transitions(old: EdgeTrainingJobStatus, new: EdgeTrainingJobStatus) -> list[tuple[str, str, bool]]:
+    """Events for condition changes: (reason, message, warning). The reason is the condition type
+    when it became True, ``Not<Type>`` style reasons when it became False."""
+    before = {c.type: (c.status, c.reason) for c in old.conditions}
+    events = []
+    for c in new.conditions:
+        if before.get(c.type) == (c.status, c.reason):
+            continue
+        if c.type in ("Failed", "Succeeded") and c.reason == "InProgress":
+            continue
+        warning = (c.type, c.status) in WARNING_CONDITIONS or c.reason in WARNING_REASONS
+        if c.status == "False" and not warning and c.type != "DataSufficient":
+            continue
+        reason = c.type if c.status == "True" else c.reason
+        events.append((reason, c.message or c.type, warning))
+    return events
+
+
+def same(a: EdgeTrainingJobStatus, b: EdgeTrainingJobStatus) -> bool:
+    """Equal apart from timestamps that do not matter on their own."""
+    return a.model_dump(exclude={"conditions"}) == b.model_dump(exclude={"conditions"}) and [
+        (c.type, c.status, c.reason, c.message, c.observed_generation) for c in a.conditions
+    ] == [(c.type, c.status, c.reason, c.message, c.observed_generation) for c in b.conditions]

@@ -1,0 +1,72 @@
+"""Helpers for tests that drive the operator through the API server, as a user would."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from kubernetes import client as k8s
+
+from edgetune_testenv.cluster import ControlPlane
+from tests.support import eventually
+
+GROUP, VERSION, PLURAL = "edgetune.io", "v1alpha1", "edgetrainingjobs"
+DATA = "/var/lib/edgetune/sensors"
+
+
+def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
+    """A small, fast EdgeTrainingJob (built-in time-series CNN, a few steps); ``spec`` keys replace
+    top-level spec fields."""
+    base: dict[str, Any] = {
+        "baseModel": {"uri": "builtin:timeseries-cnn"},
+        "data": {"source": {"hostPath": DATA}, "format": "npy"},
+        "training": {"maxSteps": 4, "batchSize": 16, "evalEvery": 2, "checkpointEvery": 2},
+        "budgets": {"memory": "4Gi", "deadline": "10m"},
+        "placement": {"accelerator": "gpu"},
+        "output": {"s3": {"bucket": "adapters", "credentialsSecretRef": "s3-credentials"},
+                   "mlflow": {"registeredModel": f"{name}-adapter"}, "encoding": "int8-zstd"},
+    }  # fmt: skip
+    base.update(copy.deepcopy(spec))
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "EdgeTrainingJob", "metadata": {"name": name}, "spec": base}
+
+
+def s3_secret(core: Any, namespace: str, env: dict[str, str]) -> None:
+    core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+    })  # fmt: skip
+
+
+def create(api: Any, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = k8s.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, manifest
+    )
+    return result
+
+
+def get(api: Any, namespace: str, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = k8s.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return result
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
+
+
+def wait_finished(api: Any, namespace: str, name: str, timeout: float = 300) -> dict[str, Any]:
+    """Until the job is Succeeded or Failed; returns the object."""
+
+    def finished() -> dict[str, Any] | None:
+        obj = get(api, namespace, name)
+        return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
+
+    return eventually(finished, timeout=timeout, what=f"EdgeTrainingJob {namespace}/{name} to finish")
+
+
+def events(plane: ControlPlane, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    out = plane.kubectl("-n", namespace, "get", "events", "-o", "json",
+                        f"--field-selector=involvedObject.name={name}").stdout  # fmt: skip
+    return [(e["type"], e["reason"], e.get("message", "")) for e in json.loads(out)["items"]]
