@@ -5,6 +5,7 @@ Prometheus."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -13,8 +14,9 @@ from kubernetes import client as k8s
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.operator_proc import OperatorProcess
+from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
-from tests.operator_support import DATA, condition, create, events, job_manifest, s3_secret, wait_finished
+from tests.operator_support import DATA, condition, create, events, get, job_manifest, s3_secret, wait_finished
 from tests.support import eventually, new_namespace
 from tests.trainer_support import sine_classes
 
@@ -80,4 +82,183 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
         eventually(lambda m=metric: prometheus.query(f'{m}{{namespace="{ns}"}}'), timeout=60, what=metric)
     eventually(lambda: prometheus.query('edgetune_operator_reconciles_total{kind="EdgeTrainingJob"}'), timeout=60,
                what="operator metrics in Prometheus")  # fmt: skip
+    api.close()
+
+
+def _hub_data(executor: PodExecutor, *nodes: str, n: int = 120) -> None:
+    for node in nodes:
+        sine_classes(executor.node_root(node) / DATA.lstrip("/"), n=n)
+
+
+def test_npu_per_node_job_is_averaged_into_one_adapter(
+    operator_proc: OperatorProcess, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
+    mlflow_server: MlflowServer,
+) -> None:  # fmt: skip
+    _hub_data(hub_executor, "hub-npu-0", "hub-npu-1")
+    api = hub_crds.api_client()
+    core = k8s.CoreV1Api(api)
+    ns = new_namespace(core)
+    s3_secret(core, ns, s3.env())
+    create(api, ns, job_manifest("npu-fed", placement={"accelerator": "npu", "perNode": True},
+                                 aggregation={"strategy": "fedavg", "minParticipants": 2}))  # fmt: skip
+    job = wait_finished(api, ns, "npu-fed")
+    status = job["status"]
+    assert status["phase"] == "Succeeded", (status, operator_proc.log_tail())
+    assert sorted(t["node"] for t in status["targets"]) == ["hub-npu-0", "hub-npu-1"]
+    assert all(t["sha256"] and t["deltaUri"] for t in status["targets"])  # per-node adapters recorded
+    result = status["result"]
+    assert result["participants"] == 2 and result["deltaUri"].endswith("/npu-fed/fedavg/package")
+    pods = core.list_namespaced_pod(ns).items
+    assert sorted(p.spec.node_name for p in pods) == ["hub-npu-0", "hub-npu-1"]
+    assert all(p.spec.containers[0].resources.limits["rockchip.com/npu"] == "1" for p in pods)
+    versions = mlflow_versions(mlflow_server, "npu-fed-adapter")
+    assert len(versions) == 1  # one aggregated adapter, not one per node
+    tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
+    assert tags["edgetune.aggregation"] == "fedavg" and tags["edgetune.nodes"] == "hub-npu-0,hub-npu-1"
+    assert tags["edgetune.delta_sha256"] == result["sha256"]
+    api.close()
+
+
+def test_a_tampered_package_is_refused_and_never_registered(
+    operator_proc: OperatorProcess, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
+    mlflow_server: MlflowServer,
+) -> None:  # fmt: skip
+    _hub_data(hub_executor, "hub-gpu-0", "hub-gpu-1")
+    api = hub_crds.api_client()
+    core = k8s.CoreV1Api(api)
+    ns = new_namespace(core)
+    s3_secret(core, ns, s3.env())
+    create(api, ns, job_manifest("tamper", output={
+        "s3": {"bucket": "adapters", "credentialsSecretRef": "s3-credentials"},
+        "mlflow": {"registeredModel": "tamper-adapter"}, "encoding": "fp16"}))  # fmt: skip
+    # Stop the operator once the trainer runs; the trainer finishes and uploads on its own.
+    eventually(lambda: [p for p in core.list_namespaced_pod(ns).items if p.status.phase == "Running"],
+               timeout=120, what="the trainer pod to run")  # fmt: skip
+    operator_proc.stop()
+    try:
+        client = s3.client()
+        prefix = f"edgetune/{ns}/tamper/local/any/"
+        key = prefix + "adapter.safetensors"
+        eventually(lambda: client.list_objects_v2(Bucket="adapters", Prefix=key).get("KeyCount"), timeout=180,
+                   what="the package in S3")  # fmt: skip
+        eventually(lambda: client.list_objects_v2(Bucket="adapters", Prefix=prefix + "manifest.json").get("KeyCount"),
+                   timeout=60, what="the manifest in S3")  # fmt: skip
+        body = bytearray(client.get_object(Bucket="adapters", Key=key)["Body"].read())
+        body[-1] ^= 0x01  # one bit in the last weight
+        client.put_object(Bucket="adapters", Key=key, Body=bytes(body))
+    finally:
+        operator_proc.start()
+    job = wait_finished(api, ns, "tamper")
+    assert job["status"]["phase"] == "Failed", job["status"]
+    verified = condition(job, "Verified")
+    assert verified["status"] == "False" and verified["reason"] == "VerificationFailed"
+    assert "adapter.safetensors has SHA-256" in verified["message"]
+    assert condition(job, "Failed")["status"] == "True"
+    assert ("Warning", "VerificationFailed") in {(t, r) for t, r, _ in events(hub_crds, ns, "tamper")}
+    assert mlflow_versions(mlflow_server, "tamper-adapter") == []
+    api.close()
+
+
+def test_a_job_waits_for_data_then_starts_by_itself(
+    operator_proc: OperatorProcess, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
+) -> None:  # fmt: skip
+    _hub_data(hub_executor, "hub-cpu-0", "hub-cpu-1")
+    api = hub_crds.api_client()
+    core = k8s.CoreV1Api(api)
+    ns = new_namespace(core)
+    s3_secret(core, ns, s3.env())
+    for node in ("hub-cpu-0", "hub-cpu-1"):
+        hub_crds.kubectl("annotate", "--overwrite", "node", node, f'edgetune.io/samples={{"{DATA}": 40}}')
+    manifest = job_manifest("wait-data", placement={"accelerator": "cpu"})
+    manifest["spec"]["data"]["minSamples"] = 100
+    create(api, ns, manifest)
+
+    def waiting() -> dict[str, Any] | None:
+        obj = get(api, ns, "wait-data")
+        return obj if (obj.get("status") or {}).get("phase") == "WaitingForData" else None
+
+    job = eventually(waiting, timeout=60, what="phase WaitingForData")
+    sufficient = condition(job, "DataSufficient")
+    assert sufficient["status"] == "False" and "hub-cpu-0 has 40" in sufficient["message"]
+    assert not k8s.BatchV1Api(api).list_namespaced_job(ns).items  # nothing started
+    hub_crds.kubectl("annotate", "--overwrite", "node", "hub-cpu-1", f'edgetune.io/samples={{"{DATA}": 120}}')
+    job = wait_finished(api, ns, "wait-data")
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert [p.spec.node_name for p in core.list_namespaced_pod(ns).items] == ["hub-cpu-1"]
+    api.close()
+
+
+def test_an_unreachable_edge_cluster_fails_its_part_and_the_rest_finishes(
+    operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    edge_a_executor: PodExecutor, edge_b_executor: PodExecutor, s3: S3Server,
+) -> None:  # fmt: skip
+    _hub_data(edge_a_executor, "factory-gpu-0", "factory-gpu-1")
+    _hub_data(edge_b_executor, "farm-gpu-0", "farm-gpu-1")
+    api = hub_crds.api_client()
+    core = k8s.CoreV1Api(api)
+    ns = new_namespace(core)
+    s3_secret(core, ns, s3.env())
+    manifest = job_manifest("partial", placement={"accelerator": "gpu", "clusterSelector": {
+        "matchLabels": {"region": "eu"}}})  # fmt: skip
+    manifest["spec"]["training"]["maxSteps"] = 40  # long enough to cut edge-b off mid-job
+    create(api, ns, manifest)
+    eventually(lambda: len([t for t in (get(api, ns, "partial").get("status") or {}).get("targets") or []
+                            if t["phase"] == "Training"]) == 2, timeout=120, what="both trainers running")  # fmt: skip
+    # Cut edge-b off: its kubeconfig now points at a port where nothing listens.
+    saved = hub_crds.kubectl("-n", "edgetune-system", "get", "secret", "edge-b-kubeconfig", "-o", "json").stdout
+    dead = fleet["edge-b"].kubeconfig.read_text().replace(fleet["edge-b"].server, f"https://127.0.0.1:{free_port()}")
+    patch = {"stringData": {"kubeconfig": dead}}
+    hub_crds.kubectl("-n", "edgetune-system", "patch", "secret", "edge-b-kubeconfig", "--type=merge",
+                     "-p", json.dumps(patch))  # fmt: skip
+    try:
+        job = wait_finished(api, ns, "partial", timeout=300)
+    finally:
+        original = json.loads(saved)["data"]
+        hub_crds.kubectl("-n", "edgetune-system", "patch", "secret", "edge-b-kubeconfig", "--type=merge",
+                         "-p", json.dumps({"data": original}))  # fmt: skip
+    status = job["status"]
+    assert status["phase"] == "Succeeded", status
+    by_cluster = {t["cluster"]: t for t in status["targets"]}
+    assert by_cluster["edge-a"]["phase"] == "Succeeded"
+    assert by_cluster["edge-b"]["phase"] == "Failed"
+    assert by_cluster["edge-b"]["message"].startswith("ClusterUnreachable")
+    succeeded = condition(job, "Succeeded")
+    assert succeeded["reason"] == "PartiallySucceeded" and "edge-b" in succeeded["message"]
+    assert condition(job, "ClustersReachable")["status"] == "False"
+    api.close()
+
+
+def test_bad_references_are_reported_on_the_job(
+    operator_proc: OperatorProcess, hub_crds: ControlPlane, s3: S3Server, hub_executor: PodExecutor,
+) -> None:  # fmt: skip
+    api = hub_crds.api_client()
+    core = k8s.CoreV1Api(api)
+    ns = new_namespace(core)
+    s3_secret(core, ns, s3.env())
+    hub_crds.kubectl("apply", "-f", "-", input_text=json.dumps({
+        "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeCluster",
+        "metadata": {"name": "shop-7", "labels": {"site": "shop-7"}},
+        "spec": {"kubeconfigSecretRef": {"name": "shop-7-kubeconfig", "namespace": "edgetune-system"}},
+    }))  # fmt: skip
+    create(api, ns, job_manifest("nowhere", placement={"clusterSelector": {"matchLabels": {"site": "moon"}}}))
+    create(api, ns, job_manifest("no-secret", placement={"clusterSelector": {"matchLabels": {"site": "shop-7"}}}))
+    # A base model that is not there: the trainer exits non-zero and says why.
+    create(api, ns, job_manifest("no-model", baseModel={"uri": "s3://adapters/no/such/model.safetensors",
+                                                       "sha256": "0" * 64}))  # fmt: skip
+
+    def message(name: str, kind: str, needle: str) -> dict[str, Any] | None:
+        cond = condition(get(api, ns, name), kind)
+        return cond if cond and needle in cond["message"] else None
+
+    eventually(lambda: message("nowhere", "DataSufficient", "no EdgeCluster matches"), what="no matching cluster")
+    cond = eventually(lambda: message("no-secret", "ClustersReachable", "shop-7-kubeconfig"), what="missing Secret")
+    assert cond["status"] == "False"
+    edge = eventually(lambda: (json.loads(hub_crds.kubectl("get", "edgecluster", "shop-7", "-o", "json").stdout)
+                               .get("status") or {}).get("reachable") is False, what="shop-7 unreachable")  # fmt: skip
+    assert edge
+    job = wait_finished(api, ns, "no-model", timeout=180)
+    assert job["status"]["phase"] == "Failed"
+    failed = condition(job, "Failed")
+    assert failed["status"] == "True" and "no/such/model.safetensors" in failed["message"], failed
+    hub_crds.kubectl("delete", "edgecluster", "shop-7")
     api.close()
