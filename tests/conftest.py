@@ -130,8 +130,14 @@ def fleet(hub_crds: ControlPlane, edge_a: ControlPlane, edge_b: ControlPlane) ->
 
 @pytest.fixture(scope="session")
 def operator_proc(
-    hub_crds: ControlPlane, fleet: dict[str, ControlPlane], s3: S3Server, mlflow_server: MlflowServer,
-    prometheus: Prometheus, hub_executor: PodExecutor, edge_a_executor: PodExecutor, edge_b_executor: PodExecutor,
+    hub_crds: ControlPlane,
+    fleet: dict[str, ControlPlane],
+    s3: S3Server,
+    mlflow_server: MlflowServer,
+    prometheus: Prometheus,
+    hub_executor: PodExecutor,
+    edge_a_executor: PodExecutor,
+    edge_b_executor: PodExecutor,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     """The operator, as a process, wired to the hub, both edges, MLflow, S3 and the Pushgateway."""

@@ -107,7 +107,7 @@ def test_npu_per_node_job_is_averaged_into_one_adapter(
     assert sorted(t["node"] for t in status["targets"]) == ["hub-npu-0", "hub-npu-1"]
     assert all(t["sha256"] and t["deltaUri"] for t in status["targets"])  # per-node adapters recorded
     result = status["result"]
-    assert result["participants"] == 2 and result["deltaUri"].endswith("/npu-fed/fedavg/package")
+    assert result["participants"] == 2 and result["deltaUri"].endswith("/npu-fed/fedavg")
     pods = core.list_namespaced_pod(ns).items
     assert sorted(p.spec.node_name for p in pods) == ["hub-npu-0", "hub-npu-1"]
     assert all(p.spec.containers[0].resources.limits["rockchip.com/npu"] == "1" for p in pods)

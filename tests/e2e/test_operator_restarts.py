@@ -56,12 +56,20 @@ def test_jobs_survive_random_operator_kills_with_exactly_one_registration(
     for name in names:
         status = get(api, ns, name)["status"]
         assert status["phase"] == "Succeeded", (name, seed, status)
-        versions = httpx.get(f"{mlflow_server.url}/api/2.0/mlflow/model-versions/search",
-                             params={"filter": f"name = '{name}-adapter'"}, timeout=10).json()["model_versions"]
+        versions = httpx.get(
+            f"{mlflow_server.url}/api/2.0/mlflow/model-versions/search",
+            params={"filter": f"name = '{name}-adapter'"},
+            timeout=10,
+        ).json()["model_versions"]
         assert len(versions) == 1, (name, seed, versions)  # exactly one registration
-        runs = httpx.post(f"{mlflow_server.url}/api/2.0/mlflow/runs/search", timeout=10, json={
-            "experiment_ids": [versions[0]["run_id"] and _experiment(mlflow_server)],
-            "filter": f"tags.`edgetune.job` = '{name}' and tags.`edgetune.namespace` = '{ns}'"}).json()["runs"]
+        runs = httpx.post(
+            f"{mlflow_server.url}/api/2.0/mlflow/runs/search",
+            timeout=10,
+            json={
+                "experiment_ids": [versions[0]["run_id"] and _experiment(mlflow_server)],
+                "filter": f"tags.`edgetune.job` = '{name}' and tags.`edgetune.namespace` = '{ns}'",
+            },
+        ).json()["runs"]
         assert len(runs) == 1 and runs[0]["info"]["run_id"] == versions[0]["run_id"], (name, seed)
         assert status["result"]["mlflowVersion"] == versions[0]["version"]
     api.close()

@@ -60,7 +60,7 @@ class OperatorProcess:
         return self.proc is not None and self.proc.alive()
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             return str(response.read().decode())
 
     def log_tail(self, chars: int = 4000) -> str:

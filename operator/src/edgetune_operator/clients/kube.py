@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -163,9 +164,9 @@ class Kube:
         namespace = obj["metadata"].get("namespace")
         try:
             created: dict[str, Any] = self.call("POST", resource.path(namespace), body=obj)
-            return created
         except ConflictError:
             return self.get(resource, obj["metadata"]["name"], namespace)
+        return created
 
     def merge_patch(
         self, resource: Resource, name: str, patch: dict[str, Any], namespace: str | None = None,
@@ -186,13 +187,11 @@ class Kube:
 
     def delete(self, resource: Resource, name: str, namespace: str | None = None) -> None:
         """Delete with foreground-independent background propagation; absent objects are fine."""
-        try:
+        with suppress(NotFoundError):
             self.call(
                 "DELETE", resource.path(namespace, name),
                 body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
             )  # fmt: skip
-        except NotFoundError:
-            pass
 
     def ensure_namespace(self, namespace: str) -> None:
         if self.get_or_none(NAMESPACES, namespace) is None:
@@ -224,18 +223,13 @@ class Kube:
             "reportingInstance": component, "firstTimestamp": now[:19] + "Z", "lastTimestamp": now[:19] + "Z",
             "eventTime": now, "action": reason, "count": 1,
         }  # fmt: skip
-        try:
+        with suppress(KubeError, UnreachableError):
             self.call("POST", EVENTS.path(namespace), body=body)
-        except (KubeError, UnreachableError):
-            pass
 
 
 def _api_error(exc: ApiException) -> KubeError:
     message = exc.reason or ""
-    try:
+    with suppress(ValueError, AttributeError):
         message = json.loads(exc.body or "{}").get("message", message)
-    except (ValueError, AttributeError):
-        pass
     kind = {404: NotFoundError, 409: ConflictError}.get(exc.status or 0, KubeError)
     return kind(exc.status or 0, exc.reason or "", message)
-

@@ -48,7 +48,7 @@ class Clusters:
             return [LOCAL]
         names = []
         for obj in self.local.list(EDGE_CLUSTERS):
-            labels = dict((obj["metadata"].get("labels") or {}))
+            labels = dict(obj["metadata"].get("labels") or {})
             if selector.matches(labels):
                 names.append(obj["metadata"]["name"])
         return sorted(names)
@@ -82,7 +82,7 @@ class Clusters:
         try:
             kubeconfig = yaml.safe_load(base64.b64decode(encoded))
             kube = Kube.from_kubeconfig_dict(kubeconfig, name)
-        except Exception as exc:  # noqa: BLE001 - any parse/config error means the same to the user
+        except Exception as exc:
             raise ClusterUnavailableError(
                 f"Secret {ref.namespace}/{ref.name} key {ref.key!r} is not a usable kubeconfig: {exc}"
             ) from None

@@ -7,6 +7,7 @@ event, the resync timer); it converges on the same state. Calls for one job are 
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import threading
 import time
@@ -21,17 +22,34 @@ from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus
 from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import (
-    CONFIG_MAPS, JOBS, NODES, PODS, SECRETS, TRAINING_JOBS, Kube, KubeError, NotFoundError, UnreachableError,
+    CONFIG_MAPS,
+    JOBS,
+    NODES,
+    PODS,
+    SECRETS,
+    TRAINING_JOBS,
+    Kube,
+    KubeError,
+    NotFoundError,
+    UnreachableError,
 )  # fmt: skip
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
-from edgetune_operator.controllers.clusters import LOCAL, ClusterUnavailableError, Clusters
+from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
 from edgetune_operator.delta.aggregate import Verified, aggregate
 from edgetune_operator.delta.fedavg import AggregationError
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
-    ANNOTATION_CLUSTER, ANNOTATION_NODE, LABEL_JOB_UID, LABEL_TARGET, JobRef, Target, config_map, observe_trainer,
-    set_condition, trainer_job,
+    ANNOTATION_CLUSTER,
+    ANNOTATION_NODE,
+    LABEL_JOB_UID,
+    LABEL_TARGET,
+    JobRef,
+    Target,
+    config_map,
+    observe_trainer,
+    set_condition,
+    trainer_job,
 )  # fmt: skip
 from edgetune_operator.settings import Settings
 
@@ -84,7 +102,8 @@ class TrainingJobController:
     def reconcile(self, body: dict[str, Any]) -> EdgeTrainingJobStatus:
         meta = body["metadata"]
         status = body.get("status") or {}
-        if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get("generation"):
+        finished = status.get("phase") in ("Succeeded", "Failed")
+        if finished and status.get("observedGeneration") == meta.get("generation"):
             return EdgeTrainingJobStatus.model_validate(status)  # finished: no I/O at all
         started = time.perf_counter()
         result = "ok"
@@ -143,7 +162,7 @@ class TrainingJobController:
             self.hub.merge_patch(TRAINING_JOBS, body["metadata"]["name"], {"status": {"conditions": [
                 c.to_wire() for c in conditions]}}, body["metadata"]["namespace"], subresource="status")  # fmt: skip
             self.hub.event(body, reason="ReconcileError", message=message, warning=True)
-        except Exception:  # noqa: BLE001 - reporting must not hide the original error
+        except Exception:
             log.exception("could not report the reconcile error")
 
     def forget(self, uid: str) -> None:
@@ -226,7 +245,7 @@ class TrainingJobController:
         if cluster == LOCAL:
             return None
         try:
-            status = (self.clusters.edge_cluster(cluster).get("status") or {})
+            status = self.clusters.edge_cluster(cluster).get("status") or {}
         except (ClusterUnavailableError, UnreachableError, KubeError):
             return None
         beat = status.get("lastHeartbeatTime")
@@ -254,7 +273,7 @@ class TrainingJobController:
         for node, profile, candidates in plan.targets:
             target = Target(cluster, node)
             kube.create(config_map(spec, job, target, self.settings))
-            created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates)))
+            created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates=candidates)))
         return created
 
     def _copy_secrets(self, spec: EdgeTrainingJobSpec, job: JobRef, kube: Kube) -> None:
@@ -334,7 +353,7 @@ class TrainingJobController:
                             mlflow_run_id=reg.run_id,
                         )  # fmt: skip
             if fedavg and obs.targets and all(t.phase in ("Succeeded", "Failed") for t in obs.targets):
-                self._aggregate(spec, job, body, obs, s3, public, private)
+                self._aggregate(spec, job, body, obs, s3=s3, public=public, private=private)
         except RETRYABLE as exc:
             obs.pending_error = f"{type(exc).__name__}: {exc}"
             log.warning("%s/%s: %s (will retry)", job.namespace, job.name, obs.pending_error)
@@ -380,7 +399,7 @@ class TrainingJobController:
         )  # fmt: skip
 
     def _aggregate(
-        self, spec: EdgeTrainingJobSpec, job: JobRef, body: dict[str, Any], obs: Observation, s3: Any,
+        self, spec: EdgeTrainingJobSpec, job: JobRef, body: dict[str, Any], obs: Observation, *, s3: Any,
         public: bytes | None, private: bytes | None,
     ) -> None:  # fmt: skip
         succeeded = [t for t in obs.targets if t.phase == "Succeeded"]
@@ -400,11 +419,14 @@ class TrainingJobController:
             obs.aggregation_error = f"fedavg: {exc}"
             return
         bucket = spec.output.s3.bucket
-        prefix = "/".join(p for p in (spec.output.s3.prefix.strip("/"), job.namespace, job.name, "fedavg", "package") if p)
+        parts = (spec.output.s3.prefix.strip("/"), job.namespace, job.name, "fedavg")
+        prefix = "/".join(p for p in parts if p)
         uri = f"s3://{bucket}/{prefix}"
         for name, data in files.items():
-            _s3_call(lambda n=name, d=data: s3.put_object(Bucket=bucket, Key=f"{prefix}/{n}", Body=d))
-        stored, _ = _s3_call(lambda: object_store.fetch_and_verify(s3, uri, expected_digest=digest, public_key_pem=public))
+            _s3_call(functools.partial(s3.put_object, Bucket=bucket, Key=f"{prefix}/{name}", Body=data))
+        stored, _ = _s3_call(
+            lambda: object_store.fetch_and_verify(s3, uri, expected_digest=digest, public_key_pem=public)
+        )
         reg = self._register(spec, job, stored, digest, uri, single=True, target=None)
         obs.result = TrainingResult(
             delta_uri=uri, sha256=digest, bytes=manifest.adapter_bytes, encoding=manifest.encoding,
@@ -456,5 +478,3 @@ def _s3_call(fn: Callable[[], Any]) -> Any:
         raise RetryableError(f"S3: {exc}") from None
     finally:
         metrics.observe_call("s3", "package", outcome, time.perf_counter() - started)
-
-

@@ -11,7 +11,16 @@ import json
 from dataclasses import dataclass
 
 from edgetune_api import codec
-from edgetune_api.delta import MANIFEST, SIGNATURE, DeltaManifest, FileEntry, Lineage, manifest_bytes, sha256_bytes, sign
+from edgetune_api.delta import (
+    MANIFEST,
+    SIGNATURE,
+    DeltaManifest,
+    FileEntry,
+    Lineage,
+    manifest_bytes,
+    sha256_bytes,
+    sign,
+)
 from edgetune_operator.delta.fedavg import AggregationError, fedavg
 
 
@@ -25,7 +34,9 @@ class Verified:
     files: dict[str, bytes]
 
 
-def aggregate(packages: list[Verified], *, signing_key_pem: bytes | None) -> tuple[str, DeltaManifest, dict[str, bytes]]:
+def aggregate(
+    packages: list[Verified], *, signing_key_pem: bytes | None
+) -> tuple[str, DeltaManifest, dict[str, bytes]]:
     """(digest, manifest, files) of the averaged adapter."""
     if not packages:
         raise AggregationError("no verified per-node adapters to average")

@@ -123,8 +123,9 @@ def plan(cluster: str, spec: EdgeTrainingJobSpec, nodes: list[Node],
         else:
             short.append(f"{node.name} has {'no report' if reported is None else reported}")
     if out.matching == 0:
-        out.waiting = (f"no ready node in cluster {cluster} matches accelerator {spec.placement.accelerator}"
-                       + (f" and nodeSelector {spec.placement.node_selector}" if spec.placement.node_selector else ""))
+        out.waiting = f"no ready node in cluster {cluster} matches accelerator {spec.placement.accelerator}" + (
+            f" and nodeSelector {spec.placement.node_selector}" if spec.placement.node_selector else ""
+        )
         return out  # fmt: skip
     if not sufficient:
         shown = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")

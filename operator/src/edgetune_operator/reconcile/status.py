@@ -42,7 +42,7 @@ def _registered(spec: EdgeTrainingJobSpec, obs: Observation) -> bool:
     return bool(succeeded) and all(t.mlflow_version for t in succeeded)
 
 
-def summarize(
+def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read whole
     spec: EdgeTrainingJobSpec, generation: int, old: EdgeTrainingJobStatus, obs: Observation,
     now: datetime | None = None,
 ) -> EdgeTrainingJobStatus:  # fmt: skip
@@ -99,18 +99,22 @@ def summarize(
     bad = [t for t in targets if t.phase == "Failed" and (t.message or "").startswith("VerificationFailed")]
     verified = [t for t in targets if t.sha256]
     if bad:
-        cond("Verified", False, "VerificationFailed", "; ".join(f"{t.cluster}/{t.node or '-'}: {t.message}" for t in bad))
+        cond("Verified", False, "VerificationFailed", "; ".join(f"{t.cluster}/{t.node or '-'}: {t.message}"
+                                                                for t in bad))  # fmt: skip
     else:
         cond("Verified", bool(verified), "PackagesVerified" if verified else "NothingToVerify",
              f"{len(verified)} package(s) verified (SHA-256 of every file, signature when configured)")  # fmt: skip
     if registered:
-        where = (
-            f"{obs.result.mlflow_model} version {obs.result.mlflow_version}" if obs.result and obs.result.mlflow_version
-            else ", ".join(f"{t.cluster}/{t.node or '-'} → version {t.mlflow_version}" for t in targets if t.mlflow_version)
-        )  # fmt: skip
+        if obs.result and obs.result.mlflow_version:
+            where = f"{obs.result.mlflow_model} version {obs.result.mlflow_version}"
+        else:
+            where = ", ".join(f"{t.cluster}/{t.node or '-'} → version {t.mlflow_version}"
+                              for t in targets if t.mlflow_version)  # fmt: skip
         cond("Registered", True, "ModelVersionCreated", f"registered in MLflow: {where}")
     else:
-        reason = "RegistrationBlocked" if obs.blocked else "RegistryUnavailable" if obs.pending_error else "NotYetRegistered"
+        reason = "NotYetRegistered"
+        if obs.pending_error:
+            reason = "RegistrationBlocked" if obs.blocked else "RegistryUnavailable"
         cond("Registered", False, reason,
              obs.pending_error or "no verified adapter to register yet")  # fmt: skip
     if phase == "Succeeded":

@@ -173,7 +173,12 @@ def _mounts(spec: EdgeTrainingJobSpec) -> list[dict[str, Any]]:
 
 
 def trainer_job(
-    spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings, profile: AcceleratorProfile,
+    spec: EdgeTrainingJobSpec,
+    job: JobRef,
+    target: Target,
+    settings: Settings,
+    profile: AcceleratorProfile,
+    *,
     candidates: list[str] | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs one trainer: budgets as resources and deadline, the accelerator
@@ -257,7 +262,10 @@ def trainer_job(
         )
     annotations = {ANNOTATION_CLUSTER: target.cluster, **({ANNOTATION_NODE: target.node} if target.node else {})}
     metadata: dict[str, Any] = {
-        "name": child_name(job, target), "namespace": job.namespace, "labels": labels, "annotations": annotations,
+        "name": child_name(job, target),
+        "namespace": job.namespace,
+        "labels": labels,
+        "annotations": annotations,
     }
     if target.cluster == "local":  # owner references cannot cross clusters
         metadata["ownerReferences"] = [owner_reference(job)]

@@ -1,0 +1,48 @@
+"""The operator's clients against the real servers: idempotent MLflow registration, and errors that
+say what happened (not found, unreachable) for MLflow and Kubernetes."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edgetune_operator.clients.kube import NAMESPACES, Kube, NotFoundError, UnreachableError
+from edgetune_operator.clients.mlflow import Mlflow, MlflowUnavailableError
+from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.procs import free_port
+from edgetune_testenv.servers import MlflowServer
+
+pytestmark = pytest.mark.e2e
+
+
+def test_registration_is_idempotent_by_package_digest(mlflow_server: MlflowServer) -> None:
+    client = Mlflow(mlflow_server.url)
+    args = {
+        "experiment": "clients-test", "model": "idem-adapter", "alias": "candidate", "source": "s3://b/p",
+        "run_name": "r", "params": {"peft.r": "8"}, "metrics_": {"eval_loss": 0.5}, "tags": {"edgetune.job": "j"},
+    }  # fmt: skip
+    first = client.register(digest="1" * 64, **args)  # type: ignore[arg-type]
+    again = client.register(digest="1" * 64, **args)  # type: ignore[arg-type]
+    assert first.created and not again.created
+    assert (again.version, again.run_id) == (first.version, first.run_id)
+    other = client.register(digest="2" * 64, **args)  # type: ignore[arg-type]
+    assert other.version != first.version and other.run_id != first.run_id
+    assert len(client.versions("idem-adapter")) == 2
+    alias = client.call("GET", "registered-models/alias", query={"name": "idem-adapter", "alias": "candidate"})
+    assert alias["model_version"]["version"] == other.version
+
+
+def test_mlflow_down_is_a_retryable_error() -> None:
+    with pytest.raises(MlflowUnavailableError, match="did not answer"):
+        Mlflow(f"http://127.0.0.1:{free_port()}").experiment_id("x")
+
+
+def test_kube_errors_name_the_problem(hub: ControlPlane) -> None:
+    kube = Kube.from_kubeconfig_dict(yaml.safe_load(hub.kubeconfig.read_text()), "hub")
+    assert kube.version().startswith("v1.36")
+    with pytest.raises(NotFoundError):
+        kube.get(NAMESPACES, "no-such-namespace")
+    assert kube.get_or_none(NAMESPACES, "no-such-namespace") is None
+    config = yaml.safe_load(hub.kubeconfig.read_text().replace(hub.server, f"https://127.0.0.1:{free_port()}"))
+    with pytest.raises(UnreachableError, match="cluster dead"):
+        Kube.from_kubeconfig_dict(config, "dead").version()

@@ -1,0 +1,224 @@
+"""Pure operator logic: placement and data sufficiency, status and Events, registration metadata,
+the shared codec and FedAvg packaging."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgetune_api import codec
+from edgetune_api.delta import DeltaManifest, FileEntry, Lineage, verify_package
+from edgetune_api.meta import LabelSelector
+from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
+from edgetune_operator.controllers.clusters import count_nodes
+from edgetune_operator.delta.aggregate import Verified, aggregate
+from edgetune_operator.delta.fedavg import AggregationError
+from edgetune_operator.reconcile import registration
+from edgetune_operator.reconcile.placement import SAMPLES_ANNOTATION, Node, data_key, plan
+from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
+from edgetune_operator.reconcile.training_job import JobRef
+from edgetune_operator.settings import Settings, default_profiles
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+PROFILES = default_profiles()
+
+
+def spec(**overrides: Any) -> EdgeTrainingJobSpec:
+    base: dict[str, Any] = {
+        "baseModel": {"uri": "builtin:timeseries-cnn"},
+        "data": {"source": {"hostPath": "/data/x/"}, "format": "npy"},
+        "budgets": {"memory": "2Gi"},
+        "output": {"s3": {"bucket": "adapters"}, "mlflow": {"registeredModel": "m"}},
+    }
+    base.update(overrides)
+    return EdgeTrainingJobSpec.model_validate(base)
+
+
+def node(name: str, resources: dict[str, str] | None = None, samples: Any = None, *, ready: bool = True,
+         unschedulable: bool = False, labels: dict[str, str] | None = None) -> Node:  # fmt: skip
+    annotations = {} if samples is None else {SAMPLES_ANNOTATION: samples if isinstance(samples, str) else
+                                              json.dumps(samples)}  # fmt: skip
+    return Node.from_wire({
+        "metadata": {"name": name, "labels": labels or {}, "annotations": annotations},
+        "spec": {"unschedulable": unschedulable},
+        "status": {"allocatable": {"cpu": "4", **(resources or {})},
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    })  # fmt: skip
+
+
+GPU = {"nvidia.com/gpu": "1"}
+NPU = {"hailo.ai/h8": "1"}
+
+
+def test_accelerators_pick_only_their_nodes_and_cpu_keeps_off_accelerators() -> None:
+    nodes = [node("g", GPU), node("n", NPU), node("c"), node("g-down", GPU, ready=False),
+             node("g-cordoned", GPU, unschedulable=True)]  # fmt: skip
+    gpu = plan("local", spec(placement={"accelerator": "gpu", "perNode": True}), nodes, PROFILES)
+    assert [t[0] for t in gpu.targets] == ["g"]
+    npu = plan("local", spec(placement={"accelerator": "npu", "perNode": True}), nodes, PROFILES)
+    assert [(t[0], t[1].resource) for t in npu.targets] == [("n", "hailo.ai/h8")]  # any NPU vendor
+    cpu = plan("local", spec(placement={"accelerator": "cpu", "perNode": True}), nodes, PROFILES)
+    assert [t[0] for t in cpu.targets] == ["c"]
+    anything = plan("local", spec(placement={"accelerator": "any", "perNode": True}), nodes, PROFILES)
+    assert [t[0] for t in anything.targets] == ["c", "g", "n"]
+    two = plan("local", spec(placement={"accelerator": "gpu", "acceleratorCount": 2}), nodes, PROFILES)
+    assert two.targets == [] and two.waiting and "no ready node" in two.waiting
+
+
+def test_node_selector_and_max_nodes() -> None:
+    nodes = [node(f"g{i}", GPU, labels={"zone": "a" if i < 3 else "b"}) for i in range(5)]
+    out = plan("x", spec(placement={"accelerator": "gpu", "perNode": True, "maxNodes": 2,
+                                    "nodeSelector": {"zone": "b"}}), nodes, PROFILES)  # fmt: skip
+    assert [t[0] for t in out.targets] == ["g3", "g4"]
+    out = plan("x", spec(placement={"accelerator": "gpu", "perNode": True, "maxNodes": 2}), nodes, PROFILES)
+    assert [t[0] for t in out.targets] == ["g0", "g1"]
+
+
+def test_data_sufficiency_from_node_reports() -> None:
+    job = spec(data={"source": {"hostPath": "/data/x/"}, "format": "npy", "minSamples": 100},
+               placement={"accelerator": "gpu"})  # fmt: skip
+    assert data_key(job) == "/data/x"
+    nodes = [node("a", GPU, {"/data/x": 40}), node("b", GPU), node("c", GPU, "not json"), node("d", GPU, {"/y": 500})]
+    out = plan("edge", job, nodes, PROFILES)
+    assert out.targets == []
+    assert out.waiting == ("cluster edge: no node reports 100 samples under '/data/x' yet "
+                           "(a has 40, b has no report, c has no report, d has no report)")  # fmt: skip
+    nodes.append(node("e", GPU, {"/data/x": 150}))
+    nodes.append(node("f", GPU, {"/data/x": 100}))
+    out = plan("edge", job, nodes, PROFILES)
+    assert [(t[0], t[2]) for t in out.targets] == [(None, ["e", "f"])]  # one trainer, pinned to nodes with data
+    assert out.samples == {"a": 40, "e": 150, "f": 100}
+    pvc = spec(data={"source": {"persistentVolumeClaim": {"claimName": "line-3"}}, "format": "csv"})
+    assert data_key(pvc) == "pvc:line-3"
+    # minSamples 1 (the default) needs no report at all
+    assert plan("edge", spec(placement={"accelerator": "gpu"}), [node("z", GPU)], PROFILES).targets
+
+
+def test_label_selector_semantics() -> None:
+    labels = {"region": "eu", "site": "farm"}
+    assert LabelSelector.model_validate({}).matches(labels)
+    assert LabelSelector.model_validate({"matchLabels": {"region": "eu"}}).matches(labels)
+    assert not LabelSelector.model_validate({"matchLabels": {"region": "us"}}).matches(labels)
+    expr = [{"key": "site", "operator": "In", "values": ["farm", "shop"]}, {"key": "tier", "operator": "DoesNotExist"}]
+    assert LabelSelector.model_validate({"matchExpressions": expr}).matches(labels)
+    assert not LabelSelector.model_validate({"matchExpressions": [{"key": "site", "operator": "NotIn",
+                                                                   "values": ["farm"]}]}).matches(labels)  # fmt: skip
+    assert not LabelSelector.model_validate({"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}).matches(
+        labels)  # fmt: skip
+
+
+def target(phase: str, **kw: Any) -> TargetStatus:
+    return TargetStatus(cluster=kw.pop("cluster", "local"), phase=phase, **kw)  # type: ignore[arg-type]
+
+
+def cond(status: EdgeTrainingJobStatus, kind: str) -> tuple[str, str]:
+    c = next(c for c in status.conditions if c.type == kind)
+    return c.status, c.reason
+
+
+def test_status_phases_follow_the_targets() -> None:
+    job = spec()
+    old = EdgeTrainingJobStatus()
+    waiting = summarize(job, 1, old, Observation(waiting=["cluster local: no node reports 5 samples"]), NOW)
+    assert waiting.phase == "WaitingForData" and cond(waiting, "DataSufficient") == ("False", "WaitingForData")
+    training = summarize(job, 1, waiting, Observation(targets=[target("Training", node="n1", job_name="j")]), NOW)
+    assert training.phase == "Training" and training.start_time == NOW
+    assert cond(training, "Scheduled") == ("True", "TrainersBound") and cond(training, "Training")[0] == "True"
+    result = TrainingResult(mlflow_model="m", mlflow_version="3", sha256="a" * 64)
+    done = summarize(job, 1, training, Observation(targets=[target("Succeeded", node="n1", sha256="a" * 64)],
+                                                   result=result), NOW)  # fmt: skip
+    assert done.phase == "Succeeded" and done.completion_time == NOW and done.progress == "1/1"
+    assert cond(done, "Registered") == ("True", "ModelVersionCreated") and cond(done, "Succeeded")[0] == "True"
+    reasons = [r for r, _, _ in transitions(training, done)]
+    assert "Verified" in reasons and "Registered" in reasons and "Succeeded" in reasons
+    assert transitions(done, summarize(job, 1, done, Observation(targets=done.targets, result=result), NOW)) == []
+    assert same(done, summarize(job, 1, done, Observation(targets=done.targets, result=result), NOW))
+
+
+def test_partial_success_failure_and_suspension() -> None:
+    job = spec()
+    old = EdgeTrainingJobStatus()
+    targets = [target("Succeeded", cluster="a", node="n", mlflow_version="1", sha256="b" * 64),
+               target("Failed", cluster="b", message="ClusterUnreachable: gone")]  # fmt: skip
+    partial = summarize(job, 1, old, Observation(targets=targets, unreachable={"b": "refused"}), NOW)
+    assert partial.phase == "Succeeded" and cond(partial, "Succeeded") == ("True", "PartiallySucceeded")
+    assert "b/-: ClusterUnreachable: gone" in next(c.message for c in partial.conditions if c.type == "Succeeded")
+    warnings = {r for r, _, w in transitions(old, partial) if w}
+    assert "ClusterUnreachable" in warnings
+    failed = summarize(job, 1, old, Observation(targets=[target("Failed", message="VerificationFailed: x")]), NOW)
+    assert failed.phase == "Failed" and cond(failed, "Verified") == ("False", "VerificationFailed")
+    assert ("VerificationFailed", "local/-: VerificationFailed: x", True) in transitions(old, failed)
+    fed = spec(placement={"perNode": True}, aggregation={"strategy": "fedavg", "minParticipants": 3})
+    short = summarize(fed, 1, old, Observation(targets=[target("Succeeded"), target("Succeeded"), target("Failed")]))
+    assert short.phase == "Failed" and "3 needed" in next(c.message for c in short.conditions if c.type == "Failed")
+    suspended = summarize(spec(suspend=True), 2, old, Observation(), NOW)
+    assert suspended.phase == "Suspended" and suspended.observed_generation == 2
+    blocked = summarize(job, 1, old, Observation(targets=[target("Packaging", node="n")],
+                                                 pending_error="MlflowUnavailableError: down"), NOW)  # fmt: skip
+    assert blocked.phase == "Packaging" and cond(blocked, "Registered") == ("False", "RegistryUnavailable")
+
+
+def manifest(samples: int, **kw: Any) -> DeltaManifest:
+    return DeltaManifest(
+        encoding=kw.pop("encoding", "fp32"), files={}, peft={"r": 2}, steps=4, duration_s=1.0,
+        metrics={"eval_loss": kw.pop("loss", 1.0)}, adapter_bytes=0, created_at="2026-11-22T10:00:00Z",
+        lineage=Lineage(base_model_uri="builtin:x", base_model_sha256="c" * 64, data_sha256="d" * 64, samples=samples,
+                        data_format="npy", job_namespace="ns", job_name="j", job_uid="u", cluster="local",
+                        node=kw.pop("node", "n1"), trainer_version="0.1.0"),
+        **kw,
+    )  # fmt: skip
+
+
+def test_registration_tags_and_aliases() -> None:
+    job = JobRef("j", "ns", "u")
+    tags = registration.tags(job, manifest(10), "e" * 64, "s3://b/p")
+    assert tags["edgetune.job"] == "j" and tags["edgetune.nodes"] == "n1" and tags["edgetune.delta_sha256"] == "e" * 64
+    assert tags["edgetune.base_model_sha256"] == "c" * 64 and tags["edgetune.aggregation"] == "none"
+    assert registration.target_alias("candidate", "edge-a", "Node.7") == "candidate-edge-a-node-7"
+    values = registration.metric_values(manifest(10))
+    assert values["samples"] == 10 and values["eval_loss"] == 1.0
+
+
+def package(state: dict[str, np.ndarray], samples: int, node: str, encoding: str = "fp32") -> Verified:
+    weights = codec.encode(state, encoding)
+    files = {codec.WEIGHTS[encoding]: weights}
+    from edgetune_api.delta import sha256_bytes  # noqa: PLC0415
+
+    m = manifest(samples, node=node, encoding=encoding).model_copy(
+        update={"files": {k: FileEntry(sha256=sha256_bytes(v), bytes=len(v)) for k, v in files.items()}}
+    )
+    return Verified(uri=f"s3://b/{node}", digest=sha256_bytes(node.encode()), manifest=m, files=files)
+
+
+def test_fedavg_package_is_weighted_verifiable_and_deterministic() -> None:
+    a = package({"w": np.ones((4, 4), np.float32)}, 30, "n1")
+    b = package({"w": np.zeros((4, 4), np.float32)}, 10, "n2")
+    digest, m, files = aggregate([a, b], signing_key_pem=None)
+    assert np.allclose(codec.decode(files["adapter.safetensors"], "fp32")["w"], 0.75)
+    assert verify_package(files).lineage.samples == 40
+    assert [s["node"] for s in m.sources] == sorted(["n1", "n2"], key=lambda n: {"n1": a.digest, "n2": b.digest}[n])
+    assert aggregate([b, a], signing_key_pem=None)[0] == digest  # order-independent, same bytes
+    other = package({"w": np.zeros((2, 2), np.float32)}, 10, "n3")
+    with pytest.raises(AggregationError):
+        aggregate([a, other], signing_key_pem=None)
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8-zstd", "int4-zstd"])
+def test_codec_round_trip_within_the_encodings_error(encoding: str) -> None:
+    rng = np.random.default_rng(0)
+    state = {"lora_A": rng.normal(size=(8, 300)).astype(np.float32), "b": rng.normal(size=(7,)).astype(np.float32)}
+    out = codec.decode(codec.encode(state, encoding), encoding)
+    tolerance = {"fp32": 0, "fp16": 1e-2, "int8-zstd": 0.05, "int4-zstd": 0.6}[encoding]
+    for name, array in state.items():
+        assert out[name].shape == array.shape and out[name].dtype == np.float32
+        assert float(np.abs(out[name] - array).max()) <= tolerance
+
+
+def test_node_counts_by_accelerator() -> None:
+    counts = count_nodes([node("g", GPU), node("n", {"rockchip.com/npu": "2"}), node("c"), node("x", ready=False)],
+                         Settings())  # fmt: skip
+    assert (counts.gpu, counts.npu, counts.cpu) == (1, 1, 1)
