@@ -290,3 +290,21 @@ def test_helm_chart_installs_the_crds(edge_b: ControlPlane) -> None:
         "customresourcedefinition.apiextensions.k8s.io/edgeclusters.edgetune.io",
         "customresourcedefinition.apiextensions.k8s.io/edgetrainingjobs.edgetune.io",
     ]
+    # The operator's Deployment comes up (kwok runs its pod), locked down as a pod must be.
+    edge_b.kubectl("-n", "edgetune-system", "rollout", "status", "deploy/edgetune-operator", "--timeout=60s")
+    pod = json.loads(edge_b.kubectl("-n", "edgetune-system", "get", "pods", "-l",
+                                    "app.kubernetes.io/component=operator", "-o", "json").stdout)["items"][0]  # fmt: skip
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_plain_manifests_are_the_rendered_chart_and_apply(edge_a: ControlPlane) -> None:
+    from edgetune_testenv.__main__ import render_manifests  # noqa: PLC0415
+
+    committed = (REPO / "deploy" / "edgetune.yaml").read_text()
+    assert committed == render_manifests(), "deploy/edgetune.yaml is stale: run `make manifests`"
+    edge_a.kubectl("apply", "--server-side", "-f", str(REPO / "deploy" / "edgetune.yaml"))
+    role = json.loads(edge_a.kubectl("get", "clusterrole", "edgetune-operator", "-o", "json").stdout)
+    secrets = next(r for r in role["rules"] if "secrets" in r["resources"])
+    assert sorted(secrets["verbs"]) == ["get", "list"]  # least privilege: the operator never writes hub Secrets
+    edge_a.kubectl("-n", "edgetune-system", "rollout", "status", "deploy/edgetune-operator", "--timeout=60s")
