@@ -23,7 +23,6 @@ from edgetune_testenv.errors import EnvironmentSetupError
 from edgetune_testenv.nodes import ACCELERATOR_LABEL, GPU_RESOURCE, NPU_RESOURCE, default_fleet
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 
-
 REPO = Path(__file__).resolve().parents[3]
 
 
