@@ -14,8 +14,9 @@ from edgetune_api import codec
 from edgetune_api.delta import DeltaManifest, FileEntry, Lineage, verify_package
 from edgetune_api.meta import LabelSelector
 from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
+from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import count_nodes
-from edgetune_operator.delta.aggregate import Verified, aggregate
+from edgetune_operator.delta.aggregate import aggregate
 from edgetune_operator.delta.fedavg import AggregationError
 from edgetune_operator.reconcile import registration
 from edgetune_operator.reconcile.placement import SAMPLES_ANNOTATION, Node, data_key, plan

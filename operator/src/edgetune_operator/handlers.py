@@ -82,7 +82,7 @@ JOB = (GROUP, VERSION, "edgetrainingjobs")
 @kopf.on.create(*JOB)
 @kopf.on.update(*JOB, field="spec")
 def training_job_changed(body: kopf.Body, **_: Any) -> None:
-    RUNTIME.jobs.reconcile(dict(body))
+    RUNTIME.jobs.reconcile(dict(body), refetch=False)  # kopf's copy is the one that just changed
 
 
 @kopf.timer(*JOB, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
@@ -101,8 +101,12 @@ def training_job_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT})
 def trainer_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
-    if type is None:  # the initial listing: resume handles those jobs
+    if type in (None, "ADDED"):  # the initial listing (resume handles those jobs), or our own creation
         return
+    status = body.get("status") or {}
+    if type == "MODIFIED" and not (status.get("ready") or status.get("succeeded") or status.get("failed")
+                                   or status.get("conditions")):  # fmt: skip
+        return  # pod created, not yet running: nothing the job's status shows
     name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_JOB)
     if name:
         RUNTIME.jobs.reconcile_named(body["metadata"]["namespace"], name)

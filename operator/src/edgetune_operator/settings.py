@@ -74,6 +74,8 @@ class Settings(BaseModel):
     """Port of the operator's /metrics; 0 disables it."""
     health_port: Annotated[int, Field(ge=0, le=65535)] = 8081
     """Port of the liveness endpoint (/healthz); 0 disables it."""
+    node_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
+    """Nodes of a cluster are listed at most this often (placement and sample counts may lag by as much)."""
     workers: Annotated[int, Field(ge=1, le=256)] = 8
     """Threads running reconciles (calls to Kubernetes, S3 and MLflow block)."""
 

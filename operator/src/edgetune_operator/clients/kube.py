@@ -148,10 +148,14 @@ class Kube:
     def list(
         self, resource: Resource, namespace: str | None = None, *, labels: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
+        """Every object; label-selected lists (small) in one call from the apiserver's watch cache,
+        unselected ones (nodes) in pages of 500 to bound memory."""
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
+        if not labels:
+            query.append(("limit", "500"))
         items: list[dict[str, Any]] = []
         while True:
-            page = self.call("GET", resource.path(namespace), query=[*query, ("limit", "500")])
+            page = self.call("GET", resource.path(namespace), query=query)
             items.extend(page.get("items") or [])
             token = (page.get("metadata") or {}).get("continue")
             if not token:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 from edgetune_api.delta import DeltaManifest, verify_package
 
 MAX_PACKAGE_BYTES = 512 * 2**20  # a delta is KB to MB; anything near this is not one
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A package fetched from S3 and verified: where, its digest, manifest and files."""
+
+    uri: str
+    digest: str
+    manifest: DeltaManifest
+    files: dict[str, bytes]
 
 
 class PackageNotFoundError(LookupError):

@@ -40,6 +40,8 @@ class Clusters:
         self.settings = settings
         self._cache: dict[str, _Entry] = {}
         self._probed: dict[tuple[str, Any], float] = {}
+        self._nodes: dict[str, tuple[float, list[Node]]] = {}
+        self._node_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def select(self, selector: LabelSelector | None) -> list[str]:
@@ -92,6 +94,19 @@ class Clusters:
         if old:
             old.kube.close()
         return kube
+
+    def nodes(self, cluster: str, kube: Kube) -> list[Node]:
+        """The cluster's nodes, listed at most every ``node_cache_seconds`` (a list of 1000 nodes is
+        megabytes; every job of the cluster shares one), one lister at a time per cluster."""
+        with self._lock:
+            lock = self._node_locks.setdefault(cluster, threading.Lock())
+        with lock:
+            cached = self._nodes.get(cluster)
+            if cached and time.monotonic() - cached[0] < self.settings.node_cache_seconds:
+                return cached[1]
+            nodes = [Node.from_wire(n) for n in kube.list(NODES)]
+            self._nodes[cluster] = (time.monotonic(), nodes)
+            return nodes
 
     def forget(self, name: str) -> None:
         with self._lock:

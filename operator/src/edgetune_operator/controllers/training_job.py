@@ -34,9 +34,8 @@ from edgetune_operator.clients.kube import (
     UnreachableError,
 )  # fmt: skip
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
+from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
-from edgetune_operator.delta.aggregate import Verified, aggregate
-from edgetune_operator.delta.fedavg import AggregationError
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
@@ -97,9 +96,11 @@ class TrainingJobController:
             body = self.hub.get(TRAINING_JOBS, name, namespace)
         except NotFoundError:
             return
-        self.reconcile(body)
+        self.reconcile(body, refetch=False)
 
-    def reconcile(self, body: dict[str, Any]) -> EdgeTrainingJobStatus:
+    def reconcile(self, body: dict[str, Any], *, refetch: bool = True) -> EdgeTrainingJobStatus:
+        """``refetch``: read the job again first (the caller's copy may be older than a status this
+        operator wrote meanwhile)."""
         meta = body["metadata"]
         status = body.get("status") or {}
         finished = status.get("phase") in ("Succeeded", "Failed")
@@ -109,7 +110,7 @@ class TrainingJobController:
         result = "ok"
         try:
             with self._serialised(meta["uid"]):
-                return self._reconcile(body)
+                return self._reconcile(body, refetch=refetch)
         except Exception as exc:
             result = "error"
             self._report_error(body, exc)
@@ -118,11 +119,11 @@ class TrainingJobController:
             metrics.RECONCILES.labels("EdgeTrainingJob", result).inc()
             metrics.RECONCILE_SECONDS.labels("EdgeTrainingJob").observe(time.perf_counter() - started)
 
-    def _reconcile(self, body: dict[str, Any]) -> EdgeTrainingJobStatus:
+    def _reconcile(self, body: dict[str, Any], *, refetch: bool) -> EdgeTrainingJobStatus:
         meta = body["metadata"]
         job = JobRef(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)))
-        # The freshest copy: a child's event or the timer may carry an older one.
-        body = self.hub.get_or_none(TRAINING_JOBS, job.name, job.namespace) or body
+        if refetch:
+            body = self.hub.get_or_none(TRAINING_JOBS, job.name, job.namespace) or body
         if body["metadata"]["uid"] != job.uid or body["metadata"].get("deletionTimestamp"):
             return EdgeTrainingJobStatus()
         job = JobRef(job.name, job.namespace, job.uid, int(body["metadata"].get("generation", 1)))
@@ -191,9 +192,11 @@ class TrainingJobController:
         try:
             kube = self.clusters.get(cluster)
             children = kube.list(JOBS, job.namespace, labels={LABEL_JOB_UID: job.uid})
+            fresh = False
             if not children and not spec.suspend:
                 children = self._start(spec, job, cluster, kube, obs)
-            pods = kube.list(PODS, job.namespace, labels={LABEL_JOB_UID: job.uid}) if children else []
+                fresh = all(not c.get("status") for c in children)  # just created: no pods yet
+            pods = kube.list(PODS, job.namespace, labels={LABEL_JOB_UID: job.uid}) if children and not fresh else []
             for child in sorted(children, key=lambda c: c["metadata"]["name"]):
                 annotations = child["metadata"].get("annotations") or {}
                 target = Target(annotations.get(ANNOTATION_CLUSTER, cluster), annotations.get(ANNOTATION_NODE))
@@ -261,7 +264,7 @@ class TrainingJobController:
     def _start(
         self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, kube: Kube, obs: Observation
     ) -> list[dict[str, Any]]:
-        nodes = [placement.Node.from_wire(n) for n in kube.list(NODES)]
+        nodes = self.clusters.nodes(cluster, kube)
         plan = placement.plan(cluster, spec, nodes, self.settings.accelerator_profiles)
         if plan.waiting:
             obs.waiting.append(plan.waiting)
@@ -413,6 +416,9 @@ class TrainingJobController:
             packages.append(package)
         if len(packages) < spec.aggregation.min_participants:
             return
+        from edgetune_operator.delta.aggregate import aggregate  # noqa: PLC0415 - numpy only when averaging
+        from edgetune_operator.delta.fedavg import AggregationError  # noqa: PLC0415
+
         try:
             digest, manifest, files = aggregate(packages, signing_key_pem=private)
         except AggregationError as exc:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
 from edgetune_api import codec
 from edgetune_api.delta import (
@@ -21,17 +20,8 @@ from edgetune_api.delta import (
     sha256_bytes,
     sign,
 )
+from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.delta.fedavg import AggregationError, fedavg
-
-
-@dataclass(frozen=True)
-class Verified:
-    """One node's verified package."""
-
-    uri: str
-    digest: str
-    manifest: DeltaManifest
-    files: dict[str, bytes]
 
 
 def aggregate(

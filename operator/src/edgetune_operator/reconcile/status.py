@@ -12,6 +12,8 @@ from edgetune_operator.reconcile.training_job import set_condition
 
 FINISHED = ("Succeeded", "Failed")
 WARNING_CONDITIONS = {("Failed", "True"), ("Verified", "False"), ("ClustersReachable", "False")}
+QUIET = {"DataSufficient", "ClustersReachable", "Reconciled", "Training"}
+"""Conditions whose becoming True is not worth an Event of its own (Scheduled, Verified, … are)."""
 WARNING_REASONS = {"RegistrationBlocked", "RegistryUnavailable", "VerificationFailed", "ClusterUnreachable"}
 
 
@@ -156,6 +158,8 @@ def transitions(old: EdgeTrainingJobStatus, new: EdgeTrainingJobStatus) -> list[
             continue
         warning = (c.type, c.status) in WARNING_CONDITIONS or c.reason in WARNING_REASONS
         if c.status == "False" and not warning and c.type != "DataSufficient":
+            continue
+        if c.status == "True" and c.type in QUIET and not warning:
             continue
         reason = c.type if c.status == "True" else c.reason
         events.append((reason, c.message or c.type, warning))
