@@ -262,3 +262,41 @@ def test_bad_references_are_reported_on_the_job(
     assert failed["status"] == "True" and "no/such/model.safetensors" in failed["message"], failed
     hub_crds.kubectl("delete", "edgecluster", "shop-7")
     api.close()
+
+
+def test_suspend_holds_a_job_and_deletion_cleans_up_edge_clusters(
+    operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    edge_a_executor: PodExecutor, s3: S3Server,
+) -> None:  # fmt: skip
+    _hub_data(edge_a_executor, "factory-cpu-0", "factory-cpu-1")
+    api = hub_crds.api_client()
+    core = k8s.CoreV1Api(api)
+    ns = new_namespace(core)
+    s3_secret(core, ns, s3.env())
+    manifest = job_manifest("held", placement={"accelerator": "cpu", "clusterSelector": {
+        "matchLabels": {"site": "factory"}}}, suspend=True)  # fmt: skip
+    manifest["spec"]["training"]["maxSteps"] = 400  # still running when deleted
+    create(api, ns, manifest)
+    eventually(lambda: (get(api, ns, "held").get("status") or {}).get("phase") == "Suspended", what="Suspended")
+    edge_api = fleet["edge-a"].api_client()
+    edge_batch = k8s.BatchV1Api(edge_api)
+
+    def edge_jobs() -> list[Any]:
+        try:
+            return list(edge_batch.list_namespaced_job(ns).items)
+        except k8s.ApiException:
+            return []
+
+    assert edge_jobs() == []  # nothing started while suspended
+    k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
+        "edgetune.io", "v1alpha1", ns, "edgetrainingjobs", "held", {"spec": {"suspend": False}}
+    )
+    eventually(edge_jobs, timeout=60, what="the trainer Job on edge-a")
+    eventually(lambda: (get(api, ns, "held").get("status") or {}).get("phase") == "Training", timeout=120,
+               what="Training")  # fmt: skip
+    k8s.CustomObjectsApi(api).delete_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs", "held")
+    eventually(lambda: edge_jobs() == [], timeout=60, what="the edge trainer Job to be deleted")
+    eventually(lambda: not k8s.CoreV1Api(edge_api).list_namespaced_config_map(
+        ns, label_selector="edgetune.io/training-job=held").items, what="the edge ConfigMap to be deleted")  # fmt: skip
+    edge_api.close()
+    api.close()
