@@ -1,13 +1,15 @@
 """kopf handlers: thin. Each one hands the object to a controller's level-based reconcile.
 
-Triggers for an EdgeTrainingJob: create, spec update, resume (operator start), a resync timer
-(edge clusters are polled), and any event of a local trainer Job (so a finished trainer is noticed
-at once). All lead to the same ``reconcile``; none depends on which came first.
+Triggers for an EdgeTrainingJob: create, spec update, resume (operator start), progress events of
+local trainer Jobs (so a finished trainer is noticed at once), and one operator-wide resync loop
+(edge clusters are polled; see ``TrainingJobController.resync_loop``). All lead to the same
+``reconcile``; none depends on which came first.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -31,6 +33,7 @@ class Runtime:
     settings: Settings
     clusters: Clusters
     jobs: TrainingJobController
+    resync: threading.Thread
 
 
 RUNTIME = Runtime()
@@ -85,9 +88,16 @@ def training_job_changed(body: kopf.Body, **_: Any) -> None:
     RUNTIME.jobs.reconcile(dict(body), refetch=False)  # kopf's copy is the one that just changed
 
 
-@kopf.timer(*JOB, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
-def training_job_resync(body: kopf.Body, **_: Any) -> None:
-    RUNTIME.jobs.reconcile(dict(body))
+@kopf.on.startup()
+def start_resync(**_: Any) -> None:
+    """One loop for all jobs instead of a kopf timer per object (a task and its state each)."""
+    RUNTIME.resync = threading.Thread(target=RUNTIME.jobs.resync_loop, name="resync", daemon=True)
+    RUNTIME.resync.start()
+
+
+@kopf.on.cleanup()
+def stop_resync(**_: Any) -> None:
+    RUNTIME.jobs.stop.set()
 
 
 @kopf.on.delete(*JOB)

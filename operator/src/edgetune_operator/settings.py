@@ -68,6 +68,10 @@ class Settings(BaseModel):
     """Where trainers push their metrics (Prometheus cannot scrape pods on remote edge clusters)."""
     resync_seconds: Annotated[float, Field(gt=0)] = 10.0
     """How often every unfinished job is reconciled even without events (edge clusters are polled at this pace)."""
+    local_resync_seconds: Annotated[float, Field(gt=0)] = 60.0
+    """Resync of jobs whose trainers run in the local cluster (their Jobs' events wake the operator anyway)."""
+    resync_workers: Annotated[int, Field(ge=1, le=64)] = 2
+    """Threads the resync loop may use (the rest of the pool stays free for events and new jobs)."""
     cluster_lost_after_seconds: Annotated[float, Field(gt=0)] = 300.0
     """An edge cluster silent for longer fails its unfinished trainers (the job's other clusters go on)."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8080

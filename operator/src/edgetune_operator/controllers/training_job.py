@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -80,6 +81,9 @@ class TrainingJobController:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._phases: dict[str, str] = {}
+        self._polled: dict[str, tuple[float, bool]] = {}
+        """uid -> (when last reconciled, whether it needs polling: edge clusters, or waiting for data)."""
+        self.stop = threading.Event()
 
     @contextmanager
     def _serialised(self, uid: str) -> Iterator[None]:
@@ -150,7 +154,42 @@ class TrainingJobController:
             for reason, message, warning in transitions(old, new):
                 self.hub.event(body, reason=reason, message=message, warning=warning)
         self._count_phase(job.uid, new.phase or "Pending")
+        needs_polling = any(t.cluster != LOCAL for t in obs.targets) or not obs.targets or bool(obs.unreachable)
+        self._polled[job.uid] = (time.monotonic(), needs_polling or bool(obs.pending_error))
         return new
+
+    def resync_loop(self) -> None:
+        """Reconcile unfinished jobs nobody else reconciled lately: every ``resync_seconds`` those on
+        edge clusters (polled), waiting for data, or held up by S3/MLflow; every
+        ``local_resync_seconds`` those whose local trainer Jobs report through events anyway. At
+        most ``resync_workers`` at a time, so events and new jobs keep the rest of the pool."""
+        pool = ThreadPoolExecutor(self.settings.resync_workers, thread_name_prefix="resync")
+        while not self.stop.wait(self.settings.resync_seconds):
+            try:
+                items = self.hub.list(TRAINING_JOBS)
+            except (KubeError, UnreachableError):
+                log.warning("resync: cannot list EdgeTrainingJobs", exc_info=True)
+                continue
+            now = time.monotonic()
+            due = []
+            for body in items:
+                meta, status = body["metadata"], body.get("status") or {}
+                if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get(
+                        "generation"):  # fmt: skip
+                    continue
+                last, polled = self._polled.get(meta["uid"], (float("-inf"), True))
+                interval = self.settings.resync_seconds if polled else self.settings.local_resync_seconds
+                if now - last >= 0.9 * interval:
+                    due.append(body)
+            for _ in pool.map(self._resync_one, due):
+                pass
+        pool.shutdown(wait=False)
+
+    def _resync_one(self, body: dict[str, Any]) -> None:
+        try:
+            self.reconcile(body, refetch=False)  # the list just read it
+        except Exception:
+            log.debug("resync of %s failed", body["metadata"]["name"], exc_info=True)
 
     def _report_error(self, body: dict[str, Any], exc: Exception) -> None:
         """An unexpected failure: a condition and a Warning Event say so; kopf retries with backoff."""
@@ -170,6 +209,7 @@ class TrainingJobController:
         with self._locks_guard:
             self._locks.pop(uid, None)
         self._phases.pop(uid, None)
+        self._polled.pop(uid, None)
         self._publish_phases()
 
     def _count_phase(self, uid: str, phase: str) -> None:
