@@ -109,14 +109,20 @@ def training_job_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
         log.warning("giving up cleaning %s on %s: unreachable", body["metadata"]["name"], failed)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT})
-def trainer_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
-    if type in (None, "ADDED"):  # the initial listing (resume handles those jobs), or our own creation
-        return
+def _trainer_progress(body: kopf.Body, type: str | None, **_: Any) -> bool:  # noqa: A002 - kopf's name
+    """Only trainer Job events that show progress reach a worker thread: not the initial listing
+    (resume covers those jobs), not our own creation, not a pod merely created. Runs in kopf's
+    event loop, so the thousands of other events cost no thread and no queueing."""
+    if type in (None, "ADDED"):
+        return False
     status = body.get("status") or {}
-    if type == "MODIFIED" and not (status.get("ready") or status.get("succeeded") or status.get("failed")
-                                   or status.get("conditions")):  # fmt: skip
-        return  # pod created, not yet running: nothing the job's status shows
+    return type == "DELETED" or bool(
+        status.get("ready") or status.get("succeeded") or status.get("failed") or status.get("conditions")
+    )
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT}, when=_trainer_progress)
+def trainer_job_event(body: kopf.Body, **_: Any) -> None:
     name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_JOB)
     if name:
         RUNTIME.jobs.reconcile_named(body["metadata"]["namespace"], name)

@@ -31,6 +31,7 @@ class OperatorProcess:
             "EDGETUNE_RESYNC_SECONDS": "2",
             "EDGETUNE_TERMINATION_GRACE_SECONDS": "10",
             "PYTHONUNBUFFERED": "1",
+            "MALLOC_ARENA_MAX": "2",  # as the chart sets it: a threaded Python's RSS stays flatter
             **env,
         }
         self.starts = 0

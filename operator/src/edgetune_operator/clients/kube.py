@@ -148,19 +148,19 @@ class Kube:
     def list(
         self, resource: Resource, namespace: str | None = None, *, labels: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
-        """Every object; label-selected lists (small) in one call from the apiserver's watch cache,
-        unselected ones (nodes) in pages of 500 to bound memory."""
+        """Every object; label-selected lists (small) in one call, unselected ones (nodes, every job)
+        in pages of 200 so the operator never holds megabytes of JSON at once."""
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
         if not labels:
-            query.append(("limit", "500"))
+            query.append(("limit", "200"))
         items: list[dict[str, Any]] = []
+        token = None
         while True:
-            page = self.call("GET", resource.path(namespace), query=query)
+            page = self.call("GET", resource.path(namespace), query=query + ([("continue", token)] if token else []))
             items.extend(page.get("items") or [])
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
-            query = [*query, ("continue", token)]
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create ``obj``; when it exists already, return the existing one (creation is idempotent)."""
