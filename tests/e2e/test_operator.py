@@ -6,6 +6,8 @@ Prometheus."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,6 +25,25 @@ from tests.trainer_support import sine_classes
 pytestmark = pytest.mark.e2e
 
 
+@dataclass
+class Tenant:
+    """A fresh namespace on the hub with the S3 credentials Secret jobs name."""
+
+    api: Any
+    core: Any
+    namespace: str
+
+
+@pytest.fixture
+def tenant(hub_crds: ControlPlane, s3: S3Server) -> Iterator[Tenant]:
+    api = hub_crds.api_client()
+    core = k8s.CoreV1Api(api)
+    ns = new_namespace(core)
+    s3_secret(core, ns, s3.env())
+    yield Tenant(api, core, ns)
+    api.close()
+
+
 def mlflow_versions(mlflow_server: MlflowServer, model: str) -> list[dict[str, Any]]:
     import httpx  # noqa: PLC0415
 
@@ -33,17 +54,14 @@ def mlflow_versions(mlflow_server: MlflowServer, model: str) -> list[dict[str, A
 
 
 def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
-    operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
     edge_a_executor: PodExecutor, edge_b_executor: PodExecutor, s3: S3Server, mlflow_server: MlflowServer,
     prometheus: Prometheus,
 ) -> None:  # fmt: skip
     for executor, prefix in ((edge_a_executor, "factory"), (edge_b_executor, "farm")):
         for i in range(2):
             sine_classes(executor.node_root(f"{prefix}-gpu-{i}") / DATA.lstrip("/"), n=120)
-    api = hub_crds.api_client()
-    core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
-    s3_secret(core, ns, s3.env())
+    api, ns = tenant.api, tenant.namespace
     manifest = job_manifest("gpu-lora", placement={"accelerator": "gpu", "clusterSelector": {
         "matchLabels": {"region": "eu"}}})  # fmt: skip
     create(api, ns, manifest)
@@ -82,7 +100,6 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
         eventually(lambda m=metric: prometheus.query(f'{m}{{namespace="{ns}"}}'), timeout=60, what=metric)
     eventually(lambda: prometheus.query('edgetune_operator_reconciles_total{kind="EdgeTrainingJob"}'), timeout=60,
                what="operator metrics in Prometheus")  # fmt: skip
-    api.close()
 
 
 def _hub_data(executor: PodExecutor, *nodes: str, n: int = 120) -> None:
@@ -91,14 +108,11 @@ def _hub_data(executor: PodExecutor, *nodes: str, n: int = 120) -> None:
 
 
 def test_npu_per_node_job_is_averaged_into_one_adapter(
-    operator_proc: OperatorProcess, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
     mlflow_server: MlflowServer,
 ) -> None:  # fmt: skip
     _hub_data(hub_executor, "hub-npu-0", "hub-npu-1")
-    api = hub_crds.api_client()
-    core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
-    s3_secret(core, ns, s3.env())
+    api, core, ns = tenant.api, tenant.core, tenant.namespace
     create(api, ns, job_manifest("npu-fed", placement={"accelerator": "npu", "perNode": True},
                                  aggregation={"strategy": "fedavg", "minParticipants": 2}))  # fmt: skip
     job = wait_finished(api, ns, "npu-fed")
@@ -116,18 +130,14 @@ def test_npu_per_node_job_is_averaged_into_one_adapter(
     tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
     assert tags["edgetune.aggregation"] == "fedavg" and tags["edgetune.nodes"] == "hub-npu-0,hub-npu-1"
     assert tags["edgetune.delta_sha256"] == result["sha256"]
-    api.close()
 
 
 def test_a_tampered_package_is_refused_and_never_registered(
-    operator_proc: OperatorProcess, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
     mlflow_server: MlflowServer,
 ) -> None:  # fmt: skip
     _hub_data(hub_executor, "hub-gpu-0", "hub-gpu-1")
-    api = hub_crds.api_client()
-    core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
-    s3_secret(core, ns, s3.env())
+    api, core, ns = tenant.api, tenant.core, tenant.namespace
     create(api, ns, job_manifest("tamper", output={
         "s3": {"bucket": "adapters", "credentialsSecretRef": "s3-credentials"},
         "mlflow": {"registeredModel": "tamper-adapter"}, "encoding": "fp16"}))  # fmt: skip
@@ -156,17 +166,13 @@ def test_a_tampered_package_is_refused_and_never_registered(
     assert condition(job, "Failed")["status"] == "True"
     assert ("Warning", "VerificationFailed") in {(t, r) for t, r, _ in events(hub_crds, ns, "tamper")}
     assert mlflow_versions(mlflow_server, "tamper-adapter") == []
-    api.close()
 
 
 def test_a_job_waits_for_data_then_starts_by_itself(
-    operator_proc: OperatorProcess, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
 ) -> None:  # fmt: skip
     _hub_data(hub_executor, "hub-cpu-0", "hub-cpu-1")
-    api = hub_crds.api_client()
-    core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
-    s3_secret(core, ns, s3.env())
+    api, core, ns = tenant.api, tenant.core, tenant.namespace
     for node in ("hub-cpu-0", "hub-cpu-1"):
         hub_crds.kubectl("annotate", "--overwrite", "node", node, f'edgetune.io/samples={{"{DATA}": 40}}')
     manifest = job_manifest("wait-data", placement={"accelerator": "cpu"})
@@ -185,19 +191,15 @@ def test_a_job_waits_for_data_then_starts_by_itself(
     job = wait_finished(api, ns, "wait-data")
     assert job["status"]["phase"] == "Succeeded", job["status"]
     assert [p.spec.node_name for p in core.list_namespaced_pod(ns).items] == ["hub-cpu-1"]
-    api.close()
 
 
 def test_an_unreachable_edge_cluster_fails_its_part_and_the_rest_finishes(
-    operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
     edge_a_executor: PodExecutor, edge_b_executor: PodExecutor, s3: S3Server,
 ) -> None:  # fmt: skip
     _hub_data(edge_a_executor, "factory-gpu-0", "factory-gpu-1")
     _hub_data(edge_b_executor, "farm-gpu-0", "farm-gpu-1")
-    api = hub_crds.api_client()
-    core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
-    s3_secret(core, ns, s3.env())
+    api, ns = tenant.api, tenant.namespace
     manifest = job_manifest("partial", placement={"accelerator": "gpu", "clusterSelector": {
         "matchLabels": {"region": "eu"}}})  # fmt: skip
     manifest["spec"]["training"]["maxSteps"] = 40  # long enough to cut edge-b off mid-job
@@ -225,16 +227,12 @@ def test_an_unreachable_edge_cluster_fails_its_part_and_the_rest_finishes(
     succeeded = condition(job, "Succeeded")
     assert succeeded["reason"] == "PartiallySucceeded" and "edge-b" in succeeded["message"]
     assert condition(job, "ClustersReachable")["status"] == "False"
-    api.close()
 
 
 def test_bad_references_are_reported_on_the_job(
-    operator_proc: OperatorProcess, hub_crds: ControlPlane, s3: S3Server, hub_executor: PodExecutor,
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, s3: S3Server, hub_executor: PodExecutor,
 ) -> None:  # fmt: skip
-    api = hub_crds.api_client()
-    core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
-    s3_secret(core, ns, s3.env())
+    api, ns = tenant.api, tenant.namespace
     hub_crds.kubectl("apply", "-f", "-", input_text=json.dumps({
         "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeCluster",
         "metadata": {"name": "shop-7", "labels": {"site": "shop-7"}},
@@ -261,18 +259,14 @@ def test_bad_references_are_reported_on_the_job(
     failed = condition(job, "Failed")
     assert failed["status"] == "True" and "no/such/model.safetensors" in failed["message"], failed
     hub_crds.kubectl("delete", "edgecluster", "shop-7")
-    api.close()
 
 
 def test_suspend_holds_a_job_and_deletion_cleans_up_edge_clusters(
-    operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
     edge_a_executor: PodExecutor, s3: S3Server,
 ) -> None:  # fmt: skip
     _hub_data(edge_a_executor, "factory-cpu-0", "factory-cpu-1")
-    api = hub_crds.api_client()
-    core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
-    s3_secret(core, ns, s3.env())
+    api, ns = tenant.api, tenant.namespace
     manifest = job_manifest("held", placement={"accelerator": "cpu", "clusterSelector": {
         "matchLabels": {"site": "factory"}}}, suspend=True)  # fmt: skip
     manifest["spec"]["training"]["maxSteps"] = 400  # still running when deleted
@@ -299,4 +293,3 @@ def test_suspend_holds_a_job_and_deletion_cleans_up_edge_clusters(
     eventually(lambda: not k8s.CoreV1Api(edge_api).list_namespaced_config_map(
         ns, label_selector="edgetune.io/training-job=held").items, what="the edge ConfigMap to be deleted")  # fmt: skip
     edge_api.close()
-    api.close()

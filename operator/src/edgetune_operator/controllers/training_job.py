@@ -257,8 +257,9 @@ class TrainingJobController:
                 elif previous and status.phase == "Packaging" and previous.sha256:
                     status.sha256 = previous.sha256
                 obs.targets.append(status)
-        except ClusterUnavailableError as exc:
+        except ClusterUnavailableError as exc:  # e.g. its kubeconfig Secret was deleted: same as silent
             obs.unreachable[cluster] = str(exc)
+            self._carry_unreachable(cluster, obs, old_targets)
         except (UnreachableError, KubeError) as exc:
             obs.unreachable[cluster] = f"{exc}"
             self._carry_unreachable(cluster, obs, old_targets)
