@@ -6,6 +6,7 @@ here touches a cluster named by the user's own kubeconfig.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from edgetune_testenv.executor import LocalImage, PodExecutor
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
+from tests.operator_support import POOL
 from tests.support import TEST_IMAGE, TRAINER_IMAGE
 
 
@@ -142,7 +144,10 @@ def operator_proc(
 ) -> Iterator[OperatorProcess]:
     """The operator, as a process, wired to the hub, both edges, MLflow, S3 and the Pushgateway."""
     s3.create_bucket("adapters")
+    taint = ({"key": "edgetune.io/pool", "value": "operator-tests", "effect": "NoSchedule"},)
+    hub_crds.add_nodes([dataclasses.replace(n, labels={**n.labels, **POOL}, taints=taint) for n in default_fleet("op")])
     env = {
+        "EDGETUNE_NAMESPACES": json.dumps(["op-*", "kill-*"]),
         "EDGETUNE_MLFLOW_TRACKING_URI": mlflow_server.url,
         "EDGETUNE_S3_ENDPOINT": s3.endpoint,
         "EDGETUNE_PUSHGATEWAY_URL": prometheus.pushgateway_url,

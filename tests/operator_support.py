@@ -13,6 +13,10 @@ from tests.support import eventually
 
 GROUP, VERSION, PLURAL = "edgetune.io", "v1alpha1", "edgetrainingjobs"
 DATA = "/var/lib/edgetune/sensors"
+#: Hub nodes reserved for the operator tests (labelled and tainted), so pods other test modules
+#: leave running on the default fleet never take an accelerator these jobs need.
+POOL = {"edgetune.io/pool": "operator-tests"}
+POOL_TOLERATION = {"key": "edgetune.io/pool", "operator": "Equal", "value": "operator-tests", "effect": "NoSchedule"}
 
 
 def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
@@ -28,6 +32,8 @@ def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
                    "mlflow": {"registeredModel": f"{name}-adapter"}, "encoding": "int8-zstd"},
     }  # fmt: skip
     base.update(copy.deepcopy(spec))
+    if "clusterSelector" not in base["placement"]:  # on the hub: the operator tests' own nodes
+        base["placement"] = {**base["placement"], "nodeSelector": POOL, "tolerations": [POOL_TOLERATION]}
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "EdgeTrainingJob", "metadata": {"name": name}, "spec": base}
 
 

@@ -25,9 +25,9 @@ def eventually(fn: Callable[[], T | None], timeout: float = 60.0, what: str = "c
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}")
 
 
-def new_namespace(core: Any) -> str:
+def new_namespace(core: Any, prefix: str = "t") -> str:
     """Create a uniquely named namespace and wait until pods can be created in it."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name}})
     eventually(
         lambda: any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items),

@@ -38,7 +38,7 @@ class Tenant:
 def tenant(hub_crds: ControlPlane, s3: S3Server) -> Iterator[Tenant]:
     api = hub_crds.api_client()
     core = k8s.CoreV1Api(api)
-    ns = new_namespace(core)
+    ns = new_namespace(core, prefix="op")  # the test operator serves op-* namespaces only
     s3_secret(core, ns, s3.env())
     yield Tenant(api, core, ns)
     api.close()
@@ -111,24 +111,24 @@ def test_npu_per_node_job_is_averaged_into_one_adapter(
     operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
     mlflow_server: MlflowServer,
 ) -> None:  # fmt: skip
-    _hub_data(hub_executor, "hub-npu-0", "hub-npu-1")
+    _hub_data(hub_executor, "op-npu-0", "op-npu-1")
     api, core, ns = tenant.api, tenant.core, tenant.namespace
     create(api, ns, job_manifest("npu-fed", placement={"accelerator": "npu", "perNode": True},
                                  aggregation={"strategy": "fedavg", "minParticipants": 2}))  # fmt: skip
     job = wait_finished(api, ns, "npu-fed")
     status = job["status"]
     assert status["phase"] == "Succeeded", (status, operator_proc.log_tail())
-    assert sorted(t["node"] for t in status["targets"]) == ["hub-npu-0", "hub-npu-1"]
+    assert sorted(t["node"] for t in status["targets"]) == ["op-npu-0", "op-npu-1"]
     assert all(t["sha256"] and t["deltaUri"] for t in status["targets"])  # per-node adapters recorded
     result = status["result"]
     assert result["participants"] == 2 and result["deltaUri"].endswith("/npu-fed/fedavg")
     pods = core.list_namespaced_pod(ns).items
-    assert sorted(p.spec.node_name for p in pods) == ["hub-npu-0", "hub-npu-1"]
+    assert sorted(p.spec.node_name for p in pods) == ["op-npu-0", "op-npu-1"]
     assert all(p.spec.containers[0].resources.limits["rockchip.com/npu"] == "1" for p in pods)
     versions = mlflow_versions(mlflow_server, "npu-fed-adapter")
     assert len(versions) == 1  # one aggregated adapter, not one per node
     tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
-    assert tags["edgetune.aggregation"] == "fedavg" and tags["edgetune.nodes"] == "hub-npu-0,hub-npu-1"
+    assert tags["edgetune.aggregation"] == "fedavg" and tags["edgetune.nodes"] == "op-npu-0,op-npu-1"
     assert tags["edgetune.delta_sha256"] == result["sha256"]
 
 
@@ -136,7 +136,7 @@ def test_a_tampered_package_is_refused_and_never_registered(
     operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
     mlflow_server: MlflowServer,
 ) -> None:  # fmt: skip
-    _hub_data(hub_executor, "hub-gpu-0", "hub-gpu-1")
+    _hub_data(hub_executor, "op-gpu-0", "op-gpu-1")
     api, core, ns = tenant.api, tenant.core, tenant.namespace
     create(api, ns, job_manifest("tamper", output={
         "s3": {"bucket": "adapters", "credentialsSecretRef": "s3-credentials"},
@@ -171,9 +171,9 @@ def test_a_tampered_package_is_refused_and_never_registered(
 def test_a_job_waits_for_data_then_starts_by_itself(
     operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, hub_executor: PodExecutor, s3: S3Server,
 ) -> None:  # fmt: skip
-    _hub_data(hub_executor, "hub-cpu-0", "hub-cpu-1")
+    _hub_data(hub_executor, "op-cpu-0", "op-cpu-1")
     api, core, ns = tenant.api, tenant.core, tenant.namespace
-    for node in ("hub-cpu-0", "hub-cpu-1"):
+    for node in ("op-cpu-0", "op-cpu-1"):
         hub_crds.kubectl("annotate", "--overwrite", "node", node, f'edgetune.io/samples={{"{DATA}": 40}}')
     manifest = job_manifest("wait-data", placement={"accelerator": "cpu"})
     manifest["spec"]["data"]["minSamples"] = 100
@@ -185,12 +185,12 @@ def test_a_job_waits_for_data_then_starts_by_itself(
 
     job = eventually(waiting, timeout=60, what="phase WaitingForData")
     sufficient = condition(job, "DataSufficient")
-    assert sufficient["status"] == "False" and "hub-cpu-0 has 40" in sufficient["message"]
+    assert sufficient["status"] == "False" and "op-cpu-0 has 40" in sufficient["message"]
     assert not k8s.BatchV1Api(api).list_namespaced_job(ns).items  # nothing started
-    hub_crds.kubectl("annotate", "--overwrite", "node", "hub-cpu-1", f'edgetune.io/samples={{"{DATA}": 120}}')
+    hub_crds.kubectl("annotate", "--overwrite", "node", "op-cpu-1", f'edgetune.io/samples={{"{DATA}": 120}}')
     job = wait_finished(api, ns, "wait-data")
     assert job["status"]["phase"] == "Succeeded", job["status"]
-    assert [p.spec.node_name for p in core.list_namespaced_pod(ns).items] == ["hub-cpu-1"]
+    assert [p.spec.node_name for p in core.list_namespaced_pod(ns).items] == ["op-cpu-1"]
 
 
 def test_an_unreachable_edge_cluster_fails_its_part_and_the_rest_finishes(

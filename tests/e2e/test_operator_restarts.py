@@ -30,7 +30,7 @@ def test_jobs_survive_random_operator_kills_with_exactly_one_registration(
 ) -> None:  # fmt: skip
     seed = int(os.environ.get("EDGETUNE_KILL_SEED", time.time()))
     rng = random.Random(seed)
-    for node in ("hub-cpu-0", "hub-cpu-1", "hub-gpu-0", "hub-gpu-1", "hub-npu-0", "hub-npu-1"):
+    for node in ("op-cpu-0", "op-cpu-1", "op-gpu-0", "op-gpu-1", "op-npu-0", "op-npu-1"):
         sine_classes(hub_executor.node_root(node) / DATA.lstrip("/"), n=120)
     api = hub_crds.api_client()
     core = k8s.CoreV1Api(api)

@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     settings = handlers.SETTINGS
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
+    if settings.namespaces:
+        kopf.run(namespaces=settings.namespaces, standalone=True, liveness_endpoint=liveness)
+    else:
+        kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
 
 
 if __name__ == "__main__":

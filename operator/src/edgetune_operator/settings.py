@@ -80,6 +80,9 @@ class Settings(BaseModel):
     """Port of the liveness endpoint (/healthz); 0 disables it."""
     node_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
     """Nodes of a cluster are listed at most this often (placement and sample counts may lag by as much)."""
+    namespaces: list[str] = Field(default_factory=list)
+    """Serve EdgeTrainingJobs only in namespaces matching these glob patterns (JSON list, e.g.
+    ``["team-*"]``); empty: every namespace. EdgeClusters are cluster-scoped and always served."""
     workers: Annotated[int, Field(ge=1, le=256)] = 8
     """Threads running reconciles (calls to Kubernetes, S3 and MLflow block)."""
 

@@ -7,6 +7,7 @@ event, the resync timer); it converges on the same state. Calls for one job are 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import functools
 import logging
 import threading
@@ -174,6 +175,8 @@ class TrainingJobController:
             due = []
             for body in items:
                 meta, status = body["metadata"], body.get("status") or {}
+                if not self.serves(meta["namespace"]):
+                    continue
                 if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get(
                         "generation"):  # fmt: skip
                     continue
@@ -184,6 +187,10 @@ class TrainingJobController:
             for _ in pool.map(self._resync_one, due):
                 pass
         pool.shutdown(wait=False)
+
+    def serves(self, namespace: str) -> bool:
+        patterns = self.settings.namespaces
+        return not patterns or any(fnmatch.fnmatchcase(namespace, p) for p in patterns)
 
     def _resync_one(self, body: dict[str, Any]) -> None:
         try:
