@@ -11,7 +11,7 @@ from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus
 from edgetune_operator.reconcile.training_job import set_condition
 
 FINISHED = ("Succeeded", "Failed")
-WARNING_CONDITIONS = {("Failed", "True"), ("Verified", "False"), ("ClustersReachable", "False")}
+WARNING_CONDITIONS = {("Failed", "True"), ("ClustersReachable", "False")}
 QUIET = {"DataSufficient", "ClustersReachable", "Reconciled", "Training"}
 """Conditions whose becoming True is not worth an Event of its own (Scheduled, Verified, … are)."""
 WARNING_REASONS = {"RegistrationBlocked", "RegistryUnavailable", "VerificationFailed", "ClusterUnreachable"}
