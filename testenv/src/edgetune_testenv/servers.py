@@ -6,6 +6,7 @@ server (sqlite backend, artifacts proxied to that store), Prometheus and its Pus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -104,7 +105,10 @@ class S3Server(_Server):
         )
 
     def create_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
+        """Create ``name`` unless it exists (fixtures of several test modules share one server)."""
+        client = self.client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=name)
         return name
 
 
