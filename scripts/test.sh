@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 
 echo "== ruff"; .venv/bin/ruff check .
-echo "== mypy"; .venv/bin/mypy operator/src trainer-image/src testenv/src
+echo "== mypy"; .venv/bin/mypy operator/src trainer-image/src agent/src testenv/src
 echo "== import contracts"; .venv/bin/lint-imports
 echo "== CRDs in sync with the models"; .venv/bin/python -m edgetune_api check
 echo "== pytest"

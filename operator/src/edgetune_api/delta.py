@@ -27,7 +27,14 @@ Encoding = Literal["fp32", "fp16", "int8-zstd", "int4-zstd"]
 
 
 class DeltaVerificationError(ValueError):
-    """A package failed verification; the message says which file or check and what was found."""
+    """A package failed verification; the message says which file or check and what was found.
+
+    ``reason`` names the check in CamelCase (``HashMismatch``, ``Unsigned``, ``SignatureInvalid``,
+    ``InvalidManifest``), for conditions, Events and metric labels."""
+
+    def __init__(self, message: str, reason: str = "HashMismatch") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class FileEntry(BaseModel):
@@ -110,11 +117,15 @@ def verify_signature(data: bytes, signature_b64: bytes, public_key_pem: bytes) -
 
     key = load_pem_public_key(public_key_pem)
     if not isinstance(key, Ed25519PublicKey):
-        raise DeltaVerificationError(f"verification key must be an Ed25519 public key, got {type(key).__name__}")
+        raise DeltaVerificationError(
+            f"verification key must be an Ed25519 public key, got {type(key).__name__}", "SignatureInvalid"
+        )
     try:
         key.verify(base64.b64decode(signature_b64, validate=True), data)
     except (InvalidSignature, ValueError) as exc:
-        raise DeltaVerificationError("manifest signature does not verify with the configured public key") from exc
+        raise DeltaVerificationError(
+            "manifest signature does not verify with the configured public key", "SignatureInvalid"
+        ) from exc
 
 
 def write_manifest(folder: Path, manifest: DeltaManifest, private_key_pem: bytes | None = None) -> str:
@@ -136,19 +147,21 @@ def verify_package(
     manifest does not list are refused too.
     """
     if MANIFEST not in files:
-        raise DeltaVerificationError(f"package has no {MANIFEST}")
+        raise DeltaVerificationError(f"package has no {MANIFEST}", "InvalidManifest")
     raw = files[MANIFEST]
     digest = sha256_bytes(raw)
     if expected_digest is not None and digest != expected_digest:
         raise DeltaVerificationError(f"{MANIFEST} digest is {digest}, expected {expected_digest}")
     if public_key_pem is not None:
         if SIGNATURE not in files:
-            raise DeltaVerificationError(f"package is unsigned ({SIGNATURE} missing) but a verification key is set")
+            raise DeltaVerificationError(
+                f"package is unsigned ({SIGNATURE} missing) but a verification key is set", "Unsigned"
+            )
         verify_signature(raw, files[SIGNATURE], public_key_pem)
     try:
         manifest = DeltaManifest.model_validate_json(raw)
     except ValueError as exc:
-        raise DeltaVerificationError(f"{MANIFEST} is not a valid {FORMAT} manifest: {exc}") from exc
+        raise DeltaVerificationError(f"{MANIFEST} is not a valid {FORMAT} manifest: {exc}", "InvalidManifest") from exc
     extra = sorted(set(files) - set(manifest.files) - {MANIFEST, SIGNATURE})
     if extra:
         raise DeltaVerificationError(f"package holds files the manifest does not list: {extra}")

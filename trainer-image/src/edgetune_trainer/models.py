@@ -12,7 +12,6 @@ import json
 import shutil
 import tempfile
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edgetune_api.delta import sha256_bytes, sha256_file
 from edgetune_api.training_job import PeftSpec
+from edgetune_trainer.registry import resolve_mlflow_uri
 
 BUILTIN_CONFIG = "config.json"
 BUILTIN_WEIGHTS = "model.safetensors"
@@ -116,7 +116,7 @@ def fetch(uri: str, cache: Path, s3_client: Any = None, mlflow_uri: str | None =
     if uri.startswith(("models:/", "runs:/")):
         if not mlflow_uri:
             raise ModelError(f"{uri} is an MLflow URI but MLFLOW_TRACKING_URI is not set")
-        return fetch(_resolve_mlflow(uri, mlflow_uri), cache, s3_client, mlflow_uri)
+        return fetch(resolve_mlflow_uri(uri, mlflow_uri), cache, s3_client, mlflow_uri)
     raise ModelError(f"cannot fetch base model {uri!r}: unsupported scheme")
 
 
@@ -144,31 +144,6 @@ def _fetch_s3(uri: str, cache: Path, s3_client: Any) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(target)
     return target
-
-
-def _resolve_mlflow(uri: str, tracking: str) -> str:
-    """``models:/name/version``, ``models:/name@alias`` or ``runs:/id/path`` -> the artifact's storage URI,
-    through MLflow's REST API (no MLflow client library in the trainer)."""
-
-    def get(path: str, **query: str) -> dict[str, Any]:
-        url = f"{tracking.rstrip('/')}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
-        with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - configured tracking server
-            return json.loads(resp.read())  # type: ignore[no-any-return]
-
-    if uri.startswith("models:/"):
-        ref = uri.removeprefix("models:/")
-        if "@" in ref:  # models:/name@alias
-            name, _, alias = ref.partition("@")
-            version = get("registered-models/alias", name=name, alias=alias)["model_version"]
-        else:  # models:/name/version
-            name, _, number = ref.partition("/")
-            if not number.isdigit():
-                raise ModelError(f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
-            version = get("model-versions/get", name=name, version=number)["model_version"]
-        return str(version["source"])
-    run_id, _, path = uri.removeprefix("runs:/").partition("/")
-    root = get("runs/get", run_id=run_id)["run"]["info"]["artifact_uri"]
-    return f"{root.rstrip('/')}/{path}"
 
 
 def load_base(folder: Path, expected_sha256: str | None, *, num_labels: int | None = None) -> BaseModel:

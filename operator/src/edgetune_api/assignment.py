@@ -1,0 +1,209 @@
+"""The contract between the operator and the edge agent, carried on the agent's own pod.
+
+- The operator writes the desired adapter as JSON in the pod annotation ``edgetune.io/adapter``
+  (``AdapterAssignment``). The agent reads it through a downward-API volume (the kubelet refreshes
+  the file when the annotation changes), so learning what to run needs no apiserver access and
+  keeps working while the hub is unreachable.
+- The agent reports what it actually serves as JSON in ``edgetune.io/adapter-status``
+  (``AdapterReport``) and as the pod condition ``edgetune.io/AdapterReady``, which a pod lists
+  in ``spec.readinessGates`` so that a new pod takes traffic only once its adapter is loaded.
+
+Both sides import these models, so a field means the same on each side. No torch, no Kubernetes
+client here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, ValidationError
+
+from edgetune_api.delta import Encoding
+from edgetune_api.meta import SHA256_PATTERN, ApiModel
+
+ASSIGNMENT_ANNOTATION = "edgetune.io/adapter"
+REPORT_ANNOTATION = "edgetune.io/adapter-status"
+READY_CONDITION = "edgetune.io/AdapterReady"
+"""Pod condition type set by the agent; list it in the pod's ``spec.readinessGates``."""
+
+Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+Text = Annotated[str, StringConstraints(max_length=1024)]
+
+#: Why an adapter was refused or not (yet) loaded: the ``reason`` of reports, Events and metrics.
+REFUSAL_REASONS = (
+    "InvalidAssignment",  # the annotation is not a valid AdapterAssignment
+    "NotFound",  # no package at the URI
+    "StorageUnavailable",  # S3 / MLflow did not answer (retried)
+    "DiskFull",  # no space to download into the cache (retried)
+    "HashMismatch",  # a file or the manifest does not have the SHA-256 it should
+    "InvalidManifest",  # manifest.json missing or not an edgetune.delta/v1 manifest
+    "Unsigned",  # a signature is required and the package has none
+    "SignatureInvalid",  # the signature does not verify with a trusted key
+    "DecodeFailed",  # the weights file cannot be decoded (corrupt zstd, bad safetensors)
+    "IncompatibleBase",  # trained on another base model
+    "ShapeMismatch",  # tensors do not fit the base model's layers
+    "Revoked",  # the package was revoked (rolled back) and must not run
+    "EvalRegression",  # the local evaluation gate found it worse than the current adapter
+)
+RETRYABLE_REASONS = frozenset({"StorageUnavailable", "DiskFull"})
+
+
+class AdapterAssignment(ApiModel):
+    """What the operator wants the agent to run (annotation ``edgetune.io/adapter``)."""
+
+    version: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    """Version label of the adapter (the MLflow model version); reported back verbatim."""
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^(s3://|models:/|file://|/).+")]
+    """Where the delta package is: `s3://bucket/prefix`, `models:/name/version`, or a local folder."""
+    sha256: Sha256
+    """The package digest (SHA-256 of its manifest.json); anything else at the URI is refused."""
+    release: Text | None = None
+    """`namespace/name` of the AdapterRelease that assigned it (metric label, report)."""
+    encoding: Encoding | None = None
+    """Expected weight encoding; the manifest is authoritative and must agree when this is set."""
+    signer: Sha256 | None = None
+    """Fingerprint (`key_fingerprint`) of the key expected to have signed the package. The agent
+    verifies with its own locally trusted keys; this field only selects among them."""
+    mode: Literal["serve", "shadow"] = "serve"
+    """`serve`: answer requests with it. `shadow`: keep serving the current adapter, run this one
+    beside it on live requests and export how often they agree."""
+    revoked: Annotated[list[Sha256], Field(max_length=256)] = Field(default_factory=list)
+    """Package digests that must never run here (rolled back), even if a stale assignment names one."""
+
+
+class ServedAdapter(ApiModel):
+    """One adapter as the agent holds it."""
+
+    version: Text
+    sha256: Sha256
+    release: Text | None = None
+    loaded_at: str | None = None
+    """RFC 3339 time it became active (or, for a shadow, was loaded)."""
+
+
+class ReportError(ApiModel):
+    """Why the desired adapter is not (yet) served."""
+
+    reason: Text
+    """One of ``REFUSAL_REASONS``."""
+    message: Annotated[str, StringConstraints(max_length=4096)]
+    version: Text | None = None
+    sha256: Text | None = None
+
+
+class AdapterReport(ApiModel):
+    """What the agent serves (annotation ``edgetune.io/adapter-status``)."""
+
+    state: Literal["Serving", "Loading", "Refused", "Retrying", "NoAssignment"]
+    """`Serving`: the desired adapter is active. `Loading`: fetching/verifying it. `Refused`: it
+    failed verification or checks (permanent for that digest). `Retrying`: storage or disk
+    problems, retried with backoff. `NoAssignment`: nothing desired (serving what it has)."""
+    active: ServedAdapter | None = None
+    """The adapter answering requests (none: the bare base model)."""
+    desired: ServedAdapter | None = None
+    """The adapter the current assignment names."""
+    shadow: ServedAdapter | None = None
+    """A candidate run in shadow beside the active adapter."""
+    error: ReportError | None = None
+    """Why the desired adapter is not active."""
+    resident: list[str] = Field(default_factory=list)
+    """Versions held in memory (a swap back to one of them needs no download)."""
+    observed_at: str
+    """When the agent wrote this report."""
+
+
+class AssignmentError(ValueError):
+    """The annotation is not a valid assignment; the message says what is wrong."""
+
+
+def parse_assignment(raw: str) -> AdapterAssignment:
+    try:
+        return AdapterAssignment.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+        raise AssignmentError(f"{ASSIGNMENT_ANNOTATION} is not a valid adapter assignment: {problems}") from exc
+
+
+def key_fingerprint(public_key_pem: bytes) -> str:
+    """SHA-256 of the public key's DER (SubjectPublicKeyInfo) bytes: a stable key id."""
+    from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
+        Encoding as KeyEncoding,
+    )
+    from cryptography.hazmat.primitives.serialization import PublicFormat, load_pem_public_key  # noqa: PLC0415
+
+    key = load_pem_public_key(public_key_pem)
+    return hashlib.sha256(key.public_bytes(KeyEncoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+# -- the kubelet's downward-API file format ---------------------------------------------------
+
+_GO_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{3}|[abfnrtv\\'\"])")
+_SIMPLE = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", "'": "'", '"': '"'}
+
+
+def _go_unquote(quoted: str) -> str:
+    """Inverse of Go's ``strconv.Quote`` (what ``%q`` prints); bytes escapes are UTF-8 decoded."""
+    if len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
+        raise ValueError(f"not a Go quoted string: {quoted[:40]!r}")
+    out = bytearray()
+    body = quoted[1:-1]
+    pos = 0
+    for match in _GO_ESCAPE.finditer(body):
+        out += body[pos : match.start()].encode()
+        esc = match.group(1)
+        if esc[0] == "x":
+            out.append(int(esc[1:], 16))
+        elif esc[0] in "uU":
+            out += chr(int(esc[1:], 16)).encode()
+        elif esc[0] in "01234567":
+            out.append(int(esc, 8))
+        else:
+            out += _SIMPLE[esc].encode()
+        pos = match.end()
+    out += body[pos:].encode()
+    return out.decode("utf-8", errors="replace")
+
+
+def parse_downward_map(text: str) -> dict[str, str]:
+    """Parse a downward-API ``metadata.annotations``/``labels`` file: ``key="go-quoted value"`` lines."""
+    result: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"downward-API line without '=': {line[:80]!r}")
+        result[key] = _go_unquote(value)
+    return result
+
+
+def format_downward_map(values: dict[str, str]) -> str:
+    """What the kubelet writes for a map (sorted keys, Go-quoted values); the inverse of the parser."""
+
+    def quote(value: str) -> str:
+        out = ['"']
+        for ch in value:
+            if ch in ('"', "\\"):
+                out.append("\\" + ch)
+            elif ch == "\n":
+                out.append("\\n")
+            elif ch == "\t":
+                out.append("\\t")
+            elif ch == "\r":
+                out.append("\\r")
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\x{ord(ch):02x}")
+            else:
+                out.append(ch)
+        out.append('"')
+        return "".join(out)
+
+    return "\n".join(f"{k}={quote(v)}" for k, v in sorted(values.items()))
+
+
+def dumps(model: ApiModel) -> str:
+    """Compact wire JSON of a protocol object (what goes into the annotation)."""
+    return json.dumps(model.to_wire(), separators=(",", ":"), sort_keys=True)
