@@ -21,7 +21,7 @@ from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.operator_support import POOL
-from tests.support import TEST_IMAGE, TRAINER_IMAGE
+from tests.support import AGENT_IMAGE, TEST_IMAGE, TRAINER_IMAGE
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -73,6 +73,7 @@ def _executor(plane: ControlPlane) -> Iterator[PodExecutor]:
     images = {
         TEST_IMAGE: LocalImage(entrypoint=(sys.executable,), env={"PYTHONUNBUFFERED": "1"}),
         TRAINER_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_trainer"), env={"PYTHONUNBUFFERED": "1"}),
+        AGENT_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_agent"), env={"PYTHONUNBUFFERED": "1"}),
     }
     with PodExecutor(plane, images) as executor:
         yield executor

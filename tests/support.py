@@ -39,3 +39,6 @@ def new_namespace(core: Any, prefix: str = "t") -> str:
 #: The image name the operator's settings give trainer pods in tests; the executor runs it as
 #: `python -m edgetune_trainer` with this interpreter.
 TRAINER_IMAGE = "edgetune.io/trainer:test"
+
+#: The edge agent's image in tests; the executor runs it as `python -m edgetune_agent`.
+AGENT_IMAGE = "edgetune.io/agent:test"

@@ -30,6 +30,9 @@ from edgetune_api.assignment import RETRYABLE_REASONS, AdapterAssignment, key_fi
 from edgetune_api.delta import DeltaManifest, DeltaVerificationError, read_folder, verify_package
 
 
+COMPLETE = ".complete"  # marker of a fully downloaded cache entry (not part of the package)
+
+
 class AdapterRefused(Exception):  # noqa: N818 - a refusal is an outcome, not a bug
     """The assigned adapter cannot run here; ``reason`` is one of ``REFUSAL_REASONS``."""
 
@@ -135,14 +138,20 @@ class PackageStore:
             raise AdapterRefused("Revoked", f"package {assignment.sha256[:12]} (version {assignment.version}) "
                                  "was revoked by a rollback and must not run")  # fmt: skip
         folder, downloaded = self._fetch(assignment)
+        cached = folder.parent == self.root
         try:
             manifest = self._verify(assignment, folder)
         except AdapterRefused:
-            if downloaded:
+            if cached:
+                shutil.rmtree(folder, ignore_errors=True)  # never keep what failed verification
+            if downloaded or not cached:
                 raise
-            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache entry: fetch once more
-            folder, downloaded = self._fetch(assignment)
-            manifest = self._verify(assignment, folder)
+            folder, downloaded = self._fetch(assignment)  # a damaged cache entry: fetch once more
+            try:
+                manifest = self._verify(assignment, folder)
+            except AdapterRefused:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
         if assignment.encoding is not None and manifest.encoding != assignment.encoding:
             raise AdapterRefused("InvalidAssignment", f"the assignment says encoding {assignment.encoding}, "
                                  f"the package is {manifest.encoding}")  # fmt: skip
@@ -173,7 +182,7 @@ class PackageStore:
             )
 
     def _verify(self, assignment: AdapterAssignment, folder: Path) -> DeltaManifest:
-        files = read_folder(folder)
+        files = {name: data for name, data in read_folder(folder).items() if name != COMPLETE}
         keys: list[bytes | None] = [None]
         if self.require_signature:
             if assignment.signer is not None:
@@ -200,7 +209,7 @@ class PackageStore:
     def _fetch(self, assignment: AdapterAssignment) -> tuple[Path, int]:
         """The package folder (cached by digest) and the bytes downloaded to get it (0: cache hit)."""
         target = self.root / assignment.sha256
-        if (target / ".complete").exists():
+        if (target / COMPLETE).exists():
             return target, 0
         uri = assignment.uri
         if uri.startswith(("/", "file://")):
@@ -216,7 +225,7 @@ class PackageStore:
         try:
             tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".partial-"))
             total = self._download_s3(uri, tmp)
-            (tmp / ".complete").touch()
+            (tmp / COMPLETE).touch()
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)

@@ -84,7 +84,8 @@ class _Pending:
     attempts: int = 0
     next_try: float = 0.0
     done: bool = False
-    refused: dict[str, AdapterRefused] = field(default_factory=dict)
+    refused: dict[tuple[str, str], ReportError] = field(default_factory=dict)
+    """Permanent refusals by (digest, URI): not retried until the assignment names something else."""
 
 
 def read_assignment(path: Path | None) -> str | None:
@@ -329,8 +330,10 @@ class AgentRuntime:
         a = p.assignment
         if p.done or a is None or now < p.next_try:
             return
-        if a.sha256 in p.refused:
+        if (a.sha256, a.uri) in p.refused:
             p.done = True
+            self.outcome = Outcome("Refused", p.refused[(a.sha256, a.uri)])
+            self._publish()
             return
         if self._satisfied(a):
             p.done = True
@@ -370,7 +373,7 @@ class AgentRuntime:
             self._publish(("Warning", "AdapterFetchRetrying", f"{refusal.message} (retrying in {delay:.0f} s)")
                           if first else None)  # fmt: skip
             return
-        p.refused[a.sha256] = refusal
+        p.refused[(a.sha256, a.uri)] = error
         p.done = True
         self.outcome = Outcome("Refused", error)
         self._publish(("Warning", "AdapterRefused", f"version {a.version}: {refusal.reason}: {error.message}"[:1000]))

@@ -13,7 +13,14 @@ this executor once the real scheduler has bound them to a node. For each such po
 - enforces memory limits (RSS of the process group; exceeding it is an ``OOMKilled``)
   and ``activeDeadlineSeconds``;
 - reports real exit codes and the termination message (``terminationMessagePath``,
-  ``FallbackToLogsOnError``) in the pod status; logs stay readable through ``logs()``.
+  ``FallbackToLogsOnError``) in the pod status; logs stay readable through ``logs()``;
+- gives every pod its own loopback address as its pod IP (``127.x.y.z``: a process that binds
+  ``$(POD_IP)`` is reachable there, many pods can use the same port) and the in-cluster
+  environment (``KUBERNETES_SERVICE_HOST/PORT`` pointing at the apiserver; the service-account
+  token, CA and namespace come from the projected volume the apiserver adds);
+- keeps downward-API files (``metadata.annotations``/``labels`` included) up to date when the
+  pod changes, written atomically as the kubelet does, and honours ``spec.readinessGates``: the
+  pod is Ready only while its containers run and every gate condition is True.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
+from edgetune_api.assignment import format_downward_map
 from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
 from edgetune_testenv.procs import die_with_parent
 
@@ -94,6 +102,27 @@ def rewrite_paths(text: str, mounts: Mapping[str, Path]) -> str:
     )
     normalised = {m.rstrip("/") or "/": str(mounts[m]) for m in ordered}
     return pattern.sub(lambda m: normalised[m.group(1)], text)
+
+
+_ip_lock = threading.Lock()
+_ip_counter = 0
+
+
+def _next_pod_ip() -> str:
+    """A loopback address of its own for each pod (Linux routes all of 127/8 to lo)."""
+    global _ip_counter  # noqa: PLW0603 - one allocator per process, shared by every executor
+    with _ip_lock:
+        _ip_counter += 1
+        n = _ip_counter
+    return f"127.{20 + os.getpid() % 200}.{(n // 250) % 250}.{n % 250 + 1}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one rename, as the kubelet's atomic writer does for downward-API files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _now() -> str:
@@ -228,7 +257,10 @@ class PodExecutor:
             if run is not None:
                 run.kill("pod deleted")
             return
-        if run is not None or not spec.get("nodeName") or status.get("phase") not in (None, "Pending"):
+        if run is not None:
+            run.update(pod)
+            return
+        if not spec.get("nodeName") or status.get("phase") not in (None, "Pending"):
             return
         run = _PodRun(self, pod)
         with self._lock:
@@ -260,6 +292,33 @@ class _PodRun:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
         self.started_at = _now()
+        self.pod_ip = _next_pod_ip()
+        self._downward: list[tuple[Path, dict[str, Any]]] = []  # (file, item) to refresh on pod updates
+        self._containers_ready = False
+        self._ready: bool | None = None
+
+    def update(self, pod: dict[str, Any]) -> None:
+        """The pod changed: refresh downward-API files, re-evaluate readiness gates."""
+        self.pod = pod
+        for path, item in list(self._downward):
+            with contextlib.suppress(OSError, ValueError):
+                text = self._item_value(item)
+                if not path.exists() or path.read_text() != text:
+                    _write_atomic(path, text)
+        if self._containers_ready and not self._killed.is_set():
+            self._update_ready()
+
+    def _gates_pass(self) -> bool:
+        gates = [g["conditionType"] for g in self.pod["spec"].get("readinessGates") or []]
+        conditions = {c["type"]: c.get("status") for c in (self.pod.get("status") or {}).get("conditions") or []}
+        return all(conditions.get(g) == "True" for g in gates)
+
+    def _update_ready(self) -> None:
+        ready = self._containers_ready and self._gates_pass()
+        if ready != self._ready:
+            self._ready = ready
+            self._patch_status({"conditions": self._conditions(initialized=True, ready=ready,
+                                                               containers_ready=self._containers_ready)})  # fmt: skip
 
     def start(self) -> None:
         self._thread.start()
@@ -292,6 +351,8 @@ class _PodRun:
                 "phase": "Pending",
                 "hostIP": "127.0.0.1",
                 "hostIPs": [{"ip": "127.0.0.1"}],
+                "podIP": self.pod_ip,
+                "podIPs": [{"ip": self.pod_ip}],
                 "startTime": self.started_at,
                 "conditions": self._conditions(initialized=False, ready=False),
             }
@@ -323,7 +384,10 @@ class _PodRun:
             thread = threading.Thread(target=target, daemon=True)
             threads.append(thread)
             thread.start()
-        self._patch_status({"phase": "Running", "conditions": self._conditions(initialized=True, ready=True)})
+        self._containers_ready = True
+        self._ready = self._gates_pass()
+        self._patch_status({"phase": "Running", "conditions": self._conditions(
+            initialized=True, ready=self._ready, containers_ready=True)})  # fmt: skip
         for thread in threads:
             thread.join()
         self._finish(failed=any(code != 0 for code in results.values()) or self._killed.is_set())
@@ -335,6 +399,7 @@ class _PodRun:
             reason, message = "DeadlineExceeded", self._kill_reason.split(":", 1)[1].strip()
         if self._kill_reason == "pod deleted":
             return
+        self._containers_ready = False
         body: dict[str, Any] = {
             "phase": "Failed" if failed else "Succeeded",
             "conditions": self._conditions(
@@ -372,6 +437,8 @@ class _PodRun:
                     self._materialise(path, self._secret(vol["secret"]["secretName"]), vol["secret"].get("items"))
                 elif "projected" in vol:
                     self._projected(path, vol["projected"])
+                elif "downwardAPI" in vol:
+                    self._downward_items(path, vol["downwardAPI"].get("items") or [])
             volumes[name] = path
         return volumes
 
@@ -394,9 +461,7 @@ class _PodRun:
                 sec = source["secret"]
                 self._materialise(path, self._secret(sec["name"]), sec.get("items"))
             elif "downwardAPI" in source:
-                for item in source["downwardAPI"].get("items") or []:
-                    if "fieldRef" in item:
-                        (path / item["path"]).write_text(self._field(item["fieldRef"]["fieldPath"]))
+                self._downward_items(path, source["downwardAPI"].get("items") or [])
             elif "serviceAccountToken" in source:
                 sat = source["serviceAccountToken"]
                 request = k8s.AuthenticationV1TokenRequest(
@@ -410,6 +475,20 @@ class _PodRun:
                     self.spec.get("serviceAccountName", "default"), self.namespace, request
                 )
                 (path / sat["path"]).write_text(token.status.token)
+
+    def _downward_items(self, path: Path, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            target = path / item["path"]
+            _write_atomic(target, self._item_value(item))
+            self._downward.append((target, item))
+
+    def _item_value(self, item: dict[str, Any]) -> str:
+        if "fieldRef" in item:
+            return self._field(item["fieldRef"]["fieldPath"])
+        resource = item["resourceFieldRef"]
+        container = next(c for c in self.spec["containers"] if c["name"] == resource.get("containerName"))
+        kind, _, res = resource["resource"].partition(".")
+        return str(((container.get("resources") or {}).get(kind) or {}).get(res, "0"))
 
     def _config_map(self, name: str) -> dict[str, str]:
         return self.ex.core.read_namespaced_config_map(name, self.namespace).data or {}
@@ -427,10 +506,13 @@ class _PodRun:
             "spec.nodeName": self.node,
             "spec.serviceAccountName": self.spec.get("serviceAccountName", "default"),
             "status.hostIP": "127.0.0.1",
-            "status.podIP": "127.0.0.1",
+            "status.podIP": self.pod_ip,
+            "status.podIPs": self.pod_ip,
         }
         if field_path in simple:
             return str(simple[field_path])
+        if field_path in ("metadata.annotations", "metadata.labels"):
+            return format_downward_map(dict(meta.get(field_path.split(".")[1]) or {}))
         match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", field_path)
         if match:
             return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
@@ -442,6 +524,9 @@ class _PodRun:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.sandbox / "home"),
+            # What the kubelet injects for the `kubernetes` Service: here the apiserver on loopback.
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.ex.cluster.api_port),
             "HOSTNAME": self.name,
             "LANG": "C.UTF-8",
             **image.env,
@@ -576,7 +661,9 @@ class _PodRun:
 
     # -- status --------------------------------------------------------------------------
 
-    def _conditions(self, initialized: bool, ready: bool, done_reason: str | None = None) -> list[dict[str, Any]]:
+    def _conditions(
+        self, initialized: bool, ready: bool, done_reason: str | None = None, containers_ready: bool | None = None
+    ) -> list[dict[str, Any]]:
         now = _now()
 
         def cond(kind: str, ok: bool) -> dict[str, Any]:
@@ -588,7 +675,7 @@ class _PodRun:
         return [
             {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
             cond("Initialized", initialized or done_reason is not None),
-            cond("ContainersReady", ready),
+            cond("ContainersReady", ready if containers_ready is None else containers_ready),
             cond("Ready", ready),
         ]
 

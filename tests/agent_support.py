@@ -1,0 +1,138 @@
+"""Adapters for agent tests, trained for real by the trainer CLI on data made here, and the pieces
+of an agent pod (the manifest an operator or a user would write)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, READY_CONDITION, AdapterAssignment, dumps
+from tests.support import AGENT_IMAGE
+from tests.trainer_support import config, sine_classes, write_config
+
+CHANNELS, CLASSES = 3, 3
+
+
+@dataclass
+class Trained:
+    folder: Path
+    sha256: str
+    metrics: dict[str, float]
+
+
+def keypair(folder: Path, name: str) -> tuple[Path, Path]:
+    key = Ed25519PrivateKey.generate()
+    private = folder / f"{name}.pem"
+    public = folder / f"{name}.pub.pem"
+    folder.mkdir(parents=True, exist_ok=True)
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))  # fmt: skip
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    return private, public
+
+
+def make_base(folder: Path, seed: int) -> str:
+    """A built-in sensor CNN saved as a pinned base-model folder; returns its SHA-256."""
+    import torch  # noqa: PLC0415
+
+    from edgetune_trainer import models  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    return models.save_builtin(models.TimeSeriesCNN(CHANNELS, CLASSES), folder, [str(i) for i in range(CLASSES)])
+
+
+def train(tmp: Path, base: Path, base_sha: str, *, data_seed: int, gain: float, key: Path | None,
+          encoding: str = "int8-zstd", steps: int = 30) -> Trained:  # fmt: skip
+    """Run the trainer CLI; the package stays in ``<tmp>/work/package``."""
+    data = sine_classes(tmp / "data", n=240, channels=CHANNELS, length=48, seed=data_seed, gain=gain)
+    training = {"maxSteps": steps, "evalEvery": steps, "checkpointEvery": steps, "learningRate": 0.02}
+    cfg = config(tmp, data, baseModel={"uri": str(base), "sha256": base_sha}, output={"encoding": encoding},
+                 training=training)  # fmt: skip
+    if key is not None:
+        cfg["runtime"]["signingKeyPath"] = str(key)
+    done = subprocess.run([sys.executable, "-m", "edgetune_trainer", "--config", str(write_config(tmp, cfg))],
+                          capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
+    summary = json.loads((tmp / "termination-log").read_text())
+    assert done.returncode == 0, (summary, done.stdout[-2000:])
+    return Trained(tmp / "work" / "package", summary["sha256"], summary["metrics"])
+
+
+def upload(client: Any, folder: Path, bucket: str, prefix: str) -> str:
+    for path in sorted(folder.iterdir()):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+    return f"s3://{bucket}/{prefix}"
+
+
+def variant(source: Path, dest: Path, mutate: Any) -> Path:
+    """A copy of a package folder changed by ``mutate(folder)`` (tampering, re-signing, …)."""
+    shutil.copytree(source, dest)
+    mutate(dest)
+    return dest
+
+
+def assignment(version: str, uri: str, sha256: str, **extra: Any) -> str:
+    return dumps(AdapterAssignment(version=version, uri=uri, sha256=sha256, release="demo/rollout", **extra))
+
+
+def agent_pod(name: str, *, node: str, base_dir: str, base_sha: str, keys_configmap: str, s3_env: dict[str, str],
+              annotations: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """An agent pod as a user would write it: downward-API annotations, readiness gate, bound token."""
+    env = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # The default; spelled out so the test executor can map the mount to its local folder.
+        {"name": "EDGETUNE_AGENT_SA_DIR", "value": "/var/run/secrets/kubernetes.io/serviceaccount"},
+        *({"name": k, "value": v} for k, v in s3_env.items()),
+    ]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "sensor-model", "edgetune.io/executor": "local"},
+                     "annotations": annotations or {}},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "edgetune-agent",
+            "readinessGates": [{"conditionType": READY_CONDITION}],
+            "tolerations": [{"operator": "Exists"}],
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+            "containers": [{
+                "name": "agent", "image": AGENT_IMAGE,
+                "args": ["--host=$(POD_IP)", "--port=8080", "--base-uri=/models/base", f"--base-sha256={base_sha}",
+                         "--assignment-file=/etc/edgetune/annotations", "--cache-dir=/var/cache/edgetune",
+                         "--trusted-keys-dir=/etc/edgetune/keys", "--require-signature", "--threads=1",
+                         "--poll-seconds=0.1"],
+                "env": env,
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8080}},
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [
+                    {"name": "base", "mountPath": "/models/base", "readOnly": True},
+                    {"name": "assignment", "mountPath": "/etc/edgetune", "readOnly": True},
+                    {"name": "keys", "mountPath": "/etc/edgetune/keys", "readOnly": True},
+                    {"name": "cache", "mountPath": "/var/cache/edgetune"},
+                ],
+            }],
+            "volumes": [
+                {"name": "base", "hostPath": {"path": base_dir, "type": "Directory"}},
+                {"name": "assignment", "downwardAPI": {"items": [
+                    {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
+                {"name": "keys", "configMap": {"name": keys_configmap}},
+                {"name": "cache", "emptyDir": {}},
+            ],
+        },
+    }  # fmt: skip
+
+
+__all__ = ["ASSIGNMENT_ANNOTATION", "Trained", "agent_pod", "assignment", "keypair", "make_base", "train", "upload",
+           "variant"]  # fmt: skip
