@@ -29,7 +29,6 @@ from edgetune_api import codec
 from edgetune_api.assignment import RETRYABLE_REASONS, AdapterAssignment, key_fingerprint
 from edgetune_api.delta import DeltaManifest, DeltaVerificationError, read_folder, verify_package
 
-
 COMPLETE = ".complete"  # marker of a fully downloaded cache entry (not part of the package)
 
 
