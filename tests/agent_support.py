@@ -136,3 +136,31 @@ def agent_pod(name: str, *, node: str, base_dir: str, base_sha: str, keys_config
 
 __all__ = ["ASSIGNMENT_ANNOTATION", "Trained", "agent_pod", "assignment", "keypair", "make_base", "train", "upload",
            "variant"]  # fmt: skip
+
+
+def make_package(folder: Path, base_dir: Path, base_sha: str | None, *, seed: int, key: Path | None = None,
+                 encoding: str = "fp16", scale: float = 0.05, base_uri: str | None = None,
+                 channels: int = CHANNELS) -> str:  # fmt: skip
+    """A delta package built in-process (no training): LoRA weights drawn at random, B non-zero so
+    the adapter changes the model's answers. Returns the package digest."""
+    import torch  # noqa: PLC0415
+
+    from edgetune_api.delta import Lineage  # noqa: PLC0415
+    from edgetune_api.training_job import PeftSpec  # noqa: PLC0415
+    from edgetune_trainer import models, package  # noqa: PLC0415
+
+    base = models.load_base(base_dir, base_sha) if base_sha else models.builtin_random(
+        "timeseries-cnn", channels, CLASSES, 0)  # fmt: skip
+    peft_model = models.attach_lora(base, PeftSpec(r=4, alpha=8, dropout=0.0))
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=generator) * scale for k, v in models.adapter_state(peft_model).items()}
+    config = peft_model.peft_config["default"].to_dict()
+    config = json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    lineage = Lineage(base_model_uri=base_uri or str(base_dir), base_model_sha256=base_sha, data_sha256="0" * 64,
+                      samples=1, data_format="npy", trainer_version="test")  # fmt: skip
+    digest, _ = package.build(
+        folder, state, encoding=encoding, peft_config=config, lineage=lineage, steps=1, duration_s=0.0, metrics={},
+        energy_joules=None, energy_method=None, peak_memory_bytes=None,
+        signing_key_pem=key.read_bytes() if key else None,
+    )  # fmt: skip
+    return digest

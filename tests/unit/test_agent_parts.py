@@ -1,0 +1,246 @@
+"""The agent's parts on their own: the annotation contract, the kubelet's file format, the
+readiness condition, and the package store's refusals (packages built here, a fake S3 client
+where a test needs one)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from edgetune_agent.adapters import AdapterRefused, BaseIdentity, PackageStore, load_trusted_keys
+from edgetune_agent.report import ready_condition
+from edgetune_api.assignment import (
+    AdapterAssignment,
+    AdapterReport,
+    AssignmentError,
+    ReportError,
+    ServedAdapter,
+    format_downward_map,
+    key_fingerprint,
+    parse_assignment,
+    parse_downward_map,
+)
+from edgetune_api.delta import MANIFEST, SIGNATURE, DeltaManifest, FileEntry, sha256_bytes, write_manifest
+from tests.agent_support import keypair, make_base, make_package
+
+SHA = "a" * 64
+
+# -- the contract -----------------------------------------------------------------------------
+
+
+def test_downward_map_round_trips_what_annotations_hold() -> None:
+    values = {
+        "edgetune.io/adapter": json.dumps({"version": "3", "uri": "s3://b/p", "note": 'say "hi"\\n'}),
+        "multi": "line one\nline two\ttab",
+        "unicode": "Zürich ✓",
+        "empty": "",
+    }
+    text = format_downward_map(values)
+    assert text.splitlines()[0].startswith("edgetune.io/adapter=")  # sorted keys, one per line
+    assert parse_downward_map(text) == values
+
+
+def test_downward_map_reads_go_escapes_the_kubelet_may_write() -> None:
+    assert parse_downward_map('k="a\\x41\\u00fc\\101\\"b"') == {"k": 'aAüA"b'}
+    with pytest.raises(ValueError, match="quoted"):
+        parse_downward_map("k=unquoted")
+
+
+def test_assignment_errors_name_the_field() -> None:
+    with pytest.raises(AssignmentError, match=r"sha256: Field required"):
+        parse_assignment('{"version": "1", "uri": "s3://b/p"}')
+    with pytest.raises(AssignmentError, match=r"uri: String should match"):
+        parse_assignment(json.dumps({"version": "1", "uri": "ftp://x", "sha256": SHA}))
+    with pytest.raises(AssignmentError, match="not a valid adapter assignment"):
+        parse_assignment("{not json")
+    ok = parse_assignment(json.dumps({"version": "1", "uri": "s3://b/p", "sha256": SHA, "mode": "shadow"}))
+    assert ok.mode == "shadow" and ok.revoked == []
+
+
+@pytest.mark.parametrize(
+    ("state", "active", "expected"),
+    [
+        ("NoAssignment", None, ("True", "NoAssignment")),
+        ("Serving", "2", ("True", "Serving")),
+        ("Loading", "1", ("True", "Swapping")),
+        ("Refused", "1", ("True", "Refused")),
+        ("Retrying", "1", ("True", "Retrying")),
+        ("Loading", None, ("False", "Loading")),  # a new pod without its first adapter takes no traffic
+        ("Refused", None, ("False", "Refused")),
+    ],
+)
+def test_readiness_condition_is_false_only_without_a_good_adapter(
+    state: str, active: str | None, expected: tuple[str, str]
+) -> None:
+    error = ReportError(reason="HashMismatch", message="bad") if state == "Refused" else None
+    report = AdapterReport(
+        state=state,  # type: ignore[arg-type]
+        active=ServedAdapter(version=active, sha256=SHA) if active else None,
+        error=error,
+        observed_at="now",
+    )
+    status, reason, message = ready_condition(report)
+    assert (status, reason) == expected
+    if active and state != "Serving":
+        assert f"still serving {active}" in message
+
+
+# -- the package store ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp("base") / "base"
+    return folder, make_base(folder, seed=0)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("keys")
+    trusted, trusted_pub = keypair(root / "k", "trusted")
+    stranger, _ = keypair(root / "k", "stranger")
+    (root / "trusted").mkdir()
+    shutil.copy(trusted_pub, root / "trusted" / "signer.pem")
+    (root / "trusted" / "README").write_text("not a key")  # skipped, not fatal
+    return {"trusted": trusted, "stranger": stranger, "dir": root / "trusted", "pub": trusted_pub}
+
+
+def store(tmp: Path, keys: dict[str, Path] | None = None, **kw: Any) -> PackageStore:
+    trusted = load_trusted_keys(keys["dir"]) if keys else {}
+    return PackageStore(tmp / "cache", trusted_keys=trusted, require_signature=bool(trusted), **kw)
+
+
+def load(s: PackageStore, folder: Path, sha: str, base: tuple[Path, str], **extra: Any) -> Any:
+    return s.load(
+        AdapterAssignment(version="1", uri=str(folder), sha256=sha, **extra), BaseIdentity(str(base[0]), base[1])
+    )
+
+
+def refusal(fn: Any) -> AdapterRefused:
+    with pytest.raises(AdapterRefused) as info:
+        fn()
+    return info.value
+
+
+def test_a_signed_package_from_a_trusted_key_loads(
+    tmp_path: Path, base: tuple[Path, str], keys: dict[str, Path]
+) -> None:
+    sha = make_package(tmp_path / "p", *base, seed=1, key=keys["trusted"], encoding="int8-zstd")
+    delta = load(store(tmp_path, keys), tmp_path / "p", sha, base, signer=key_fingerprint(keys["pub"].read_bytes()))
+    assert delta.manifest.encoding == "int8-zstd" and delta.tensors and delta.downloaded_bytes == 0
+    assert len(load_trusted_keys(keys["dir"])) == 1
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "words"),
+    [
+        ("flipped", "HashMismatch", "has SHA-256"),
+        ("other-digest", "HashMismatch", "expected"),
+        ("unsigned", "Unsigned", "unsigned"),
+        ("stranger", "SignatureInvalid", "does not verify"),
+        ("untrusted-signer-id", "SignatureInvalid", "not among"),
+        ("corrupt-zstd", "DecodeFailed", "does not decode"),
+        ("other-base", "IncompatibleBase", "trained on base"),
+        ("missing", "NotFound", "no package folder"),
+        ("revoked", "Revoked", "revoked"),
+        ("encoding", "InvalidAssignment", "encoding"),
+    ],
+)
+def test_bad_packages_are_refused_with_a_reason(
+    tmp_path: Path, base: tuple[Path, str], keys: dict[str, Path], case: str, reason: str, words: str
+) -> None:
+    folder = tmp_path / "p"
+    sha = make_package(folder, *base, seed=1, key=keys["trusted"], encoding="int8-zstd")
+    extra: dict[str, Any] = {}
+    if case == "flipped":
+        weights = folder / "adapter.safetensors.zst"
+        weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    elif case == "other-digest":
+        sha = "b" * 64
+    elif case == "unsigned":
+        (folder / SIGNATURE).unlink()
+    elif case == "stranger":
+        write_manifest(folder, DeltaManifest.model_validate_json((folder / MANIFEST).read_bytes()),
+                       keys["stranger"].read_bytes())  # fmt: skip
+    elif case == "untrusted-signer-id":
+        extra["signer"] = "c" * 64
+    elif case == "corrupt-zstd":  # hashes and signature right, the stream itself broken
+        weights = folder / "adapter.safetensors.zst"
+        broken = zstandard.ZstdCompressor().compress(b"not a safetensors file")[:-3]
+        weights.write_bytes(broken)
+        manifest = DeltaManifest.model_validate_json((folder / MANIFEST).read_bytes())
+        manifest.files[weights.name] = FileEntry(sha256=sha256_bytes(broken), bytes=len(broken))
+        sha = write_manifest(folder, manifest, keys["trusted"].read_bytes())
+    elif case == "other-base":
+        other = tmp_path / "other"
+        other_sha = make_base(other, seed=5)
+        shutil.rmtree(folder)
+        sha = make_package(folder, other, other_sha, seed=1, key=keys["trusted"], encoding="int8-zstd")
+    elif case == "missing":
+        shutil.rmtree(folder)
+    elif case == "revoked":
+        extra["revoked"] = [sha]
+    elif case == "encoding":
+        extra["encoding"] = "fp16"
+    err = refusal(lambda: load(store(tmp_path, keys), folder, sha, base, **extra))
+    assert err.reason == reason and words in err.message, (err.reason, err.message)
+    assert not err.retryable
+
+
+def test_revocations_survive_a_restart(tmp_path: Path, base: tuple[Path, str]) -> None:
+    sha = make_package(tmp_path / "p", *base, seed=1)
+    store(tmp_path).remember_revoked([sha])
+    assert refusal(lambda: load(store(tmp_path), tmp_path / "p", sha, base)).reason == "Revoked"
+
+
+class FakeS3:
+    """boto3's shape for the three calls the store makes; serves a folder, or fails as told."""
+
+    def __init__(self, folder: Path, fail: OSError | None = None) -> None:
+        self.folder, self.fail, self.downloads = folder, fail, 0
+
+    def get_paginator(self, _: str) -> Any:
+        folder = self.folder
+
+        class Pages:
+            def paginate(self, Bucket: str, Prefix: str) -> list[dict[str, Any]]:  # noqa: N803 - boto3's names
+                return [{"Contents": [{"Key": Prefix + p.name, "Size": p.stat().st_size} for p in folder.iterdir()]}]
+
+        return Pages()
+
+    def download_file(self, bucket: str, key: str, dest: str) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.downloads += 1
+        shutil.copy(self.folder / key.rsplit("/", 1)[1], dest)
+
+
+def test_disk_full_while_downloading_is_retryable_and_leaves_nothing_behind(
+    tmp_path: Path, base: tuple[Path, str]
+) -> None:
+    sha = make_package(tmp_path / "p", *base, seed=1)
+    s = store(tmp_path, s3_client=FakeS3(tmp_path / "p", OSError(errno.ENOSPC, "No space left on device")))
+    assignment = AdapterAssignment(version="1", uri="s3://bucket/p", sha256=sha)
+    err = refusal(lambda: s.load(assignment, BaseIdentity(str(base[0]), base[1])))
+    assert err.reason == "DiskFull" and err.retryable
+    assert [p.name for p in (tmp_path / "cache" / "packages").iterdir()] == []
+
+
+def test_a_damaged_cache_entry_is_fetched_again(tmp_path: Path, base: tuple[Path, str]) -> None:
+    sha = make_package(tmp_path / "p", *base, seed=1)
+    s3 = FakeS3(tmp_path / "p")
+    s = store(tmp_path, s3_client=s3)
+    assignment = AdapterAssignment(version="1", uri="s3://bucket/p", sha256=sha)
+    identity = BaseIdentity(str(base[0]), base[1])
+    assert s.load(assignment, identity).downloaded_bytes > 0
+    assert s.load(assignment, identity).downloaded_bytes == 0  # from the cache
+    cached = tmp_path / "cache" / "packages" / sha / "adapter.safetensors"
+    cached.write_bytes(b"bitrot" + cached.read_bytes()[6:])
+    again = s.load(assignment, identity)
+    assert again.downloaded_bytes > 0 and s3.downloads == 6  # three files, downloaded twice
