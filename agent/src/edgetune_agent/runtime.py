@@ -384,8 +384,12 @@ class AgentRuntime:
         if self.shadow is not None and self.shadow.sha256 in revoked:
             self.shadow = None
         if self.active is not None and self.active.sha256 in revoked:
+            bad = self.active
             fallback = next((r for r in reversed(self.resident.values()) if r.sha256 not in revoked), None)
             await self.on_model(self._activate, fallback)
+            now = fallback.version if fallback else "the base model"
+            self._publish(("Warning", "AdapterRevoked", f"version {bad.version} ({bad.sha256[:12]}) was revoked; "
+                           f"serving {now} until the assignment is satisfied"))  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
         self._publish()

@@ -7,6 +7,7 @@ the same SHA-256 check, the same built-in architectures), so an adapter trained 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +112,15 @@ class TorchBackend:
         self.peft.to(self.device).eval()
 
     def _drop(self, name: str, added: bool) -> None:
-        if added and self.peft is not None and name in self.peft.peft_config and len(self.peft.peft_config) > 1:
-            self.peft.delete_adapter(name)
-            self.selected = object()
+        if added:
+            self.remove(name)
 
     def remove(self, name: str) -> None:
+        """Free an adapter's weights (peft keeps at least one adapter; the last one stays, unused)."""
         if self.peft is not None and name in self.peft.peft_config and len(self.peft.peft_config) > 1:
-            self.peft.delete_adapter(name)
+            with warnings.catch_warnings():  # "active adapter deleted": we select explicitly before every use
+                warnings.simplefilter("ignore", UserWarning)
+                self.peft.delete_adapter(name)
             self.selected = object()
 
     def activate(self, name: str | None) -> None:
