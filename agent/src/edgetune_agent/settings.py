@@ -29,6 +29,8 @@ class AgentSettings(BaseModel):
     """Base URL of the vLLM server the `vllm` backend drives."""
     vllm_adapter_dir: Path | None = None
     """Folder shared with the vLLM server where adapters are written in PEFT format."""
+    vllm_max_lora_rank: Annotated[int, Field(ge=1)] = 16
+    """The vLLM server's --max-lora-rank (vLLM's default 16): higher-rank adapters are refused up front."""
     hosts: list[str] = Field(default_factory=lambda: ["0.0.0.0"])  # noqa: S104 - a server inside a pod
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     assignment_file: Path | None = None
@@ -74,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
     p.add_argument("--backend", choices=["torch", "vllm"], default=_env("BACKEND", "torch"))
     p.add_argument("--vllm-url", default=_env("VLLM_URL"))
     p.add_argument("--vllm-adapter-dir", default=_env("VLLM_ADAPTER_DIR"))
+    p.add_argument("--vllm-max-lora-rank", type=int, default=int(_env("VLLM_MAX_LORA_RANK", "16") or 16))
     p.add_argument("--host", action="append", dest="hosts", help="address to listen on (repeatable)")
     p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
     p.add_argument("--assignment-file", default=_env("ASSIGNMENT_FILE"))
@@ -97,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         builtin_channels=a.builtin_channels, builtin_classes=a.builtin_classes, builtin_seed=a.builtin_seed,
         num_labels=a.num_labels, backend=a.backend, vllm_url=a.vllm_url,
         vllm_adapter_dir=Path(a.vllm_adapter_dir) if a.vllm_adapter_dir else None,
+        vllm_max_lora_rank=a.vllm_max_lora_rank,
         hosts=hosts, port=a.port,
         assignment_file=Path(a.assignment_file) if a.assignment_file else None, poll_seconds=a.poll_seconds,
         cache_dir=Path(a.cache_dir), trusted_keys_dir=Path(a.trusted_keys_dir) if a.trusted_keys_dir else None,

@@ -47,8 +47,10 @@ REFUSAL_REASONS = (
     "ShapeMismatch",  # tensors do not fit the base model's layers
     "Revoked",  # the package was revoked (rolled back) and must not run
     "EvalRegression",  # the local evaluation gate found it worse than the current adapter
+    "BackendRefused",  # the serving backend (vLLM) refused it: rank limit, runtime updates disabled
+    "BackendUnavailable",  # the serving backend did not answer (retried)
 )
-RETRYABLE_REASONS = frozenset({"StorageUnavailable", "DiskFull"})
+RETRYABLE_REASONS = frozenset({"StorageUnavailable", "DiskFull", "BackendUnavailable"})
 
 
 class AdapterAssignment(ApiModel):

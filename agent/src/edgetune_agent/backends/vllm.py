@@ -28,14 +28,14 @@ from edgetune_agent.settings import AgentSettings
 
 
 class VllmBackend:
-    def __init__(self, settings: AgentSettings, *, max_lora_rank: int = 16) -> None:
+    def __init__(self, settings: AgentSettings) -> None:
         if not settings.vllm_url or settings.vllm_adapter_dir is None:
             raise ValueError("the vllm backend needs --vllm-url and --vllm-adapter-dir")
         self.url = settings.vllm_url.rstrip("/")
         self.folder = settings.vllm_adapter_dir
         self.folder.mkdir(parents=True, exist_ok=True)
         self.served = settings.model_name
-        self.max_lora_rank = max_lora_rank
+        self.max_lora_rank = settings.vllm_max_lora_rank
         self.base = BaseIdentity(uri=settings.base_uri, sha256=settings.base_sha256)
         self.http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=120), retries=False)
         self.paths: dict[str, Path] = {}
@@ -45,10 +45,13 @@ class VllmBackend:
             resp = self.http.request(method, self.url + path, body=json.dumps(body).encode() if body else None,
                                      headers={"Content-Type": "application/json"})  # fmt: skip
         except urllib3.exceptions.HTTPError as exc:
-            raise AdapterRefused("StorageUnavailable", f"vLLM at {self.url} unreachable: {exc}") from exc
+            raise AdapterRefused("BackendUnavailable", f"vLLM at {self.url} unreachable: {exc}") from exc
         text = resp.data.decode(errors="replace")
+        if resp.status == 404 and "lora_adapter" in path:
+            raise AdapterRefused("BackendRefused", f"vLLM at {self.url} has no {path}: start it with "
+                                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora")  # fmt: skip
         if resp.status >= 300:
-            raise AdapterRefused("ShapeMismatch", f"vLLM refused {path}: HTTP {resp.status}: {text[:500]}")
+            raise AdapterRefused("BackendRefused", f"vLLM refused {path}: HTTP {resp.status}: {text[:500]}")
         try:
             return json.loads(text) if text.strip().startswith(("{", "[")) else text
         except ValueError:
@@ -65,7 +68,7 @@ class VllmBackend:
         rank = int(delta.peft_config.get("r", 0))
         if rank > self.max_lora_rank:
             raise AdapterRefused(
-                "ShapeMismatch", f"LoRA rank {rank} exceeds vLLM's --max-lora-rank {self.max_lora_rank}"
+                "BackendRefused", f"LoRA rank {rank} exceeds vLLM's --max-lora-rank {self.max_lora_rank}"
             )
         target = self.folder / name
         tmp = self.folder / f".{name}.partial"
