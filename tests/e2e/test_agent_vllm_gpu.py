@@ -43,8 +43,10 @@ def test_real_vllm_loads_swaps_and_unloads_an_edgetune_adapter(tmp_path: Path) -
     from edgetune_trainer import models, package  # noqa: PLC0415
 
     base = tmp_path / "base"
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256,
+    )  # fmt: skip
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(base, safe_serialization=True)
     base_sha = models.weights_sha256(base)
