@@ -1,6 +1,6 @@
 """Benchmark the local test environment: warm start of a control plane and of the servers.
 
-Run with ``.venv/bin/python bench/testenv.py [--runs N] [--cold]``. Prints one JSON line.
+Run with ``.venv/bin/python bench/bench_testenv.py [--runs N] [--cold]``. Prints one JSON line.
 
 - ``control_plane_to_kubectl_s``: ``ControlPlane.start()`` (etcd, apiserver, controller-manager,
   scheduler, kwok; certificates generated) until the first successful ``kubectl get nodes``,

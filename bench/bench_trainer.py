@@ -1,6 +1,6 @@
 """Trainer benchmark: memory, loop overhead, checkpoint overhead, delta size and compression.
 
-Run with ``.venv/bin/python bench/trainer.py [--quick]``; the last line printed is one JSON object
+Run with ``.venv/bin/python bench/bench_trainer.py [--quick]``; the last line printed is one JSON object
 with the keys ``train_vs_infer_rss_ratio``, ``full_ft_vs_infer_rss_ratio``, ``loop_overhead_vs_bare``,
 ``checkpoint_overhead``, ``delta_bytes_pct_of_base``, ``compressed_vs_fp32_ratio``,
 ``compressed_metric_drop_pt`` (plus the raw measurements they come from).

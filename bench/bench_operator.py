@@ -1,7 +1,7 @@
 """Benchmark the operator: EdgeTrainingJob applied -> trainer pod bound to a node, at one job and at
 many jobs in flight; operator memory; reconcile throughput.
 
-Run with ``.venv/bin/python bench/operator.py [--quick]``. Prints one JSON line with
+Run with ``.venv/bin/python bench/bench_operator.py [--quick]``. Prints one JSON line with
 ``pod_bound_p50_s_1job``, ``pod_bound_p99_s_1job``, ``pod_bound_p99_s_1000jobs``,
 ``operator_peak_rss_mb_1000jobs``, ``reconciles_per_s`` (plus the sizes used).
 
@@ -16,18 +16,11 @@ describe 100 jobs, and ``jobs`` says so).
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named operator.py (the interface the issue asks for), which would shadow the standard
-# library's `operator` module for everything imported below: drop bench/ from the import path first.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import re
 import statistics
+import sys
 import tempfile
 import threading
 import time
