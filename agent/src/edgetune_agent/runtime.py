@@ -117,6 +117,8 @@ class AgentRuntime:
         self.outcome = Outcome()
         self.on_report: Callable[[AdapterReport, tuple[str, str, str] | None], None] | None = None
         self._rng = random.Random()  # noqa: S311 - sampling, not security
+        self._stamp: tuple[int, int, int] | None = None
+        self._read_at = -1.0
         self.ready = False
 
     # -- threads ---------------------------------------------------------------------------------
@@ -307,8 +309,8 @@ class AgentRuntime:
     async def step(self) -> None:
         """One pass of the assignment loop: notice a change, try to satisfy it, report."""
         p = self.pending
-        raw = read_assignment(self.settings.assignment_file)
         now = time.monotonic()
+        raw = self._read_if_changed(now)
         if raw != p.raw:
             p.raw, p.seen_at, p.attempts, p.next_try, p.done = raw, now, 0, 0.0, False
             p.assignment = None
@@ -354,6 +356,21 @@ class AgentRuntime:
         verb = "shadows" if a.mode == "shadow" else "serves"
         self._publish(("Normal", "AdapterSwapped" if a.mode == "serve" else "AdapterShadowed",
                        f"agent {verb} adapter version {a.version} ({a.sha256[:12]}, from {source})"))  # fmt: skip
+
+    def _read_if_changed(self, now: float) -> str | None:
+        """The assignment, re-read when the file's identity changed (the kubelet swaps a symlink,
+        editors rename) and at least once a second; otherwise the last one read. A stat every
+        poll is what keeps swaps fast without inotify."""
+        path = self.settings.assignment_file
+        try:
+            st = path.stat() if path is not None else None
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size) if st else None
+        except OSError:
+            stamp = None
+        if stamp == self._stamp and now - self._read_at < 1.0:
+            return self.pending.raw
+        self._stamp, self._read_at = stamp, now
+        return read_assignment(path)
 
     def _satisfied(self, a: AdapterAssignment) -> bool:
         target = self.active if a.mode == "serve" else self.shadow

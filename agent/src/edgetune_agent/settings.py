@@ -35,11 +35,14 @@ class AgentSettings(BaseModel):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     assignment_file: Path | None = None
     """Downward-API file with the pod's annotations (or a file holding the assignment JSON itself)."""
-    poll_seconds: float = 0.25
+    poll_seconds: float = 0.02
     cache_dir: Path = Path("/var/cache/edgetune")
     trusted_keys_dir: Path | None = None
     """Folder of Ed25519 public keys (PEM); when set, only packages signed by one of them run."""
     require_signature: bool = False
+    merge: bool = True
+    """Add the active adapter's update into the base weights (no per-request LoRA cost; fp32 bases
+    only, where merging and unmerging round-trip exactly enough); other adapters run unmerged."""
     max_resident: Annotated[int, Field(ge=1, le=64)] = 3
     """Adapters kept in memory (least recently used dropped first; the active one never)."""
     s3_endpoint: str | None = None
@@ -80,10 +83,16 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
     p.add_argument("--host", action="append", dest="hosts", help="address to listen on (repeatable)")
     p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
     p.add_argument("--assignment-file", default=_env("ASSIGNMENT_FILE"))
-    p.add_argument("--poll-seconds", type=float, default=float(_env("POLL_SECONDS", "0.25") or 0.25))
+    p.add_argument("--poll-seconds", type=float, default=float(_env("POLL_SECONDS", "0.02") or 0.02))
     p.add_argument("--cache-dir", default=_env("CACHE_DIR", "/var/cache/edgetune"))
     p.add_argument("--trusted-keys-dir", default=_env("TRUSTED_KEYS_DIR"))
     p.add_argument("--require-signature", action="store_true", default=_env("REQUIRE_SIGNATURE") == "true")
+    p.add_argument(
+        "--no-merge",
+        action="store_true",
+        default=_env("MERGE") == "false",
+        help="keep the active adapter unmerged (LoRA computed per request)",
+    )
     p.add_argument("--max-resident", type=int, default=int(_env("MAX_RESIDENT", "3") or 3))
     p.add_argument("--s3-endpoint", default=_env("S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3"))
     p.add_argument("--mlflow-uri", default=_env("MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI"))
@@ -104,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         hosts=hosts, port=a.port,
         assignment_file=Path(a.assignment_file) if a.assignment_file else None, poll_seconds=a.poll_seconds,
         cache_dir=Path(a.cache_dir), trusted_keys_dir=Path(a.trusted_keys_dir) if a.trusted_keys_dir else None,
-        require_signature=a.require_signature, max_resident=a.max_resident, s3_endpoint=a.s3_endpoint or None,
+        require_signature=a.require_signature, merge=not a.no_merge, max_resident=a.max_resident,
+        s3_endpoint=a.s3_endpoint or None,
         mlflow_uri=a.mlflow_uri or None, eval_data_dir=Path(a.eval_data_dir) if a.eval_data_dir else None,
         eval_format=a.eval_format,
         eval_max_drop=None if a.eval_max_drop != a.eval_max_drop else a.eval_max_drop,  # NaN: not set

@@ -65,6 +65,8 @@ class TorchBackend:
         self.model: Any = base.model.to(self.device).eval()
         self.peft: Any = None
         self.selected: object = None  # adapter the model computes with now (None: bare base)
+        self.merged: str | None = None  # adapter whose update is added into the base weights now
+        self.merge = settings.merge and all(p.dtype == torch.float32 for p in base.model.parameters())
         self.active: str | None = None
         if isinstance(base.model, models.TimeSeriesCNN):
             config: dict[str, Any] = base.model.config
@@ -93,6 +95,7 @@ class TorchBackend:
             raise AdapterRefused("InvalidManifest", f"the package's LoRA configuration is not usable: {exc}") from exc
         tensors = {k: self.torch.from_numpy(np.ascontiguousarray(v)) for k, v in delta.tensors.items()}
         added = False
+        self._unmerge()
         try:
             if self.peft is None:
                 self.peft = get_peft_model(self.model, config, adapter_name=name)
@@ -118,6 +121,7 @@ class TorchBackend:
     def remove(self, name: str) -> None:
         """Free an adapter's weights (peft keeps at least one adapter; the last one stays, unused)."""
         if self.peft is not None and name in self.peft.peft_config and len(self.peft.peft_config) > 1:
+            self._unmerge()
             with warnings.catch_warnings():  # "active adapter deleted": we select explicitly before every use
                 warnings.simplefilter("ignore", UserWarning)
                 self.peft.delete_adapter(name)
@@ -127,16 +131,30 @@ class TorchBackend:
         self.active = name
         self._select(name)
 
+    def _unmerge(self) -> None:
+        """Take a merged adapter back out of the base weights (before any change of the adapters)."""
+        if self.merged is not None and self.peft is not None:
+            self.peft.unmerge_adapter()
+            self.merged = None
+            self.selected = object()
+
     def _select(self, name: str | None) -> None:
+        """Make the model compute with ``name``: merged into the base weights when it is the active
+        adapter and merging is on (no per-request LoRA cost), unmerged for anything else."""
         if self.selected == name or self.peft is None:
             self.selected = name if self.peft is not None else None
             return
+        if self.merged is not None and self.merged != name:
+            self._unmerge()
         lora = self.peft.base_model
         if name is None:
             lora.disable_adapter_layers()
         else:
             lora.enable_adapter_layers()
             self.peft.set_adapter(name, inference_mode=True)
+            if self.merge and name == self.active and self.merged is None:
+                self.peft.merge_adapter([name])
+                self.merged = name
         self.selected = name
 
     def _net(self, adapter: str | None) -> Any:

@@ -1,0 +1,256 @@
+"""Edge agent benchmark: swap latency (from memory, from the local cache, from S3), failed requests
+during swaps, inference latency with and without an adapter, idle memory.
+
+Run with ``.venv/bin/python bench/bench_agent.py [--quick]``; the last line printed is one JSON
+object with ``swap_p99_ms`` (assignment written → first response computed by the new adapter,
+package already on local disk, not resident), ``swap_download_p99_ms`` (the same, fetched from S3
+and verified), ``rollback_to_resident_p99_ms`` (back to a version held in memory),
+``requests_failed_during_swaps``, ``infer_p50_ms_base``, ``infer_p50_ms_adapter``,
+``adapter_overhead_ratio``, ``agent_idle_rss_mb`` and ``torch_peft_import_rss_mb`` (what dominates
+the idle figure), plus the agent's own swap histogram.
+
+The agent runs as a real process (``python -m edgetune_agent``) with the sensor CNN base; a real S3
+server (versitygw) holds the packages. "Assignment written" is the moment the file the kubelet
+would refresh (the downward-API annotations file) changes: in a cluster, the kubelet's own
+propagation of a pod annotation into that file comes on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.agent_support import CHANNELS, make_base, make_package, upload  # noqa: E402
+
+from edgetune_api.assignment import AdapterAssignment, dumps  # noqa: E402
+from edgetune_testenv.procs import free_port  # noqa: E402
+from edgetune_testenv.servers import S3Server  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Load:
+    """Back-to-back requests from one thread; every response's time and adapter version recorded."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        self.url, self.body = url, body
+        self.log: list[tuple[float, str]] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            req = urllib.request.Request(self.url, data=self.body, headers={"Content-Type": "application/json"})  # noqa: S310
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+                    version = json.loads(resp.read())["model_version"]
+                self.log.append((time.perf_counter(), version))
+            except Exception:
+                self.failed += 1
+
+    def first_after(self, t0: float, version: str, timeout: float = 60) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, v in reversed(self.log[-200:]):
+                if t < t0:
+                    break
+                if v == version:
+                    hits = [t for t, v2 in self.log[-400:] if t >= t0 and v2 == version]
+                    return min(hits) - t0
+            time.sleep(0.001)
+        raise TimeoutError(f"version {version} never answered")
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def infer_p50(url: str, body: bytes, n: int) -> float:
+    times = []
+    for _ in range(n):
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})  # noqa: S310
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            resp.read()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1):  # noqa: S310 - loopback
+            return True
+    except OSError:
+        return False
+
+
+def serving(infer_url: str, body: bytes) -> str:
+    req = urllib.request.Request(infer_url, data=body, headers={"Content-Type": "application/json"})  # noqa: S310
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        return str(json.loads(resp.read())["model_version"])
+
+
+def torch_floor_mb() -> float:
+    code = "import resource, torch, peft; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer swaps and requests (under two minutes)")
+    args = parser.parse_args()
+    swaps = 8 if args.quick else 30
+    tmp = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    base_sha = make_base(tmp / "base", seed=0)
+    versions = [f"v{i}" for i in range(swaps + 4)]
+    packages = {v: (tmp / v, make_package(tmp / v, tmp / "base", base_sha, seed=i)) for i, v in enumerate(versions)}
+    import numpy as np  # noqa: PLC0415
+
+    x = np.random.default_rng(0).normal(size=(1, CHANNELS, 48)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+    with S3Server(tmp / "s3") as s3:
+        s3.create_bucket("bench")
+        client = s3.client()
+        uris = {v: upload(client, folder, "bench", v) for v, (folder, _) in packages.items()}
+        assignment_file = tmp / "annotations"
+        env = {**os.environ, **s3.env(), "PYTHONUNBUFFERED": "1"}
+
+        def start(*extra: str) -> tuple[subprocess.Popen[str], str]:
+            port = free_port()
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "edgetune_agent", f"--base-uri={tmp / 'base'}", f"--base-sha256={base_sha}",
+                 "--host=127.0.0.1", f"--port={port}", f"--assignment-file={assignment_file}",
+                 f"--cache-dir={tmp / 'cache'}", "--max-resident=2", "--threads=1", "--no-report", *extra],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while not ready(url):
+                if time.monotonic() > deadline or agent.poll() is not None:
+                    raise RuntimeError(f"agent did not start: {agent.stderr.read() if agent.stderr else ''}")
+                time.sleep(0.1)
+            return agent, url
+
+        n = 100 if args.quick else 300
+        # Inference cost of an unmerged adapter (LoRA computed per request), on a separate agent.
+        assignment_file.write_text("")
+        unmerged, url = start("--no-merge")
+        try:
+            infer_url = f"{url}/v2/models/edgetune/infer"
+            infer_p50(infer_url, body, 20)
+            unmerged_base_ms = infer_p50(infer_url, body, n)
+            first = versions[0]
+            a = AdapterAssignment(version=first, uri=str(packages[first][0]), sha256=packages[first][1])
+            assignment_file.write_text(dumps(a))
+            while serving(infer_url, body) != first:
+                time.sleep(0.05)
+            unmerged_adapter_ms = infer_p50(infer_url, body, n)
+        finally:
+            unmerged.terminate()
+            unmerged.wait(30)
+        assignment_file.write_text("")
+        agent, url = start()
+        infer_url = f"{url}/v2/models/edgetune/infer"
+        try:
+            infer_p50(infer_url, body, 20)  # warm-up
+            time.sleep(1.0)
+            idle_rss = rss_mb(agent.pid)
+            base_ms = infer_p50(infer_url, body, n)
+
+            def assign(version: str) -> float:
+                t0 = time.perf_counter()
+                a = AdapterAssignment(version=version, uri=uris[version], sha256=packages[version][1])
+                tmp_file = assignment_file.with_suffix(".tmp")
+                tmp_file.write_text(dumps(a))
+                tmp_file.replace(assignment_file)  # atomic, as the kubelet writes it
+                return t0
+
+            downloads, local, resident = [], [], []
+            with Load(infer_url, body) as load:
+                # 1. every version once: fetched from S3, verified, loaded
+                for v in versions:
+                    t0 = assign(v)
+                    downloads.append(load.first_after(t0, v) * 1000)
+                # 2. versions cached on disk but evicted from memory (max 2 resident)
+                for i in range(swaps):
+                    v = versions[i % 4]
+                    t0 = assign(v)
+                    local.append(load.first_after(t0, v) * 1000)
+                # 3. back and forth between two resident versions (rollback)
+                for i in range(swaps):
+                    v = versions[-1] if i % 2 else versions[-2]
+                    if i == 0:
+                        assign(versions[-1])
+                        load.first_after(time.perf_counter() - 1, versions[-1])
+                    t0 = assign(v)
+                    resident.append(load.first_after(t0, v) * 1000)
+                failed, served = load.failed, len(load.log)
+            adapter_ms = infer_p50(infer_url, body, n)
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:  # noqa: S310
+                metrics = resp.read().decode()
+            busy_rss = rss_mb(agent.pid)
+        finally:
+            agent.terminate()
+            agent.wait(30)
+    internal = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("edgetune_agent_swap_duration_seconds_sum")
+    }
+    result: dict[str, Any] = {
+        "swap_p99_ms": round(pct(local, 0.99), 1),
+        "swap_p50_ms": round(pct(local, 0.5), 1),
+        "swap_download_p99_ms": round(pct(downloads, 0.99), 1),
+        "swap_download_p50_ms": round(pct(downloads, 0.5), 1),
+        "rollback_to_resident_p99_ms": round(pct(resident, 0.99), 1),
+        "rollback_to_resident_p50_ms": round(pct(resident, 0.5), 1),
+        "requests_failed_during_swaps": failed,
+        "requests_during_swaps": served,
+        "infer_p50_ms_base": round(base_ms, 3),
+        "infer_p50_ms_adapter": round(adapter_ms, 3),
+        "adapter_overhead_ratio": round(adapter_ms / base_ms, 3),
+        "infer_p50_ms_base_unmerged_run": round(unmerged_base_ms, 3),
+        "infer_p50_ms_adapter_unmerged": round(unmerged_adapter_ms, 3),
+        "adapter_overhead_ratio_unmerged": round(unmerged_adapter_ms / unmerged_base_ms, 3),
+        "agent_idle_rss_mb": round(idle_rss, 1),
+        "agent_rss_after_swaps_mb": round(busy_rss, 1),
+        "torch_peft_import_rss_mb": round(torch_floor_mb(), 1),
+        "swaps": {"download": len(downloads), "local": len(local), "resident": len(resident)},
+        "agent_swap_seconds_sum_by_source": internal,
+        "poll_seconds": 0.02,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
