@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, READY_CONDITION, AdapterAssignment, dumps
+from edgetune_api.assignment import AdapterAssignment, dumps
 from tests.support import AGENT_IMAGE
-from tests.trainer_support import config, sine_classes, write_config
+from tests.trainer_support import REPO, config, sine_classes, write_config
 
 CHANNELS, CLASSES = 3, 3
 
@@ -83,59 +84,35 @@ def assignment(version: str, uri: str, sha256: str, **extra: Any) -> str:
     return dumps(AdapterAssignment(version=version, uri=uri, sha256=sha256, release="demo/rollout", **extra))
 
 
-def agent_pod(name: str, *, node: str, base_dir: str, base_sha: str, keys_configmap: str, s3_env: dict[str, str],
+EXAMPLE = REPO / "examples" / "agent" / "deployment.yaml"
+BASE_HOST_PATH = "/var/lib/edgetune/models/base"  # where the example expects the base on each node
+
+
+def agent_pod(name: str, *, node: str, base_sha: str, keys_configmap: str, s3_env: dict[str, str],
               annotations: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """An agent pod as a user would write it: downward-API annotations, readiness gate, bound token."""
-    env = [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        # The default; spelled out so the test executor can map the mount to its local folder.
-        {"name": "EDGETUNE_AGENT_SA_DIR", "value": "/var/run/secrets/kubernetes.io/serviceaccount"},
-        *({"name": k, "value": v} for k, v in s3_env.items()),
+    """A pod from the example Deployment's template (examples/agent/deployment.yaml), so the example
+    is what the tests run: pinned to ``node``, run by the test executor, S3 credentials inline."""
+    template = yaml.safe_load(EXAMPLE.read_text())["spec"]["template"]
+    spec = template["spec"]
+    container = spec["containers"][0]
+    container["image"] = AGENT_IMAGE
+    container["args"] = [
+        f"--base-sha256={base_sha}" if a.startswith("--base-sha256=") else a for a in container["args"]
     ]
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": "sensor-model", "edgetune.io/executor": "local"},
-                     "annotations": annotations or {}},
-        "spec": {
-            "nodeName": node,
-            "serviceAccountName": "edgetune-agent",
-            "readinessGates": [{"conditionType": READY_CONDITION}],
-            "tolerations": [{"operator": "Exists"}],
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-            "containers": [{
-                "name": "agent", "image": AGENT_IMAGE,
-                "args": ["--host=$(POD_IP)", "--port=8080", "--base-uri=/models/base", f"--base-sha256={base_sha}",
-                         "--assignment-file=/etc/edgetune/annotations", "--cache-dir=/var/cache/edgetune",
-                         "--trusted-keys-dir=/etc/edgetune/keys", "--require-signature", "--threads=1",
-                         "--poll-seconds=0.1"],
-                "env": env,
-                "ports": [{"name": "http", "containerPort": 8080}],
-                "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8080}},
-                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [
-                    {"name": "base", "mountPath": "/models/base", "readOnly": True},
-                    {"name": "assignment", "mountPath": "/etc/edgetune", "readOnly": True},
-                    {"name": "keys", "mountPath": "/etc/edgetune/keys", "readOnly": True},
-                    {"name": "cache", "mountPath": "/var/cache/edgetune"},
-                ],
-            }],
-            "volumes": [
-                {"name": "base", "hostPath": {"path": base_dir, "type": "Directory"}},
-                {"name": "assignment", "downwardAPI": {"items": [
-                    {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
-                {"name": "keys", "configMap": {"name": keys_configmap}},
-                {"name": "cache", "emptyDir": {}},
-            ],
-        },
-    }  # fmt: skip
-
-
-__all__ = ["ASSIGNMENT_ANNOTATION", "Trained", "agent_pod", "assignment", "keypair", "make_base", "train", "upload",
-           "variant"]  # fmt: skip
+    container["args"] += ["--threads=1"]
+    container["env"] = [e for e in container["env"] if not e["name"].startswith("AWS_")]
+    container["env"] += [{"name": k, "value": v} for k, v in s3_env.items()]
+    container.pop("resources", None)  # the executor would enforce limits on a test machine's RSS
+    spec["nodeName"] = node
+    spec["tolerations"] = [{"operator": "Exists"}]
+    next(v for v in spec["volumes"] if v["name"] == "keys")["configMap"]["name"] = keys_configmap
+    labels = {**template["metadata"]["labels"], "edgetune.io/executor": "local"}
+    metadata = {
+        "name": name,
+        "labels": labels,
+        "annotations": {**template["metadata"]["annotations"], **(annotations or {})},
+    }
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
 
 def make_package(folder: Path, base_dir: Path, base_sha: str | None, *, seed: int, key: Path | None = None,

@@ -21,15 +21,16 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from edgetune_api.assignment import READY_CONDITION, REPORT_ANNOTATION, AdapterReport
+from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, READY_CONDITION, REPORT_ANNOTATION, AdapterReport
 from edgetune_api.delta import SIGNATURE, sign
 from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.servers import Prometheus, S3Server
 from tests.agent_support import (
-    ASSIGNMENT_ANNOTATION,
+    BASE_HOST_PATH,
     CHANNELS,
+    EXAMPLE,
     Trained,
     agent_pod,
     assignment,
@@ -124,11 +125,11 @@ def fleet(edge_a: ControlPlane, edge_a_executor: PodExecutor, s3: S3Server, prom
     manifests = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     edge_a.kubectl("apply", "-f", "-", input_text=manifests)
     # Base models on the node's disk, and adapters trained for real.
-    base_sha = make_base(edge_a_executor.node_root(NODE) / "models" / "base", seed=0)
+    base_dir = edge_a_executor.node_root(NODE) / BASE_HOST_PATH.lstrip("/")
+    base_sha = make_base(base_dir, seed=0)
     other_sha = make_base(tmp / "other-base", seed=1)
     f.keys["trusted"], public = keypair(tmp / "keys", "trusted")
     f.keys["stranger"], _ = keypair(tmp / "keys", "stranger")
-    base_dir = edge_a_executor.node_root(NODE) / "models" / "base"
     f.trained["1"] = train(tmp / "v1", base_dir, base_sha, data_seed=1, gain=1.0, key=f.keys["trusted"])
     f.trained["2"] = train(
         tmp / "v2", base_dir, base_sha, data_seed=2, gain=2.5, key=f.keys["trusted"], encoding="fp16"
@@ -158,7 +159,7 @@ def fleet(edge_a: ControlPlane, edge_a_executor: PodExecutor, s3: S3Server, prom
                                                "data": {"release-signer.pem": public.read_text()}})  # fmt: skip
     s3_env = {k: v for k, v in s3.env().items() if k.startswith("AWS_")}
     for pod in ("agent-0", "agent-1"):
-        f.core.create_namespaced_pod(f.ns, agent_pod(pod, node=NODE, base_dir="/models/base", base_sha=base_sha,
+        f.core.create_namespaced_pod(f.ns, agent_pod(pod, node=NODE, base_sha=base_sha,
                                                      keys_configmap="trusted-keys", s3_env=s3_env))  # fmt: skip
     for pod in ("agent-0", "agent-1"):
         eventually(lambda p=pod: (c := condition(f, p)) is not None and c.status == "True", timeout=120,
@@ -193,6 +194,11 @@ class LoadGenerator:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=15)
+
+
+def test_the_example_deployment_is_valid_for_the_apiserver(fleet: Fleet, edge_a: ControlPlane) -> None:
+    out = edge_a.kubectl("apply", "--dry-run=server", "-n", fleet.ns, "-f", str(EXAMPLE)).stdout
+    assert "deployment.apps/sensor-model created (server dry run)" in out
 
 
 def test_pod_is_ready_only_through_its_gate_and_reports_no_assignment(fleet: Fleet) -> None:

@@ -66,6 +66,7 @@ class TorchBackend:
         self.peft: Any = None
         self.selected: object = None  # adapter the model computes with now (None: bare base)
         self.merged: str | None = None  # adapter whose update is added into the base weights now
+        self.stripped: list[tuple[Any, str, Any]] = []  # (parent, attribute, LoRA wrapper) set aside
         self.merge = settings.merge and all(p.dtype == torch.float32 for p in base.model.parameters())
         self.active: str | None = None
         if isinstance(base.model, models.TimeSeriesCNN):
@@ -95,7 +96,7 @@ class TorchBackend:
             raise AdapterRefused("InvalidManifest", f"the package's LoRA configuration is not usable: {exc}") from exc
         tensors = {k: self.torch.from_numpy(np.ascontiguousarray(v)) for k, v in delta.tensors.items()}
         added = False
-        self._unmerge()
+        self._unmerge()  # peft changes wrapped, unmerged layers only
         try:
             if self.peft is None:
                 self.peft = get_peft_model(self.model, config, adapter_name=name)
@@ -132,11 +133,30 @@ class TorchBackend:
         self._select(name)
 
     def _unmerge(self) -> None:
-        """Take a merged adapter back out of the base weights (before any change of the adapters)."""
+        """Put peft's layers back and take a merged adapter out of the base weights (before any
+        change of the adapters, and before computing with anything but the active adapter)."""
+        for parent, attr, wrapper in self.stripped:
+            setattr(parent, attr, wrapper)
+        if self.stripped:
+            self.stripped = []
+            self.selected = object()
         if self.merged is not None and self.peft is not None:
             self.peft.unmerge_adapter()
             self.merged = None
             self.selected = object()
+
+    def _strip(self) -> None:
+        """Serve with plain layers: each LoRA wrapper is replaced by its base layer (which holds the
+        merged weights), so requests pay nothing for peft's per-layer dispatch."""
+        from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+
+        model = self.peft.base_model.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, attr, module.get_base_layer())
+                self.stripped.append((parent, attr, module))
 
     def _select(self, name: str | None) -> None:
         """Make the model compute with ``name``: merged into the base weights when it is the active
@@ -144,17 +164,18 @@ class TorchBackend:
         if self.selected == name or self.peft is None:
             self.selected = name if self.peft is not None else None
             return
-        if self.merged is not None and self.merged != name:
-            self._unmerge()
+        self._unmerge()
         lora = self.peft.base_model
         if name is None:
             lora.disable_adapter_layers()
         else:
             lora.enable_adapter_layers()
             self.peft.set_adapter(name, inference_mode=True)
-            if self.merge and name == self.active and self.merged is None:
+        if self.merge and name == self.active:
+            if name is not None:
                 self.peft.merge_adapter([name])
                 self.merged = name
+            self._strip()
         self.selected = name
 
     def _net(self, adapter: str | None) -> Any:
