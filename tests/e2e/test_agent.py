@@ -26,7 +26,7 @@ from edgetune_api.delta import SIGNATURE, sign
 from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
-from edgetune_testenv.servers import Prometheus, S3Server
+from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.agent_support import (
     BASE_HOST_PATH,
     CHANNELS,
@@ -112,7 +112,7 @@ def metric(ip: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def fleet(edge_a: ControlPlane, edge_a_executor: PodExecutor, s3: S3Server, prometheus: Prometheus,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:  # fmt: skip
+          mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:  # fmt: skip
     tmp = tmp_path_factory.mktemp("agent")
     f = Fleet()
     f.core = k8s.CoreV1Api(edge_a.api_client())
@@ -142,6 +142,7 @@ def fleet(edge_a: ControlPlane, edge_a_executor: PodExecutor, s3: S3Server, prom
     # Bad variants of an adapter the agent has never loaded (a digest it holds would be served from memory).
     f.trained["3"] = train(tmp / "v3", base_dir, base_sha, data_seed=3, gain=1.5, key=f.keys["trusted"])
     v3 = f.trained["3"].folder
+    f.uris["3"] = upload(client, v3, BUCKET, f"{f.ns}/3")
 
     def flip_weights(d: Path) -> None:
         weights = next(p for p in d.iterdir() if p.name.startswith("adapter.safetensors"))
@@ -158,6 +159,7 @@ def fleet(edge_a: ControlPlane, edge_a_executor: PodExecutor, s3: S3Server, prom
     f.core.create_namespaced_config_map(f.ns, {"metadata": {"name": "trusted-keys"},
                                                "data": {"release-signer.pem": public.read_text()}})  # fmt: skip
     s3_env = {k: v for k, v in s3.env().items() if k.startswith("AWS_")}
+    s3_env["MLFLOW_TRACKING_URI"] = mlflow_server.url
     for pod in ("agent-0", "agent-1"):
         f.core.create_namespaced_pod(f.ns, agent_pod(pod, node=NODE, base_sha=base_sha,
                                                      keys_configmap="trusted-keys", s3_env=s3_env))  # fmt: skip
@@ -275,6 +277,29 @@ def test_malformed_assignment_is_refused_with_a_readable_reason(fleet: Fleet) ->
     rep = eventually(lambda: (r := report(fleet)) and r.error and r.error.reason == "InvalidAssignment" and r,
                      timeout=30, what="InvalidAssignment")  # fmt: skip
     assert "sha256" in rep.error.message and rep.active is not None and rep.active.version == "1"
+
+
+def test_an_mlflow_model_version_is_resolved_and_fetched(fleet: Fleet, mlflow_server: MlflowServer) -> None:
+    name = f"agent-{fleet.ns}"
+
+    def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = f"{mlflow_server.url}/api/2.0/mlflow/{path}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})  # noqa: S310
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - the local MLflow server
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    call("registered-models/create", {"name": name})
+    version = call("model-versions/create", {"name": name, "source": fleet.uris["3"]})["model_version"]["version"]
+    downloads = metric(fleet.pod_ip, "edgetune_agent_downloads_total")
+    assign(fleet, assignment("3", f"models:/{name}/{version}", fleet.trained["3"].sha256))
+    fleet.wait_serving("3")
+    assert metric(fleet.pod_ip, "edgetune_agent_downloads_total") == downloads + 1
+    assign(fleet, assignment("4", f"models:/{name}/99", "f" * 64))  # no such version
+    rep = eventually(lambda: (r := report(fleet)) and r.error and r.error.reason == "NotFound" and r, timeout=30,
+                     what="NotFound for a missing MLflow version")  # fmt: skip
+    assert "MLflow has no" in rep.error.message and rep.active.version == "3"
+    assign(fleet, assignment("1", fleet.uris["1"], fleet.trained["1"].sha256))  # back to 1 for the tests below
+    fleet.wait_serving("1")
 
 
 def test_an_agent_token_can_only_touch_its_own_pod(fleet: Fleet, edge_a: ControlPlane) -> None:
