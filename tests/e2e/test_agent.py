@@ -203,6 +203,11 @@ def test_the_example_deployment_is_valid_for_the_apiserver(fleet: Fleet, edge_a:
     assert "deployment.apps/sensor-model created (server dry run)" in out
 
 
+def test_kubectl_logs_shows_what_the_agent_printed(fleet: Fleet, edge_a: ControlPlane) -> None:
+    logs = edge_a.kubectl("logs", "-n", fleet.ns, "agent-0", "-c", "agent").stdout
+    assert '"event": "serving"' in logs and '"reporting": true' in logs
+
+
 def test_pod_is_ready_only_through_its_gate_and_reports_no_assignment(fleet: Fleet) -> None:
     pod = fleet.core.read_namespaced_pod("agent-0", fleet.ns)
     conditions = {c.type: c for c in pod.status.conditions}
@@ -355,5 +360,6 @@ def test_prometheus_answers_per_version_queries(fleet: Fleet, prometheus: Promet
     assert {"1", "2"} <= set(p99) and all(0 < v < 10 for v in p99.values()), p99
     errors = prometheus.query(f'sum(edgetune_agent_request_errors_total{{namespace="{ns}"}}) or vector(0)')
     assert float(errors[0]["value"][1]) == 0
-    info = prometheus.query(f'edgetune_agent_adapter_info{{namespace="{ns}",role="active"}}')
-    assert [s["metric"]["version"] for s in info] == ["1"]
+    active = f'edgetune_agent_adapter_info{{namespace="{ns}",role="active"}}'
+    eventually(lambda: [s["metric"]["version"] for s in prometheus.query(active)] == ["1"], timeout=30,
+               what="Prometheus sees version 1 as the one active adapter")  # fmt: skip

@@ -48,6 +48,23 @@ def _kwok_stages(share: Path) -> list[dict[str, Any]]:
     return stages
 
 
+#: kwok's `Logs` kind (kwok.x-k8s.io/v1alpha1), schema left open: kwok reads it, we write it.
+KWOK_LOGS_CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "logs.kwok.x-k8s.io"},
+    "spec": {
+        "group": "kwok.x-k8s.io",
+        "scope": "Namespaced",
+        "names": {"kind": "Logs", "listKind": "LogsList", "plural": "logs", "singular": "logs"},
+        "versions": [{
+            "name": "v1alpha1", "served": True, "storage": True, "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        }],
+    },
+}  # fmt: skip
+
+
 class ControlPlane(ProcessGroup):
     """A running (or stopped) local cluster. Use as a context manager or call start()/stop()."""
 
@@ -55,6 +72,7 @@ class ControlPlane(ProcessGroup):
         super().__init__(name, workdir)
         self.kubeconfig = self.workdir / "kubeconfig"
         self.api_port = 0
+        self.kubelet_port = 0
         self._ssl: ssl.SSLContext | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -125,6 +143,9 @@ class ControlPlane(ProcessGroup):
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--authorization-mode=Node,RBAC",
                     "--allow-privileged=true",
+                    # kwok's nodes carry only an InternalIP (loopback): `kubectl logs` reaches kwok's
+                    # kubelet-like server there, which serves the executor's container logs.
+                    "--kubelet-preferred-address-types=InternalIP",
                     f"--cert-dir={self.workdir / 'pki'}",
                     "--profiling=false",
                     "--v=1",
@@ -190,6 +211,12 @@ class ControlPlane(ProcessGroup):
             )
         )
 
+        # `kubectl logs` for executor-run pods: the executor writes CRI-format log files and a kwok
+        # `Logs` object per pod naming them; kwok serves them as a kubelet would.
+        self._post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", KWOK_LOGS_CRD)
+        apiserver.wait_until(lambda: self._get("/apis/kwok.x-k8s.io/v1alpha1/logs") is not None, timeout,
+                             "serving kwok's Logs CRD")  # fmt: skip
+        self.kubelet_port = free_port()
         kwok_config = self.workdir / "kwok.yaml"
         kwok_config.write_text(yaml.safe_dump_all(_kwok_stages(kwok_dir / "share")))
         kwok = self.launch(
@@ -204,7 +231,9 @@ class ControlPlane(ProcessGroup):
                     "--node-lease-duration-seconds=40",
                     "--cidr=10.244.0.0/16",
                     "--node-ip=127.0.0.1",
-                    "--server-address=",
+                    f"--node-port={self.kubelet_port}",
+                    f"--server-address=127.0.0.1:{self.kubelet_port}",
+                    "--enable-crds=Logs",
                 ],
                 logs / "kwok.log",
             )
@@ -264,6 +293,16 @@ class ControlPlane(ProcessGroup):
         }
         path.write_text(yaml.safe_dump(config))
         path.chmod(0o600)
+
+    def _post(self, api_path: str, body: dict[str, Any]) -> None:
+        data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+        request = urllib.request.Request(self.server + api_path, data=data, method="POST", headers=headers)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, context=self.ssl_context(), timeout=10):  # noqa: S310
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:  # already exists (a restarted control plane on the same etcd)
+                raise
 
     def _get(self, api_path: str) -> dict[str, Any] | None:
         try:

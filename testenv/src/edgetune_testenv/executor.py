@@ -146,6 +146,20 @@ def _group_rss_bytes(pgid: int) -> int:
     return total
 
 
+def _copy_log(stream: Any, label: str, run: _ContainerRun, lock: threading.Lock) -> None:
+    """Copy a container's output line by line into its plain log and its CRI-format log (what
+    kwok, like a kubelet, serves to `kubectl logs`: ``<RFC 3339 time> <stream> <F|P> <line>``)."""
+    with stream:
+        for line in iter(stream.readline, b""):
+            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+            tag, content = (b"F", line[:-1]) if line.endswith(b"\n") else (b"P", line)
+            with lock:
+                with run.log_path.open("ab") as raw:
+                    raw.write(line)
+                with run.cri_log_path.open("ab") as cri:
+                    cri.write(b"%s %s %s %s\n" % (stamp, label.encode(), tag, content))
+
+
 @dataclass
 class _ContainerRun:
     name: str
@@ -154,6 +168,10 @@ class _ContainerRun:
     restart_count: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     image: str = ""
+
+    @property
+    def cri_log_path(self) -> Path:
+        return self.log_path.with_name("cri.log")
 
 
 class PodExecutor:
@@ -342,8 +360,32 @@ class _PodRun:
             log.exception("executor failed on pod %s/%s", self.namespace, self.name)
             self._patch_status({"phase": "Failed", "reason": "ExecutorError", "message": str(exc)[:1000]})
 
+    def _register_logs(self) -> None:
+        """A kwok `Logs` object naming each container's CRI log file, owned by the pod."""
+        names = [c["name"] for c in (self.spec.get("initContainers") or []) + self.spec["containers"]]
+        entries = []
+        for name in names:
+            path = self.sandbox / "containers" / name / "cri.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+            entries.append({"containers": [name], "logsFile": str(path), "follow": True})
+        body = {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Logs",
+            "metadata": {"name": self.name, "namespace": self.namespace,
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": self.name, "uid": self.uid}]},
+            "spec": {"logs": entries},
+        }  # fmt: skip
+        try:
+            k8s.CustomObjectsApi(self.ex._api_client).create_namespaced_custom_object(
+                "kwok.x-k8s.io", "v1alpha1", self.namespace, "logs", body
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # no kwok Logs CRD in this cluster / already there
+                raise
+
     def _run_pod(self) -> None:
         mounts_by_volume = self._prepare_volumes()
+        self._register_logs()
         deadline = self.spec.get("activeDeadlineSeconds")
         self._deadline = time.monotonic() + deadline if deadline else None
         self._patch_status(
@@ -603,25 +645,33 @@ class _PodRun:
         run.state = {"running": {"startedAt": started}}
         self._report_containers(init)
         try:
-            with run.log_path.open("ab") as out:
-                proc = subprocess.Popen(
-                    argv,
-                    env=env,
-                    cwd=workdir,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                    preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl; a killed test run takes pods along
-                )
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=workdir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl; a killed test run takes pods along
+            )
         except OSError as exc:  # what a runtime reports when the entrypoint cannot start
             run.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc)[:1024],
                                         "startedAt": started, "finishedAt": _now()}}  # fmt: skip
             self._report_containers(init)
             return 128
         self._procs[name] = proc
+        lock = threading.Lock()
+        readers = [
+            threading.Thread(target=_copy_log, args=(stream, label, run, lock), daemon=True)
+            for stream, label in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
+        ]
+        for reader in readers:
+            reader.start()
         oom = self._supervise(proc, limit_bytes)
         code = proc.wait()
+        for reader in readers:
+            reader.join(timeout=5)
         self._procs.pop(name, None)
         if code < 0:
             code = 128 - code  # killed by signal N -> 128+N, as a container runtime reports it
