@@ -5,9 +5,10 @@ Run with ``.venv/bin/python bench/bench_agent.py [--quick]``; the last line prin
 object with ``swap_p99_ms`` (assignment written → first response computed by the new adapter,
 package already on local disk, not resident), ``swap_download_p99_ms`` (the same, fetched from S3
 and verified), ``rollback_to_resident_p99_ms`` (back to a version held in memory),
-``requests_failed_during_swaps``, ``infer_p50_ms_base``, ``infer_p50_ms_adapter`` (best of five blocks' medians),
-``adapter_overhead_ratio``, ``agent_idle_rss_mb`` and ``torch_peft_import_rss_mb`` (what dominates
-the idle figure), plus the agent's own swap histogram.
+``requests_failed_during_swaps``, ``infer_p50_ms_base``, ``infer_p50_ms_adapter``,
+``adapter_overhead_ratio`` (merged; ``_unmerged`` too; base and adapter measured in alternating
+blocks), ``agent_idle_rss_mb`` and ``torch_peft_import_rss_mb`` (what dominates the idle figure),
+plus the agent's own swap histogram.
 
 The agent runs as a real process (``python -m edgetune_agent``) with the sensor CNN base; a real S3
 server (versitygw) holds the packages. "Assignment written" is the moment the file the kubelet
@@ -93,21 +94,32 @@ class Load:
         self._thread.join(10)
 
 
-def infer_p50(url: str, body: bytes, n: int, blocks: int = 5) -> float:
-    """Median latency of ``n`` sequential requests, taken per block of ``n / blocks``; the best block
-    counts. This VM's neighbours slow whole seconds down by 10-20 %, which would otherwise decide
-    a comparison of two figures measured a minute apart."""
-    medians = []
-    for _ in range(blocks):
-        times = []
-        for _ in range(max(1, n // blocks)):
-            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})  # noqa: S310
-            t0 = time.perf_counter()
-            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
-                resp.read()
-            times.append(time.perf_counter() - t0)
-        medians.append(statistics.median(times))
-    return min(medians) * 1000
+def block_median_ms(url: str, body: bytes, n: int) -> float:
+    times = []
+    for _ in range(n):
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})  # noqa: S310
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            resp.read()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def paired_overhead(infer_url: str, body: bytes, switch: Any, version: str, *, rounds: int, n: int) -> dict[str, float]:
+    """Base and adapter measured in alternating blocks on the same agent (``switch`` assigns the
+    base or the adapter and waits until it answers): this VM's neighbours slow whole seconds down
+    by 10-20 %, which would otherwise decide a comparison of two figures measured apart."""
+    base, adapter, ratios = [], [], []
+    for _ in range(rounds):
+        switch("base")
+        b = block_median_ms(infer_url, body, n)
+        switch(version)
+        a = block_median_ms(infer_url, body, n)
+        base.append(b)
+        adapter.append(a)
+        ratios.append(a / b)
+    return {"base_ms": statistics.median(base), "adapter_ms": statistics.median(adapter),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}  # fmt: skip
 
 
 def ready(url: str) -> bool:
@@ -167,20 +179,41 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
                 time.sleep(0.1)
             return agent, url
 
-        n = 100 if args.quick else 300
+        n, rounds = (40, 6) if args.quick else (60, 15)
+
+        def switcher(infer_url: str) -> Any:
+            def switch(version: str) -> float:
+                t0 = time.perf_counter()
+                if version == "base":
+                    a = AdapterAssignment(version="base", base=True)
+                else:
+                    a = AdapterAssignment(version=version, uri=uris[version], sha256=packages[version][1])
+                tmp_file = assignment_file.with_suffix(".tmp")
+                tmp_file.write_text(dumps(a))
+                tmp_file.replace(assignment_file)  # atomic, as the kubelet writes it
+                return t0
+
+            return switch
+
+        def switch_and_wait(infer_url: str) -> Any:
+            switch = switcher(infer_url)
+
+            def go(version: str) -> None:
+                switch(version)
+                while serving(infer_url, body) != version:
+                    time.sleep(0.005)
+
+            return go
+
         # Inference cost of an unmerged adapter (LoRA computed per request), on a separate agent.
         assignment_file.write_text("")
         unmerged, url = start("--no-merge")
         try:
             infer_url = f"{url}/v2/models/edgetune/infer"
-            infer_p50(infer_url, body, 20)
-            unmerged_base_ms = infer_p50(infer_url, body, n)
-            first = versions[0]
-            a = AdapterAssignment(version=first, uri=str(packages[first][0]), sha256=packages[first][1])
-            assignment_file.write_text(dumps(a))
-            while serving(infer_url, body) != first:
-                time.sleep(0.05)
-            unmerged_adapter_ms = infer_p50(infer_url, body, n)
+            block_median_ms(infer_url, body, 20)
+            unmerged_cost = paired_overhead(
+                infer_url, body, switch_and_wait(infer_url), versions[0], rounds=rounds, n=n
+            )
         finally:
             unmerged.terminate()
             unmerged.wait(30)
@@ -188,18 +221,10 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
         agent, url = start()
         infer_url = f"{url}/v2/models/edgetune/infer"
         try:
-            infer_p50(infer_url, body, 20)  # warm-up
+            block_median_ms(infer_url, body, 20)  # warm-up
             time.sleep(1.0)
             idle_rss = rss_mb(agent.pid)
-            base_ms = infer_p50(infer_url, body, n)
-
-            def assign(version: str) -> float:
-                t0 = time.perf_counter()
-                a = AdapterAssignment(version=version, uri=uris[version], sha256=packages[version][1])
-                tmp_file = assignment_file.with_suffix(".tmp")
-                tmp_file.write_text(dumps(a))
-                tmp_file.replace(assignment_file)  # atomic, as the kubelet writes it
-                return t0
+            assign = switcher(infer_url)
 
             downloads, local, resident = [], [], []
             with Load(infer_url, body) as load:
@@ -221,7 +246,7 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
                     t0 = assign(v)
                     resident.append(load.first_after(t0, v) * 1000)
                 failed, served = load.failed, len(load.log)
-            adapter_ms = infer_p50(infer_url, body, n)
+            merged_cost = paired_overhead(infer_url, body, switch_and_wait(infer_url), versions[-1], rounds=rounds, n=n)
             with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:  # noqa: S310
                 metrics = resp.read().decode()
             busy_rss = rss_mb(agent.pid)
@@ -242,12 +267,16 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
         "rollback_to_resident_p50_ms": round(pct(resident, 0.5), 1),
         "requests_failed_during_swaps": failed,
         "requests_during_swaps": served,
-        "infer_p50_ms_base": round(base_ms, 3),
-        "infer_p50_ms_adapter": round(adapter_ms, 3),
-        "adapter_overhead_ratio": round(adapter_ms / base_ms, 3),
-        "infer_p50_ms_base_unmerged_run": round(unmerged_base_ms, 3),
-        "infer_p50_ms_adapter_unmerged": round(unmerged_adapter_ms, 3),
-        "adapter_overhead_ratio_unmerged": round(unmerged_adapter_ms / unmerged_base_ms, 3),
+        "infer_p50_ms_base": round(merged_cost["base_ms"], 3),
+        "infer_p50_ms_adapter": round(merged_cost["adapter_ms"], 3),
+        "adapter_overhead_ratio": round(merged_cost["ratio"], 3),
+        "adapter_overhead_ratio_range": [round(merged_cost["ratio_min"], 3), round(merged_cost["ratio_max"], 3)],
+        "infer_p50_ms_adapter_unmerged": round(unmerged_cost["adapter_ms"], 3),
+        "adapter_overhead_ratio_unmerged": round(unmerged_cost["ratio"], 3),
+        "adapter_overhead_ratio_unmerged_range": [
+            round(unmerged_cost["ratio_min"], 3),
+            round(unmerged_cost["ratio_max"], 3),
+        ],
         "agent_idle_rss_mb": round(idle_rss, 1),
         "agent_rss_after_swaps_mb": round(busy_rss, 1),
         "torch_peft_import_rss_mb": round(torch_floor_mb(), 1),

@@ -207,12 +207,18 @@ def test_assignment_loop_reports_revocation_and_retries(world: dict[str, Any], t
         await until(lambda: runtime.outcome.state == "Retrying" and flaky["left"] == 0)
         runtime.pending.next_try = 0.0
         await until(lambda: runtime.active is not None and runtime.active.version == "v3")
+        # Back to the bare base model (a rollback with no earlier stable adapter).
+        path.write_text('{"version": "base", "base": true}')
+        await until(lambda: runtime.active is None and runtime.outcome.state == "Serving")
+        _, used = await runtime.infer(request(), {})
+        assert used is None
 
     run(scenario)
     reasons = [e[1] for _, e in reports if e]
     assert reasons == ["AdapterSwapped", "AdapterSwapped", "AdapterRevoked", "AdapterRefused", "AdapterFetchRetrying",
-                       "AdapterSwapped"]  # fmt: skip
-    assert reports[-1][0].state == "Serving" and reports[-1][0].active.version == "v3"
+                       "AdapterSwapped", "AdapterSwapped"]  # fmt: skip
+    assert reports[-1][0].state == "Serving" and reports[-1][0].active is None
+    assert reports[-1][0].desired is not None and reports[-1][0].desired.version == "base"
     runtime.close()
 
 

@@ -53,14 +53,19 @@ def test_downward_map_reads_go_escapes_the_kubelet_may_write() -> None:
 
 
 def test_assignment_errors_name_the_field() -> None:
-    with pytest.raises(AssignmentError, match=r"sha256: Field required"):
+    with pytest.raises(AssignmentError, match=r"assignment: sha256 must be the package digest: 64 lowercase hex"):
         parse_assignment('{"version": "1", "uri": "s3://b/p"}')
-    with pytest.raises(AssignmentError, match=r"uri: String should match"):
+    with pytest.raises(AssignmentError, match=r"uri must start with s3://, models:/, file:// or /, got 'ftp://x'"):
         parse_assignment(json.dumps({"version": "1", "uri": "ftp://x", "sha256": SHA}))
+    with pytest.raises(AssignmentError, match=r"version: Field required"):
+        parse_assignment(json.dumps({"uri": "s3://b/p", "sha256": SHA}))
     with pytest.raises(AssignmentError, match="not a valid adapter assignment"):
         parse_assignment("{not json")
+    with pytest.raises(AssignmentError, match=r"base: true\) has no uri or sha256"):
+        parse_assignment(json.dumps({"version": "base", "base": True, "sha256": SHA}))
     ok = parse_assignment(json.dumps({"version": "1", "uri": "s3://b/p", "sha256": SHA, "mode": "shadow"}))
-    assert ok.mode == "shadow" and ok.revoked == []
+    assert ok.mode == "shadow" and ok.revoked == [] and not ok.base
+    assert parse_assignment('{"version": "base", "base": true}').base
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,11 @@ class AgentRuntime:
     async def apply(self, assignment: AdapterAssignment, seen_at: float) -> str:
         """Make ``assignment`` active (or shadow); returns where it came from. Raises AdapterRefused."""
         model = self.settings.model_name
+        if assignment.base:
+            await self.on_model(self._activate, None)
+            self.metrics.swaps.labels(model, "resident").inc()
+            self.metrics.swap_seconds.labels(model, "resident").observe(time.monotonic() - seen_at)
+            return "memory"
         held = self.resident.get(assignment.sha256)
         if assignment.sha256 in self.store.revoked or assignment.sha256 in assignment.revoked:
             raise AdapterRefused("Revoked", f"package {assignment.sha256[:12]} (version {assignment.version}) "
@@ -291,7 +296,7 @@ class AgentRuntime:
         desired = None
         if p.assignment is not None:
             a = p.assignment
-            desired = ServedAdapter(version=a.version, sha256=a.sha256, release=a.release)
+            desired = ServedAdapter(version=a.version, sha256=a.sha256 or None, release=a.release)
         return AdapterReport(
             state=o.state,  # type: ignore[arg-type]
             active=self.active.served() if self.active else None,
@@ -354,8 +359,8 @@ class AgentRuntime:
         p.done = True
         self.outcome = Outcome("Serving")
         verb = "shadows" if a.mode == "shadow" else "serves"
-        self._publish(("Normal", "AdapterSwapped" if a.mode == "serve" else "AdapterShadowed",
-                       f"agent {verb} adapter version {a.version} ({a.sha256[:12]}, from {source})"))  # fmt: skip
+        what = "the base model" if a.base else f"adapter version {a.version} ({a.sha256[:12]}, from {source})"
+        self._publish(("Normal", "AdapterSwapped" if a.mode == "serve" else "AdapterShadowed", f"agent {verb} {what}"))
 
     def _read_if_changed(self, now: float) -> str | None:
         """The assignment, re-read when the file's identity changed (the kubelet swaps a symlink,
@@ -373,6 +378,8 @@ class AgentRuntime:
         return read_assignment(path)
 
     def _satisfied(self, a: AdapterAssignment) -> bool:
+        if a.base:
+            return self.active is None
         target = self.active if a.mode == "serve" else self.shadow
         return target is not None and target.sha256 == a.sha256
 

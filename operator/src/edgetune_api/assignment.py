@@ -19,7 +19,7 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError, model_validator
 
 from edgetune_api.delta import Encoding
 from edgetune_api.meta import SHA256_PATTERN, ApiModel
@@ -54,14 +54,18 @@ RETRYABLE_REASONS = frozenset({"StorageUnavailable", "DiskFull", "BackendUnavail
 
 
 class AdapterAssignment(ApiModel):
-    """What the operator wants the agent to run (annotation ``edgetune.io/adapter``)."""
+    """What the operator wants the agent to run (annotation ``edgetune.io/adapter``): an adapter
+    package, or (``base: true``) the bare base model — the rollback target when no adapter was
+    stable before."""
 
     version: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     """Version label of the adapter (the MLflow model version); reported back verbatim."""
-    uri: Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^(s3://|models:/|file://|/).+")]
+    uri: Annotated[str, StringConstraints(max_length=2048)] = ""
     """Where the delta package is: `s3://bucket/prefix`, `models:/name/version`, or a local folder."""
-    sha256: Sha256
+    sha256: str = ""
     """The package digest (SHA-256 of its manifest.json); anything else at the URI is refused."""
+    base: bool = False
+    """Serve the bare base model (then `uri` and `sha256` stay empty)."""
     release: Text | None = None
     """`namespace/name` of the AdapterRelease that assigned it (metric label, report)."""
     encoding: Encoding | None = None
@@ -75,12 +79,31 @@ class AdapterAssignment(ApiModel):
     revoked: Annotated[list[Sha256], Field(max_length=256)] = Field(default_factory=list)
     """Package digests that must never run here (rolled back), even if a stale assignment names one."""
 
+    @model_validator(mode="after")
+    def _package_or_base(self) -> AdapterAssignment:
+        if self.base:
+            if self.uri or self.sha256 or self.mode != "serve":
+                raise ValueError(
+                    "a base-model assignment (base: true) has no uri or sha256 and is served, not shadowed"
+                )
+            return self
+        if not _URI.match(self.uri):
+            raise ValueError(f"uri must start with s3://, models:/, file:// or /, got {self.uri[:80]!r}")
+        if not _SHA256.match(self.sha256):
+            raise ValueError("sha256 must be the package digest: 64 lowercase hexadecimal digits")
+        return self
+
+
+_URI = re.compile(r"^(s3://|models:/|file://|/).+")
+_SHA256 = re.compile(SHA256_PATTERN)
+
 
 class ServedAdapter(ApiModel):
     """One adapter as the agent holds it."""
 
     version: Text
-    sha256: Sha256
+    sha256: Sha256 | None = None
+    """Package digest (none for the bare base model)."""
     release: Text | None = None
     loaded_at: str | None = None
     """RFC 3339 time it became active (or, for a shadow, was loaded)."""
@@ -125,7 +148,10 @@ def parse_assignment(raw: str) -> AdapterAssignment:
     try:
         return AdapterAssignment.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
         raise AssignmentError(f"{ASSIGNMENT_ANNOTATION} is not a valid adapter assignment: {problems}") from exc
 
 
