@@ -180,7 +180,7 @@ class AgentRuntime:
             await self.on_model(self._activate, None)
             self.metrics.swaps.labels(model, "resident").inc()
             self.metrics.swap_seconds.labels(model, "resident").observe(time.monotonic() - seen_at)
-            return "memory"
+            return "resident"
         held = self.resident.get(assignment.sha256)
         if assignment.sha256 in self.store.revoked or assignment.sha256 in assignment.revoked:
             raise AdapterRefused("Revoked", f"package {assignment.sha256[:12]} (version {assignment.version}) "
@@ -212,7 +212,7 @@ class AgentRuntime:
             await self.on_model(self._activate, held)
             self.metrics.swaps.labels(model, source).inc()
             self.metrics.swap_seconds.labels(model, source).observe(time.monotonic() - seen_at)
-        await self.on_model(self._evict)
+        await self._evict()
         self._resident_metrics()
         return source
 
@@ -276,13 +276,15 @@ class AgentRuntime:
             with contextlib.suppress(KeyError):
                 self.metrics.adapter_info.remove(*labels)
 
-    def _evict(self) -> None:
+    async def _evict(self) -> None:
+        """Drop least recently used adapters beyond ``max_resident`` (the bookkeeping stays on the
+        event loop, which also reads it; the model change runs on the model thread)."""
         keep = {a.sha256 for a in (self.active, self.shadow) if a is not None}
         while len(self.resident) > self.settings.max_resident:
             victim = next((sha for sha in self.resident if sha not in keep), None)
             if victim is None:
                 return
-            self.backend.remove(self.resident.pop(victim).name)
+            await self.on_model(self.backend.remove, self.resident.pop(victim).name)
 
     def _resident_metrics(self) -> None:
         model = self.settings.model_name
