@@ -141,3 +141,25 @@ def make_package(folder: Path, base_dir: Path, base_sha: str | None, *, seed: in
         signing_key_pem=key.read_bytes() if key else None,
     )  # fmt: skip
     return digest
+
+
+class FakeS3:
+    """boto3's shape for the three calls the store makes; serves a folder, or fails as told."""
+
+    def __init__(self, folder: Path, fail: OSError | None = None) -> None:
+        self.folder, self.fail, self.downloads = folder, fail, 0
+
+    def get_paginator(self, _: str) -> Any:
+        folder = self.folder
+
+        class Pages:
+            def paginate(self, Bucket: str, Prefix: str) -> list[dict[str, Any]]:  # noqa: N803 - boto3's names
+                return [{"Contents": [{"Key": Prefix + p.name, "Size": p.stat().st_size} for p in folder.iterdir()]}]
+
+        return Pages()
+
+    def download_file(self, bucket: str, key: str, dest: str) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.downloads += 1
+        shutil.copy(self.folder / key.rsplit("/", 1)[1], dest)

@@ -24,7 +24,7 @@ from edgetune_agent.runtime import AgentRuntime
 from edgetune_agent.server import make_app
 from edgetune_agent.settings import AgentSettings
 from edgetune_api.assignment import AdapterAssignment, dumps
-from tests.agent_support import CHANNELS, make_base, make_package, train
+from tests.agent_support import CHANNELS, FakeS3, make_base, make_package, train
 
 pytestmark = pytest.mark.slow
 
@@ -303,3 +303,16 @@ def test_open_inference_protocol_endpoints(world: dict[str, Any], tmp_path: Path
     assert (
         'edgetune_agent_request_errors_total{code="400",model="edgetune",release="",version="v1"} 2.0' in out["metrics"]
     )
+
+
+def test_the_base_model_comes_from_s3_verified_and_must_be_pinned(world: dict[str, Any], tmp_path: Path) -> None:
+    from edgetune_trainer.models import ModelError  # noqa: PLC0415
+
+    settings = AgentSettings(base_uri="s3://models/sensor-base", base_sha256=world["sha"], cache_dir=tmp_path / "c")
+    backend = TorchBackend(settings, s3=FakeS3(world["root"] / "base"))
+    assert backend.base.sha256 == world["sha"] and backend.kind == "series"
+    with pytest.raises(ModelError, match="SHA-256"):
+        TorchBackend(settings.model_copy(update={"base_sha256": "0" * 64, "cache_dir": tmp_path / "d"}),
+                     s3=FakeS3(world["root"] / "base"))  # fmt: skip
+    with pytest.raises(ModelError, match="not pinned"):
+        TorchBackend(AgentSettings(base_uri=str(world["root"] / "base"), cache_dir=tmp_path / "e"))

@@ -27,7 +27,7 @@ from edgetune_api.assignment import (
     parse_downward_map,
 )
 from edgetune_api.delta import MANIFEST, SIGNATURE, DeltaManifest, FileEntry, sha256_bytes, write_manifest
-from tests.agent_support import keypair, make_base, make_package
+from tests.agent_support import FakeS3, keypair, make_base, make_package
 
 SHA = "a" * 64
 
@@ -204,28 +204,6 @@ def test_revocations_survive_a_restart(tmp_path: Path, base: tuple[Path, str]) -
     assert refusal(lambda: load(store(tmp_path), tmp_path / "p", sha, base)).reason == "Revoked"
 
 
-class FakeS3:
-    """boto3's shape for the three calls the store makes; serves a folder, or fails as told."""
-
-    def __init__(self, folder: Path, fail: OSError | None = None) -> None:
-        self.folder, self.fail, self.downloads = folder, fail, 0
-
-    def get_paginator(self, _: str) -> Any:
-        folder = self.folder
-
-        class Pages:
-            def paginate(self, Bucket: str, Prefix: str) -> list[dict[str, Any]]:  # noqa: N803 - boto3's names
-                return [{"Contents": [{"Key": Prefix + p.name, "Size": p.stat().st_size} for p in folder.iterdir()]}]
-
-        return Pages()
-
-    def download_file(self, bucket: str, key: str, dest: str) -> None:
-        if self.fail is not None:
-            raise self.fail
-        self.downloads += 1
-        shutil.copy(self.folder / key.rsplit("/", 1)[1], dest)
-
-
 def test_disk_full_while_downloading_is_retryable_and_leaves_nothing_behind(
     tmp_path: Path, base: tuple[Path, str]
 ) -> None:
@@ -249,3 +227,87 @@ def test_a_damaged_cache_entry_is_fetched_again(tmp_path: Path, base: tuple[Path
     cached.write_bytes(b"bitrot" + cached.read_bytes()[6:])
     again = s.load(assignment, identity)
     assert again.downloaded_bytes > 0 and s3.downloads == 6  # three files, downloaded twice
+
+
+def test_an_empty_s3_prefix_is_not_found(tmp_path: Path, base: tuple[Path, str]) -> None:
+    (tmp_path / "empty").mkdir()
+    s = store(tmp_path, s3_client=FakeS3(tmp_path / "empty"))
+    err = refusal(lambda: s.load(AdapterAssignment(version="1", uri="s3://bucket/gone", sha256=SHA),
+                                 BaseIdentity(str(base[0]), base[1])))  # fmt: skip
+    assert err.reason == "NotFound" and "s3://bucket/gone" in err.message and not err.retryable
+
+
+# -- reporting to the pod ---------------------------------------------------------------------
+
+
+class ApiserverDouble:
+    """Answers the agent's three writes like an apiserver would, after ``fail_first`` 503s; keeps
+    what it received. Unit-test double: the real apiserver is in tests/e2e/test_agent.py."""
+
+    def __init__(self, fail_first: int) -> None:
+        self.fail_first = fail_first
+        self.received: list[tuple[str, str, str, dict[str, Any]]] = []
+
+    async def handle(self, request: Any) -> Any:
+        from aiohttp import web  # noqa: PLC0415
+
+        body = await request.json()
+        self.received.append((request.method, request.path, request.headers["Content-Type"], body))
+        if self.fail_first:
+            self.fail_first -= 1
+            return web.Response(status=503, text="etcd leader changed")
+        assert request.headers["Authorization"] == "Bearer token-1"
+        return web.json_response({}, status=201 if request.method == "POST" else 200)
+
+
+def test_reports_reach_the_pod_after_the_apiserver_comes_back(tmp_path: Path) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from aiohttp import web  # noqa: PLC0415
+
+    from edgetune_agent.metrics import AgentMetrics  # noqa: PLC0415
+    from edgetune_agent.report import PodReporter  # noqa: PLC0415
+
+    double = ApiserverDouble(fail_first=2)
+    (tmp_path / "token").write_text("token-1\n")
+    metrics = AgentMetrics()
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", double.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        reporter = PodReporter(namespace="ns", pod="agent-0", uid="u1", metrics=metrics,
+                               server=f"http://127.0.0.1:{port}", token_path=tmp_path / "token")  # fmt: skip
+        stop = asyncio.Event()
+        task = asyncio.create_task(reporter.run(stop))
+        loading = AdapterReport(state="Loading", observed_at="t0")
+        serving = AdapterReport(state="Serving", active=ServedAdapter(version="2", sha256=SHA), observed_at="t1")
+        reporter.publish(loading, None)
+        reporter.publish(serving, ("Normal", "AdapterSwapped", "agent serves adapter version 2"))  # coalesced
+        for _ in range(100):
+            if any(r[0] == "POST" for r in double.received):
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        await runner.cleanup()
+
+    asyncio.run(scenario())
+    ok = double.received[2:]  # the first two attempts met 503s and were retried
+    annotation = next(r for r in ok if r[1] == "/api/v1/namespaces/ns/pods/agent-0")
+    assert annotation[2] == "application/strategic-merge-patch+json"
+    sent = json.loads(annotation[3]["metadata"]["annotations"]["edgetune.io/adapter-status"])
+    assert sent["state"] == "Serving" and sent["active"]["version"] == "2"  # only the newest report went out
+    condition = next(r for r in ok if r[1].endswith("/status"))[3]["status"]["conditions"][0]
+    assert (condition["type"], condition["status"], condition["reason"]) == ("edgetune.io/AdapterReady", "True",
+                                                                           "Serving")  # fmt: skip
+    event = next(r for r in ok if r[0] == "POST")[3]
+    assert event["involvedObject"] == {"apiVersion": "v1", "kind": "Pod", "name": "agent-0", "namespace": "ns",
+                                       "uid": "u1"} and event["reason"] == "AdapterSwapped"  # fmt: skip
+    failures = sum(s.value for f in metrics.registry.collect() for s in f.samples
+                   if s.name == "edgetune_agent_report_failures_total")  # fmt: skip
+    assert failures == 2

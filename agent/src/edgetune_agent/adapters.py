@@ -70,6 +70,17 @@ class BaseIdentity:
     sha256: str | None
 
 
+def s3_client(endpoint: str | None) -> Any:
+    """An S3 client for edge links: path-style addressing (MinIO, versitygw, Ceph), short timeouts,
+    few retries (the assignment loop retries with its own backoff)."""
+    import boto3  # noqa: PLC0415 - only agents that download need it
+    from botocore.config import Config  # noqa: PLC0415
+
+    config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=20,
+                    s3={"addressing_style": "path"})  # fmt: skip
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
 def load_trusted_keys(folder: Path | None) -> dict[str, bytes]:
     """``{fingerprint: PEM}`` of every public key in ``folder`` (files that are not keys are skipped)."""
     keys: dict[str, bytes] = {}
@@ -240,14 +251,7 @@ class PackageStore:
 
     def _client(self) -> Any:
         if self._s3 is None:
-            import boto3  # noqa: PLC0415 - only agents that download need it
-            from botocore.config import Config  # noqa: PLC0415
-
-            self._s3 = boto3.client(
-                "s3", endpoint_url=self.s3_endpoint,
-                config=Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=20,
-                              s3={"addressing_style": "path"}),
-            )  # fmt: skip
+            self._s3 = s3_client(self.s3_endpoint)
         return self._s3
 
     def _download_s3(self, uri: str, dest: Path) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetune_agent.adapters import AdapterRefused, BaseIdentity, Delta
+from edgetune_agent.adapters import AdapterRefused, BaseIdentity, Delta, s3_client
 from edgetune_agent.backends import RequestError
 from edgetune_agent.settings import AgentSettings
 
@@ -31,7 +31,7 @@ def _check_keys(name: str, result: Any) -> None:
 
 
 class TorchBackend:
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, s3: Any = None) -> None:
         import torch  # noqa: PLC0415 - heavy, only for this backend
 
         from edgetune_trainer import models  # noqa: PLC0415
@@ -50,11 +50,7 @@ class TorchBackend:
                 raise models.ModelError(
                     f"base model {uri} is not pinned: set --base-sha256 (only builtin: may omit it)"
                 )
-            s3 = None
-            if uri.startswith(("s3://", "models:/")):
-                import boto3  # noqa: PLC0415
-
-                s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint)
+            s3 = s3 or (s3_client(settings.s3_endpoint) if uri.startswith(("s3://", "models:/")) else None)
             cache = settings.cache_dir / "base"
             cache.mkdir(parents=True, exist_ok=True)
             folder = models.fetch(uri, cache, s3, settings.mlflow_uri)
