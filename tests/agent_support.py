@@ -117,7 +117,7 @@ def agent_pod(name: str, *, node: str, base_sha: str, keys_configmap: str, s3_en
 
 def make_package(folder: Path, base_dir: Path, base_sha: str | None, *, seed: int, key: Path | None = None,
                  encoding: str = "fp16", scale: float = 0.05, base_uri: str | None = None,
-                 channels: int = CHANNELS) -> str:  # fmt: skip
+                 channels: int = CHANNELS, num_labels: int | None = None) -> str:  # fmt: skip
     """A delta package built in-process (no training): LoRA weights drawn at random, B non-zero so
     the adapter changes the model's answers. Returns the package digest."""
     import torch  # noqa: PLC0415
@@ -126,7 +126,7 @@ def make_package(folder: Path, base_dir: Path, base_sha: str | None, *, seed: in
     from edgetune_api.training_job import PeftSpec  # noqa: PLC0415
     from edgetune_trainer import models, package  # noqa: PLC0415
 
-    base = models.load_base(base_dir, base_sha) if base_sha else models.builtin_random(
+    base = models.load_base(base_dir, base_sha, num_labels=num_labels) if base_sha else models.builtin_random(
         "timeseries-cnn", channels, CLASSES, 0)  # fmt: skip
     peft_model = models.attach_lora(base, PeftSpec(r=4, alpha=8, dropout=0.0))
     generator = torch.Generator().manual_seed(seed)
