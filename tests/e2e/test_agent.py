@@ -281,7 +281,7 @@ def test_malformed_assignment_is_refused_with_a_readable_reason(fleet: Fleet) ->
     assign(fleet, '{"version": "9", "uri": "ftp://nowhere"}')
     rep = eventually(lambda: (r := report(fleet)) and r.error and r.error.reason == "InvalidAssignment" and r,
                      timeout=30, what="InvalidAssignment")  # fmt: skip
-    assert "sha256" in rep.error.message and rep.active is not None and rep.active.version == "1"
+    assert "uri must start with s3://" in rep.error.message and rep.active is not None and rep.active.version == "1"
 
 
 def test_an_mlflow_model_version_is_resolved_and_fetched(fleet: Fleet, mlflow_server: MlflowServer) -> None:
