@@ -8,7 +8,7 @@ and verified), ``rollback_to_resident_p99_ms`` (back to a version held in memory
 ``requests_failed_during_swaps``, ``infer_p50_ms_base``, ``infer_p50_ms_adapter``,
 ``adapter_overhead_ratio`` (merged; ``_unmerged`` too; base and adapter measured in alternating
 blocks), ``agent_idle_rss_mb`` and ``torch_peft_import_rss_mb`` (what dominates the idle figure),
-plus the agent's own swap histogram.
+plus the agent's own mean swap time by source (from its histogram: file noticed → adapter active).
 
 The agent runs as a real process (``python -m edgetune_agent``) with the sensor CNN base; a real S3
 server (versitygw) holds the packages. "Assignment written" is the moment the file the kubelet
@@ -246,18 +246,26 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
                     t0 = assign(v)
                     resident.append(load.first_after(t0, v) * 1000)
                 failed, served = load.failed, len(load.log)
-            merged_cost = paired_overhead(infer_url, body, switch_and_wait(infer_url), versions[-1], rounds=rounds, n=n)
             with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:  # noqa: S310
-                metrics = resp.read().decode()
+                metrics = resp.read().decode()  # before the paired blocks add swaps of their own
             busy_rss = rss_mb(agent.pid)
+            merged_cost = paired_overhead(infer_url, body, switch_and_wait(infer_url), versions[-1], rounds=rounds, n=n)
         finally:
             agent.terminate()
             agent.wait(30)
-    internal = {
-        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("edgetune_agent_swap_duration_seconds_sum")
-    }
+
+    def series(name: str) -> dict[str, float]:
+        return {
+            line.split('source="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith(name + "{")
+        }
+
+    sums, counts = (
+        series("edgetune_agent_swap_duration_seconds_sum"),
+        series("edgetune_agent_swap_duration_seconds_count"),
+    )
+    internal = {source: round(sums[source] / counts[source] * 1000, 1) for source in sums if counts.get(source)}
     result: dict[str, Any] = {
         "swap_p99_ms": round(pct(local, 0.99), 1),
         "swap_p50_ms": round(pct(local, 0.5), 1),
@@ -281,7 +289,7 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
         "agent_rss_after_swaps_mb": round(busy_rss, 1),
         "torch_peft_import_rss_mb": round(torch_floor_mb(), 1),
         "swaps": {"download": len(downloads), "local": len(local), "resident": len(resident)},
-        "agent_swap_seconds_sum_by_source": internal,
+        "agent_swap_mean_ms_by_source": internal,
         "poll_seconds": 0.02,
     }
     print(json.dumps(result))
