@@ -8,9 +8,11 @@ import yaml
 
 from edgetune_operator.clients.kube import NAMESPACES, Kube, NotFoundError, UnreachableError
 from edgetune_operator.clients.mlflow import Mlflow, MlflowUnavailableError
+from edgetune_operator.clients.prometheus import Prometheus as PrometheusClient
+from edgetune_operator.reconcile.analysis import Measurement
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.procs import free_port
-from edgetune_testenv.servers import MlflowServer
+from edgetune_testenv.servers import MlflowServer, Prometheus
 
 pytestmark = pytest.mark.e2e
 
@@ -46,3 +48,18 @@ def test_kube_errors_name_the_problem(hub: ControlPlane) -> None:
     config = yaml.safe_load(hub.kubeconfig.read_text().replace(hub.server, f"https://127.0.0.1:{free_port()}"))
     with pytest.raises(UnreachableError, match="cluster dead"):
         Kube.from_kubeconfig_dict(config, "dead").version()
+
+
+def test_prometheus_measurements_value_nodata_and_errors_quoting_prometheus(prometheus: Prometheus) -> None:
+    client = PrometheusClient(prometheus.url)
+    assert client.measure("vector(0.25)") == Measurement("value", 0.25)
+    assert client.measure("scalar(vector(2))") == Measurement("value", 2.0)
+    assert client.measure('up{job="no-such-job"}').kind == "nodata"
+    assert client.measure("vector(0) / 0").kind == "nodata"  # NaN is no data, never a pass
+    rejected = client.measure("sum(rate(edgetune_agent_requests_total[1m]")
+    assert rejected.kind == "error" and "rejected the query (bad_data)" in rejected.message
+    assert "unclosed left parenthesis" in rejected.message  # Prometheus' own words
+    several = client.measure('label_replace(vector(1), "x", "a", "", "") or label_replace(vector(2), "x", "b", "", "")')
+    assert several.kind == "error" and "returns 2 series" in several.message
+    down = PrometheusClient(f"http://127.0.0.1:{free_port()}").measure("vector(1)")
+    assert down.kind == "error" and "unreachable" in down.message
