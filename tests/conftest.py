@@ -153,6 +153,8 @@ def operator_proc(
         "EDGETUNE_S3_ENDPOINT": s3.endpoint,
         "EDGETUNE_PUSHGATEWAY_URL": prometheus.pushgateway_url,
         "EDGETUNE_CLUSTER_LOST_AFTER_SECONDS": "20",
+        "EDGETUNE_PROMETHEUS_URL": prometheus.url,
+        "EDGETUNE_RELEASE_RESYNC_SECONDS": "1",
         **{k: v for k, v in s3.env().items() if k.startswith("AWS_") and k != "AWS_ENDPOINT_URL_S3"},
     }
     proc = OperatorProcess(hub_crds, tmp_path_factory.mktemp("operator"), env, TRAINER_IMAGE)

@@ -9,7 +9,9 @@ from pydantic import ConfigDict, Field, StringConstraints
 
 from edgetune_api.meta import ApiModel, Condition, Duration, LabelSelector, Name, cel, nested, validations
 
-Phase = Literal["Pending", "Progressing", "Paused", "Analyzing", "Promoted", "RolledBack", "Failed", "Aborted"]
+Phase = Literal[
+    "Pending", "Progressing", "Paused", "Analyzing", "RollingBack", "Promoted", "RolledBack", "Failed", "Aborted"
+]
 ShortString = Annotated[str, StringConstraints(max_length=253)]
 
 
@@ -94,6 +96,11 @@ class CanaryStrategy(ApiModel):
     """Steps run in order; setWeight values must increase strictly and end at most at 100."""
     max_unavailable: Annotated[int, Field(ge=1, le=10_000)] = 1
     """Targets that may be switching adapters at the same time."""
+    waves: bool = False
+    """Go cluster by cluster (each step fills the first clusters first) instead of taking the same
+    share of every cluster at each step."""
+    progress_deadline: Duration = "10m"
+    """How long a setWeight step may wait for the agents to confirm; then the release rolls back."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -178,6 +185,14 @@ class RollbackSpec(ApiModel):
     """Roll every canary back to the stable version as soon as analysis fails."""
 
 
+class PromotionSpec(ApiModel):
+    """What a successful release changes in the registry."""
+
+    alias: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[a-z][a-z0-9_-]*$")] = "champion"
+    """MLflow alias that names the stable version: read at the start (the version to fall back to)
+    and moved to the released version on promotion."""
+
+
 class AdapterReleaseSpec(ApiModel):
     """Desired state of an AdapterRelease."""
 
@@ -191,8 +206,15 @@ class AdapterReleaseSpec(ApiModel):
     """Metric checks."""
     rollback: RollbackSpec = nested(RollbackSpec)
     """Rollback behaviour."""
+    promotion: PromotionSpec = nested(PromotionSpec)
+    """Registry changes on promotion."""
     paused: bool = False
-    """Hold the rollout at the current step; set back to false to resume."""
+    """Hold the rollout at the current step; set back to false to resume (also after the operator
+    paused it because an analysis was inconclusive)."""
+    promote: bool = False
+    """Skip the remaining steps: move every target to the new version and promote it."""
+    abort: bool = False
+    """Stop now and roll every target back to the stable version."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -211,6 +233,17 @@ class AdapterReleaseSpec(ApiModel):
     )
 
 
+class ResolvedAdapter(ApiModel):
+    """A registered adapter as the release resolved it (once, at the start)."""
+
+    version: ShortString
+    """MLflow model version (`base` for the bare base model)."""
+    uri: Annotated[str, StringConstraints(max_length=2048)] = ""
+    """Where the package is (the model version's source)."""
+    sha256: Annotated[str, StringConstraints(max_length=64)] = ""
+    """Package digest the agents verify."""
+
+
 class AnalysisRun(ApiModel):
     """The outcome of one analysis step."""
 
@@ -226,6 +259,14 @@ class AnalysisRun(ApiModel):
     """Measurements outside the threshold range."""
     message: Annotated[str, StringConstraints(max_length=4096)] | None = None
     """Details."""
+    measured: Annotated[int, Field(ge=0)] = 0
+    """Measurements taken (values plus no-data ones)."""
+    no_data: Annotated[int, Field(ge=0)] = 0
+    """Measurements that returned no data."""
+    started_at: datetime | None = None
+    """When the analysis began."""
+    last_measured_at: datetime | None = None
+    """When the last measurement was taken."""
     finished_at: datetime | None = None
     """When the analysis ended."""
 
@@ -247,10 +288,18 @@ class AdapterReleaseStatus(ApiModel):
     """The version being released."""
     stable_version: ShortString | None = None
     """The version targets fall back to on rollback."""
+    canary: ResolvedAdapter | None = None
+    """The released adapter, resolved from the registry."""
+    stable: ResolvedAdapter | None = None
+    """The adapter targets fall back to (`base` when no version held the alias)."""
     targets_total: Annotated[int, Field(ge=0)] | None = None
     """Targets selected."""
     targets_by_version: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     """How many targets report running each adapter version."""
+    targets_by_cluster: dict[str, dict[str, Annotated[int, Field(ge=0)]]] = Field(default_factory=dict)
+    """Per cluster, how many targets report running each adapter version."""
+    step_started_at: datetime | None = None
+    """When the current step began (progress deadline, pause durations)."""
     analysis_runs: Annotated[list[AnalysisRun], Field(max_length=256)] = Field(default_factory=list)
     """History of analysis outcomes."""
     pause_started_at: datetime | None = None

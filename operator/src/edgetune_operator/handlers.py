@@ -1,5 +1,6 @@
 """kopf handlers: thin. Each one hands the object to a controller's level-based reconcile.
 
+An AdapterRelease is reconciled on create, spec update, resume and by its own resync loop.
 Triggers for an EdgeTrainingJob: create, spec update, resume (operator start), progress events of
 local trainer Jobs (so a finished trainer is noticed at once), and one operator-wide resync loop
 (edge clusters are polled; see ``TrainingJobController.resync_loop``). All lead to the same
@@ -18,7 +19,9 @@ from edgetune_api.meta import GROUP, VERSION
 from edgetune_operator import metrics
 from edgetune_operator.clients.kube import EDGE_CLUSTERS, Kube
 from edgetune_operator.clients.mlflow import Mlflow
+from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters
+from edgetune_operator.controllers.release import ReleaseController
 from edgetune_operator.controllers.training_job import TrainingJobController
 from edgetune_operator.reconcile.training_job import LABEL_JOB, LABEL_JOB_UID
 from edgetune_operator.settings import Settings
@@ -33,7 +36,9 @@ class Runtime:
     settings: Settings
     clusters: Clusters
     jobs: TrainingJobController
+    releases: ReleaseController
     resync: threading.Thread
+    release_resync: threading.Thread
 
 
 RUNTIME = Runtime()
@@ -57,6 +62,8 @@ def build_runtime(settings: Settings, local: Kube) -> None:
     RUNTIME.clusters = Clusters(local, settings)
     mlflow = Mlflow(settings.mlflow_tracking_uri) if settings.mlflow_tracking_uri else None
     RUNTIME.jobs = TrainingJobController(settings, RUNTIME.clusters, s3_factory=_s3_factory, mlflow=mlflow)
+    prometheus = Prometheus(settings.prometheus_url) if settings.prometheus_url else None
+    RUNTIME.releases = ReleaseController(settings, RUNTIME.clusters, mlflow=mlflow, prometheus=prometheus)
 
 
 @kopf.on.startup()
@@ -93,11 +100,14 @@ def start_resync(**_: Any) -> None:
     """One loop for all jobs instead of a kopf timer per object (a task and its state each)."""
     RUNTIME.resync = threading.Thread(target=RUNTIME.jobs.resync_loop, name="resync", daemon=True)
     RUNTIME.resync.start()
+    RUNTIME.release_resync = threading.Thread(target=RUNTIME.releases.resync_loop, name="release-resync", daemon=True)
+    RUNTIME.release_resync.start()
 
 
 @kopf.on.cleanup()
 def stop_resync(**_: Any) -> None:
     RUNTIME.jobs.stop.set()
+    RUNTIME.releases.stop.set()
 
 
 @kopf.on.delete(*JOB)
@@ -126,6 +136,20 @@ def trainer_job_event(body: kopf.Body, **_: Any) -> None:
     name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_JOB)
     if name:
         RUNTIME.jobs.reconcile_named(body["metadata"]["namespace"], name)
+
+
+# -- AdapterRelease -------------------------------------------------------------------------------
+
+RELEASE = (GROUP, VERSION, "adapterreleases")
+
+
+@kopf.on.resume(*RELEASE)
+@kopf.on.create(*RELEASE)
+@kopf.on.update(*RELEASE, field="spec")
+def release_changed(body: kopf.Body, **_: Any) -> None:
+    """Steps, analysis intervals and agents' confirmations are followed by the release resync loop
+    (``ReleaseController.resync_loop``); a spec change (paused, promote, abort) acts at once."""
+    RUNTIME.releases.reconcile(dict(body))
 
 
 # -- EdgeCluster ----------------------------------------------------------------------------------

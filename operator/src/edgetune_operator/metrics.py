@@ -35,6 +35,24 @@ VERIFICATION_FAILURES = Counter(
 )
 
 
+RELEASES_BY_PHASE = Gauge(f"{PREFIX}_adapter_releases", "AdapterReleases by phase, as last reconciled.", ["phase"])
+RELEASE_STEPS = Counter(f"{PREFIX}_release_steps", "Canary steps completed, by release.", ["release"])
+RELEASE_TARGETS = Gauge(
+    f"{PREFIX}_release_targets",
+    "Targets of a release by the adapter version their agents report.",
+    ["release", "version"],
+)
+ANALYSIS_MEASUREMENTS = Counter(
+    f"{PREFIX}_analysis_measurements", "Analysis measurements, by metric and kind (value, nodata, error).",
+    ["metric", "kind"],
+)  # fmt: skip
+ROLLBACKS = Counter(f"{PREFIX}_rollbacks", "Releases rolled back, by reason.", ["reason"])
+ROLLBACK_SECONDS = Histogram(
+    f"{PREFIX}_rollback_duration_seconds", "From the decision to roll back to every target confirming stable.",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)  # fmt: skip
+
+
 def observe_call(system: str, operation: str, outcome: str, seconds: float) -> None:
     CALL_SECONDS.labels(system, operation).observe(seconds)
     if outcome != "ok":

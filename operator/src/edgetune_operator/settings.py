@@ -85,6 +85,11 @@ class Settings(BaseModel):
     ``["team-*"]``); empty: every namespace. EdgeClusters are cluster-scoped and always served."""
     workers: Annotated[int, Field(ge=1, le=256)] = 8
     """Threads running reconciles (calls to Kubernetes, S3 and MLflow block)."""
+    prometheus_url: str | None = None
+    """Prometheus that AdapterRelease analyses query (e.g. http://prometheus.monitoring:9090)."""
+    release_resync_seconds: Annotated[float, Field(gt=0)] = 2.0
+    """Every running AdapterRelease is reconciled at least this often (analysis intervals, agents'
+    confirmations on edge clusters, pause durations)."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -159,3 +159,34 @@ class Mlflow:
         if alias:
             self.call("POST", "registered-models/alias", {"name": model, "alias": alias, "version": version["version"]})
         return Registration(model=model, version=str(version["version"]), run_id=run_id, created=created)
+
+    # -- releases ---------------------------------------------------------------------------------
+
+    def model_version(self, model: str, version: str) -> dict[str, Any] | None:
+        """The model version, or None when the model or the version does not exist."""
+        try:
+            return dict(self.call("GET", "model-versions/get", query={"name": model, "version": version})
+                        ["model_version"])  # fmt: skip
+        except MlflowError as exc:
+            if exc.code == "RESOURCE_DOES_NOT_EXIST" or exc.status == 404:
+                return None
+            raise
+
+    def alias_version(self, model: str, alias: str) -> dict[str, Any] | None:
+        """The version an alias points to, or None when the alias (or the model) does not exist."""
+        try:
+            return dict(self.call("GET", "registered-models/alias", query={"name": model, "alias": alias})
+                        ["model_version"])  # fmt: skip
+        except MlflowError as exc:
+            if exc.code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or exc.status == 404:
+                return None
+            raise
+
+    def set_alias(self, model: str, alias: str, version: str) -> None:
+        """Point ``alias`` at ``version`` (idempotent: setting it again to the same version is a no-op)."""
+        self.call("POST", "registered-models/alias", {"name": model, "alias": alias, "version": version})
+
+    def tag_version(self, model: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.call("POST", "model-versions/set-tag", {"name": model, "version": version, "key": key,
+                                                         "value": value[:5000]})  # fmt: skip

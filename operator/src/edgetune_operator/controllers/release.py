@@ -1,0 +1,530 @@
+"""AdapterRelease controller: one level-based ``reconcile`` per release.
+
+Each reconcile reads the release, resolves the adapter once (MLflow version, alias or the
+version an EdgeTrainingJob registered, plus the stable version behind the promotion alias),
+observes the target pods on every selected cluster (their assignment and their agent's report),
+and then acts from the difference: writes assignment annotations for the current step
+(``reconcile/release.py``), measures analysis metrics when they are due
+(``reconcile/analysis.py`` over ``clients/prometheus.py``), rolls everything back on failure,
+abort or a missed progress deadline, and promotes in MLflow at the end. Everything it needs to
+continue after a restart is in the release's status.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from edgetune_api.adapter_release import (
+    AdapterReleaseSpec,
+    AdapterReleaseStatus,
+    AnalysisRun,
+    ResolvedAdapter,
+)
+from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, REPORT_ANNOTATION, AdapterReport, dumps, parse_assignment
+from edgetune_api.meta import parse_duration
+from edgetune_operator import metrics
+from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS, KubeError, UnreachableError
+from edgetune_operator.clients.mlflow import DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
+from edgetune_operator.clients.prometheus import Prometheus
+from edgetune_operator.controllers.clusters import Clusters, ClusterUnavailableError
+from edgetune_operator.reconcile import analysis
+from edgetune_operator.reconcile.release import (
+    ReleasedAdapter,
+    StepPlan,
+    Target,
+    canary_plan,
+    rollback_plan,
+    versions_by_cluster,
+    versions_served,
+)
+from edgetune_operator.reconcile.training_job import set_condition
+from edgetune_operator.settings import Settings
+
+log = logging.getLogger("edgetune.release")
+FINAL = ("Promoted", "RolledBack", "Failed", "Aborted")
+MAX_RUNS = 256
+
+
+class ResolveError(RuntimeError):
+    """The release names something the registry does not have (a clear, user-facing message)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ReleaseController:
+    def __init__(self, settings: Settings, clusters: Clusters, *, mlflow: Mlflow | None,
+                 prometheus: Prometheus | None) -> None:  # fmt: skip
+        self.settings = settings
+        self.clusters = clusters
+        self.hub = clusters.local
+        self.mlflow = mlflow
+        self.prometheus = prometheus
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._phases: dict[str, str] = {}
+        self.stop = threading.Event()
+
+    @contextmanager
+    def _serialised(self, uid: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(uid, threading.Lock())
+        with lock:
+            yield
+
+    def serves(self, namespace: str) -> bool:
+        patterns = self.settings.namespaces
+        return not patterns or any(fnmatch.fnmatchcase(namespace, p) for p in patterns)
+
+    def resync_loop(self) -> None:
+        """Reconcile every unfinished release at least every ``release_resync_seconds``."""
+        while not self.stop.wait(self.settings.release_resync_seconds):
+            try:
+                items = self.hub.list(ADAPTER_RELEASES)
+            except (KubeError, UnreachableError):
+                log.warning("resync: cannot list AdapterReleases", exc_info=True)
+                continue
+            for body in items:
+                status = body.get("status") or {}
+                done = status.get("phase") in FINAL and status.get("observedGeneration") == body["metadata"].get(
+                    "generation")  # fmt: skip
+                if done or not self.serves(body["metadata"]["namespace"]):
+                    continue
+                try:
+                    self.reconcile(body)
+                except Exception:
+                    log.debug("release resync of %s failed", body["metadata"]["name"], exc_info=True)
+
+    # -- the reconcile ---------------------------------------------------------------------------
+
+    def reconcile(self, body: dict[str, Any]) -> AdapterReleaseStatus:
+        started = time.perf_counter()
+        result = "ok"
+        try:
+            with self._serialised(body["metadata"]["uid"]):
+                fresh = self.hub.get_or_none(ADAPTER_RELEASES, body["metadata"]["name"], body["metadata"]["namespace"])
+                if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"]:
+                    return AdapterReleaseStatus()
+                return self._reconcile(fresh)
+        except Exception as exc:
+            result = "error"
+            self.hub.event(body, reason="ReconcileError", message=f"{type(exc).__name__}: {exc}", warning=True)
+            raise
+        finally:
+            metrics.RECONCILES.labels("AdapterRelease", result).inc()
+            metrics.RECONCILE_SECONDS.labels("AdapterRelease").observe(time.perf_counter() - started)
+
+    def _reconcile(self, body: dict[str, Any]) -> AdapterReleaseStatus:
+        meta = body["metadata"]
+        namespace, name, generation = meta["namespace"], meta["name"], int(meta.get("generation", 1))
+        spec = AdapterReleaseSpec.model_validate(body["spec"])
+        old = AdapterReleaseStatus.model_validate(body.get("status") or {})
+        if old.phase in FINAL and old.observed_generation == generation:
+            return old
+        status = old.model_copy(deep=True)
+        if old.phase in FINAL:  # a new spec after the end: a new rollout from the current stable state
+            status = AdapterReleaseStatus()
+        ctx = _Context(self, body, spec, status=status, generation=generation, release=f"{namespace}/{name}")
+        ctx.run()
+        status.observed_generation = generation
+        if status != old:
+            self.hub.replace_status(ADAPTER_RELEASES, name, namespace, status.to_wire())
+        self._phases[meta["uid"]] = status.phase or "Pending"
+        for phase, count in Counter(self._phases.values()).items():
+            metrics.RELEASES_BY_PHASE.labels(phase).set(count)
+        for version, count in status.targets_by_version.items():
+            metrics.RELEASE_TARGETS.labels(f"{namespace}/{name}", version).set(count)
+        return status
+
+
+class _Context:
+    """One reconcile of one release (the I/O and the state machine around the pure plan)."""
+
+    def __init__(self, ctl: ReleaseController, body: dict[str, Any], spec: AdapterReleaseSpec, *,
+                 status: AdapterReleaseStatus, generation: int, release: str) -> None:  # fmt: skip
+        self.ctl, self.body, self.spec, self.status = ctl, body, spec, status
+        self.generation, self.release = generation, release
+        self.namespace = body["metadata"]["namespace"]
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def condition(self, kind: str, ok: bool, reason: str, message: str) -> None:
+        self.status.conditions = set_condition(self.status.conditions, kind, ok, reason=reason, message=message,
+                                               generation=self.generation, now=self.now)  # fmt: skip
+
+    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
+        self.ctl.hub.event(self.body, reason=reason, message=message, warning=warning)
+
+    def adapters(self) -> tuple[ReleasedAdapter, ReleasedAdapter | None]:
+        c, s = self.status.canary, self.status.stable
+        assert c is not None  # noqa: S101 - resolved before any step runs
+        stable = ReleasedAdapter(s.version, s.uri, s.sha256) if s and s.version != "base" and s.sha256 else None
+        return ReleasedAdapter(c.version, c.uri, c.sha256), stable
+
+    # -- the state machine -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        s = self.status
+        if s.canary is None:
+            try:
+                self.resolve()
+            except ResolveError as exc:
+                s.phase = "Failed"
+                self.condition("Resolved", False, exc.reason, str(exc))
+                self.event(exc.reason, str(exc), warning=True)
+                return
+            except (MlflowUnavailableError, ConnectionError) as exc:
+                self.condition("Resolved", False, "RegistryUnavailable", str(exc))
+                return
+        targets, unreachable = self.targets()
+        self.observe(targets)
+        if unreachable:
+            self.condition("ClustersReachable", False, "ClusterUnreachable",
+                           f"cannot reach {', '.join(unreachable)}; the release does not advance past what it can "
+                           "confirm there")  # fmt: skip
+        else:
+            self.condition("ClustersReachable", True, "AllReachable", "every selected cluster answered")
+        if s.phase == "RollingBack":
+            self.roll_back(targets, unreachable)
+            return
+        if self.spec.abort:
+            self.start_rollback("Aborted", "spec.abort is set")
+            self.roll_back(targets, unreachable)
+            return
+        if not targets:
+            s.phase = "Paused"
+            self.condition("Progressing", False, "NoTargets",
+                           f"no pod matches targets.workloadSelector in {self.namespace} on the selected "
+                           "clusters")  # fmt: skip
+            return
+        if self.spec.paused and not self.spec.promote:
+            s.phase = "Paused"
+            if not any(c.type == "Paused" and c.status == "True" for c in s.conditions):
+                self.condition("Paused", True, "PausedBySpec", "spec.paused is true; set it to false to resume")
+            return
+        self.condition("Paused", False, "Running", "the release runs")
+        self.advance(targets, unreachable)
+
+    def resolve(self) -> None:
+        mlflow = self.ctl.mlflow
+        if mlflow is None:
+            raise ResolveError(
+                "RegistryNotConfigured", "the operator has no MLflow tracking URI (EDGETUNE_MLFLOW_TRACKING_URI)"
+            )
+        src = self.spec.adapter
+        model = src.registered_model
+        if src.version:
+            version = mlflow.model_version(model, src.version)
+            what = f"version {src.version} of {model}"
+        elif src.alias:
+            version = mlflow.alias_version(model, src.alias)
+            what = f"alias {src.alias} of {model}"
+        else:
+            assert src.training_job_ref is not None  # noqa: S101 - the CRD allows exactly one of the three
+            job = self.ctl.hub.get_or_none(TRAINING_JOBS, src.training_job_ref.name, self.namespace)
+            number = (((job or {}).get("status") or {}).get("result") or {}).get("modelVersion")
+            if not number:
+                raise ResolveError("TrainingJobNotRegistered", f"EdgeTrainingJob {src.training_job_ref.name} has not "
+                                   "registered an adapter (yet)")  # fmt: skip
+            version = mlflow.model_version(model, str(number))
+            what = f"version {number} of {model} (from EdgeTrainingJob {src.training_job_ref.name})"
+        if version is None:
+            raise ResolveError("AdapterNotFound", f"MLflow has no {what}")
+        tags = {t["key"]: t["value"] for t in version.get("tags") or []}
+        digest = tags.get(DIGEST_TAG, "")
+        if len(digest) != 64:
+            raise ResolveError("AdapterNotVerified", f"{what} carries no {DIGEST_TAG} tag: it was not registered by "
+                               "edgetune after verification, so agents could not verify it")  # fmt: skip
+        canary = ResolvedAdapter(version=str(version["version"]), uri=str(version["source"]), sha256=digest)
+        stable_version = mlflow.alias_version(model, self.spec.promotion.alias)
+        stable = ResolvedAdapter(version="base")
+        if stable_version is not None and str(stable_version["version"]) != canary.version:
+            stags = {t["key"]: t["value"] for t in stable_version.get("tags") or []}
+            stable = ResolvedAdapter(version=str(stable_version["version"]), uri=str(stable_version["source"]),
+                                     sha256=stags.get(DIGEST_TAG, ""))  # fmt: skip
+        s = self.status
+        s.canary, s.stable = canary, stable
+        s.canary_version, s.stable_version = canary.version, stable.version
+        s.current_step, s.canary_weight, s.step_started_at = 0, 0, self.now
+        s.phase = "Progressing"
+        self.condition("Resolved", True, "Resolved", f"{what}: {canary.uri} ({canary.sha256[:12]}); stable: "
+                       f"{stable.version}")  # fmt: skip
+        self.event("Resolved", f"releasing version {canary.version} of {model}; stable is {stable.version}")
+
+    def targets(self) -> tuple[list[Target], list[str]]:
+        selector = self.spec.targets.workload_selector
+        labels = dict(selector.match_labels or {})
+        targets: list[Target] = []
+        unreachable: list[str] = []
+        for cluster in self.ctl.clusters.select(self.spec.targets.cluster_selector):
+            try:
+                kube = self.ctl.clusters.get(cluster)
+                pods = kube.list(PODS, self.namespace, labels=labels or None)
+            except (ClusterUnavailableError, UnreachableError, KubeError):
+                unreachable.append(cluster)
+                continue
+            for pod in pods:
+                meta = pod["metadata"]
+                if meta.get("deletionTimestamp") or not selector.matches(dict(meta.get("labels") or {})):
+                    continue
+                annotations = meta.get("annotations") or {}
+                assignment = report = None
+                try:
+                    raw = annotations.get(ASSIGNMENT_ANNOTATION)
+                    assignment = parse_assignment(raw) if raw else None
+                except ValueError:
+                    assignment = None
+                try:
+                    raw = annotations.get(REPORT_ANNOTATION)
+                    report = AdapterReport.model_validate_json(raw) if raw else None
+                except ValueError:
+                    report = None
+                targets.append(Target(cluster, meta["namespace"], meta["name"], meta["uid"], assignment, report))
+        return targets, unreachable
+
+    def observe(self, targets: list[Target]) -> None:
+        s = self.status
+        s.targets_total = len(targets)
+        s.targets_by_version = versions_served(targets)
+        s.targets_by_cluster = versions_by_cluster(targets)
+        if s.canary and targets:
+            on_canary = sum(1 for t in targets if t.confirms(s.canary.sha256))
+            s.canary_weight = round(100 * on_canary / len(targets))
+
+    def write(self, plan: StepPlan) -> None:
+        for target, assignment in plan.writes:
+            try:
+                kube = self.ctl.clusters.get(target.cluster)
+                patch = {"metadata": {"annotations": {ASSIGNMENT_ANNOTATION: dumps(assignment)}}}
+                kube.merge_patch(PODS, target.name, patch, target.namespace)
+            except (ClusterUnavailableError, UnreachableError, KubeError) as exc:
+                log.info("assigning %s to %s failed: %s", assignment.version, target.key, exc)
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def advance(self, targets: list[Target], unreachable: list[str]) -> None:  # noqa: PLR0911, PLR0912 - one state machine
+        s = self.status
+        canary, stable = self.adapters()
+        steps = self.spec.strategy.canary.steps
+        opts = self.spec.strategy.canary
+        while True:
+            index = s.current_step or 0
+            if self.spec.promote or index >= len(steps):
+                plan = self.plan(targets, canary, stable, 100)
+                self.write(plan)
+                if plan.refused:
+                    self.refused(plan)
+                    return
+                if plan.complete and not unreachable:
+                    self.promote()
+                else:
+                    s.phase = "Progressing"
+                    self.condition("Progressing", True, "Finishing", f"{plan.confirmed} of {plan.wanted} targets "
+                                   f"confirm version {canary.version}")  # fmt: skip
+                    self.check_deadline(opts.progress_deadline)
+                return
+            step = steps[index]
+            if step.set_weight is not None:
+                plan = self.plan(targets, canary, stable, step.set_weight)
+                self.write(plan)
+                if plan.refused:
+                    self.refused(plan)
+                    return
+                if not plan.complete or unreachable:
+                    s.phase = "Progressing"
+                    self.condition("Progressing", True, "WaitingForAgents", f"step {index}: {plan.confirmed} of "
+                                   f"{plan.wanted} targets confirm version {canary.version} "
+                                   f"({step.set_weight} %)")  # fmt: skip
+                    self.check_deadline(opts.progress_deadline)
+                    return
+                self.next_step(f"{step.set_weight} % of targets confirm version {canary.version}")
+                continue
+            if step.pause is not None:
+                if step.pause.duration is None:
+                    if not self.pause_step_over():
+                        return
+                    self.next_step("resumed after an indefinite pause")
+                    continue
+                waited = (self.now - (s.step_started_at or self.now)).total_seconds()
+                if waited < parse_duration(step.pause.duration):
+                    s.phase = "Paused"
+                    self.condition("Progressing", True, "PauseStep", f"step {index}: pause {step.pause.duration}")
+                    return
+                self.next_step(f"pause {step.pause.duration} over")
+                continue
+            verdict = self.analyse(index, step.analysis.metrics if step.analysis else [])
+            if verdict is None:
+                return
+            self.next_step(verdict)
+
+    def plan(self, targets: list[Target], canary: ReleasedAdapter, stable: ReleasedAdapter | None,
+             weight: int) -> StepPlan:  # fmt: skip
+        opts = self.spec.strategy.canary
+        return canary_plan(targets, canary=canary, stable=stable, weight=weight, max_unavailable=opts.max_unavailable,
+                           release=self.release, release_key=self.body["metadata"]["uid"],
+                           waves=opts.waves)  # fmt: skip
+
+    def pause_step_over(self) -> bool:
+        """An indefinite pause step: the operator sets spec.paused; the step is over once a person
+        sets it back to false (this reconcile only runs with spec.paused false)."""
+        s = self.status
+        if s.pause_started_at is None:
+            s.pause_started_at = self.now
+            s.phase = "Paused"
+            self.condition("Paused", True, "PauseStep", f"step {s.current_step}: paused until spec.paused is false")
+            self.set_paused()
+            return False
+        return True
+
+    def next_step(self, why: str) -> None:
+        s = self.status
+        s.current_step = (s.current_step or 0) + 1
+        s.step_started_at = self.now
+        s.pause_started_at = None
+        metrics.RELEASE_STEPS.labels(self.release).inc()
+        self.event("StepCompleted", f"step {s.current_step - 1} done: {why}")
+
+    def check_deadline(self, deadline: str) -> None:
+        s = self.status
+        waited = (self.now - (s.step_started_at or self.now)).total_seconds()
+        if waited > parse_duration(deadline):
+            self.start_rollback("ProgressDeadlineExceeded", f"step {s.current_step} did not complete within {deadline} "
+                                f"({s.canary_weight} % of targets confirm the new version)")  # fmt: skip
+
+    def refused(self, plan: StepPlan) -> None:
+        reasons = ", ".join(sorted({f"{e.reason}" for _, e in plan.refused}))
+        first = plan.refused[0]
+        self.start_rollback("AgentsRefused", f"{len(plan.refused)} agents refused version {self.status.canary_version} "
+                            f"({reasons}), e.g. {first[0].key}: {first[1].message[:300]}")  # fmt: skip
+
+    # -- analysis --------------------------------------------------------------------------------
+
+    def analyse(self, index: int, names: list[str]) -> str | None:
+        """Measure what is due; return the success message, or None while running or after the
+        analysis failed (rollback) or was inconclusive (paused)."""
+        s = self.status
+        s.phase = "Analyzing"
+        canary = s.canary
+        variables = {"release": self.release, "namespace": self.namespace,
+                     "version": canary.version if canary else "", "stableVersion": s.stable_version or "",
+                     "cluster": "", "model": self.spec.adapter.registered_model}  # fmt: skip
+        verdicts = []
+        for metric in [m for m in self.spec.analysis.metrics if not names or m.name in names]:
+            run = next((r for r in s.analysis_runs if r.step == index and r.metric == metric.name
+                        and r.finished_at is None), None)  # fmt: skip
+            if run is None:  # first time at this step, or measuring again after an inconclusive run
+                run = AnalysisRun(step=index, metric=metric.name, phase="Running", started_at=self.now)
+                s.analysis_runs = [*s.analysis_runs, run][-MAX_RUNS:]
+            interval = parse_duration(metric.interval)
+            due = run.last_measured_at is None or (self.now - run.last_measured_at).total_seconds() >= interval - 0.5
+            error: list[analysis.Measurement] = []
+            if due and run.measured < metric.count:
+                m = self.measure(metric.query, variables)
+                run.measured += 1
+                run.last_measured_at = self.now
+                metrics.ANALYSIS_MEASUREMENTS.labels(metric.name, m.kind).inc()
+                if m.kind == "value" and m.value is not None:
+                    run.values = [*run.values, m.value][-100:]
+                elif m.kind == "nodata":
+                    run.no_data += 1
+                else:
+                    error.append(m)
+            measured = [analysis.Measurement("value", v) for v in run.values] + [
+                analysis.Measurement("nodata")
+            ] * run.no_data
+            verdict = analysis.evaluate(metric, measured + error)
+            run.phase, run.failures, run.message = verdict.phase, verdict.failures, verdict.message[:4000]
+            if verdict.phase != "Running":
+                run.finished_at = self.now
+            verdicts.append(verdict)
+        overall = analysis.combine(verdicts)
+        if overall.phase == "Running":
+            self.condition("Analyzing", True, "Measuring", overall.message[:2000])
+            return None
+        if overall.phase == "Successful":
+            self.condition("Analyzing", False, "Passed", overall.message[:2000])
+            return overall.message
+        if overall.phase == "Failed":
+            self.condition("Analyzing", False, "Failed", overall.message[:2000])
+            self.start_rollback("AnalysisFailed", overall.message)
+            return None
+        s.phase = "Paused"
+        self.condition("Analyzing", False, "Inconclusive", overall.message[:2000])
+        self.condition("Paused", True, "AnalysisInconclusive", f"{overall.message[:1500]}; set spec.paused to false "
+                       "to measure again")  # fmt: skip
+        self.event("AnalysisInconclusive", overall.message, warning=True)
+        self.set_paused()
+        return None
+
+    def measure(self, query: str, variables: dict[str, str]) -> analysis.Measurement:
+        if self.ctl.prometheus is None:
+            return analysis.Measurement("error", message="the operator has no Prometheus URL (EDGETUNE_PROMETHEUS_URL)")
+        try:
+            return self.ctl.prometheus.measure(analysis.render_query(query, variables))
+        except analysis.TemplateError as exc:
+            return analysis.Measurement("error", message=str(exc))
+
+    def set_paused(self) -> None:
+        """The operator's only write to a spec: hold the release until a person lets it go on."""
+        self.ctl.hub.merge_patch(ADAPTER_RELEASES, self.body["metadata"]["name"], {"spec": {"paused": True}},
+                                 self.namespace)  # fmt: skip
+
+    # -- the two endings -------------------------------------------------------------------------
+
+    def start_rollback(self, reason: str, message: str) -> None:
+        s = self.status
+        if s.phase == "RollingBack":
+            return
+        s.phase = "RollingBack"
+        self.condition("RolledBack", False, reason, f"rolling every target back to {s.stable_version}: {message}")
+        self.event(reason, f"rolling back version {s.canary_version} to {s.stable_version}: {message}", warning=True)
+        metrics.ROLLBACKS.labels(reason).inc()
+
+    def roll_back(self, targets: list[Target], unreachable: list[str]) -> None:
+        s = self.status
+        canary, stable = self.adapters()
+        plan = rollback_plan(targets, canary=canary, stable=stable, release=self.release)
+        self.write(plan)
+        if plan.confirmed < plan.wanted or unreachable:
+            return
+        started = next((c for c in s.conditions if c.type == "RolledBack"), None)
+        reason = started.reason if started else "AnalysisFailed"
+        if started is not None:
+            metrics.ROLLBACK_SECONDS.observe((self.now - started.last_transition_time).total_seconds())
+        s.phase = "Aborted" if reason == "Aborted" else "RolledBack"
+        self.condition("RolledBack", True, reason, f"every target serves {s.stable_version} again")
+        self.condition("Progressing", False, reason, "the release ended")
+        self.event("RolledBack", f"every target serves {s.stable_version} again ({reason})", warning=True)
+        if self.ctl.mlflow is not None and s.canary_version:
+            try:
+                self.ctl.mlflow.tag_version(self.spec.adapter.registered_model, s.canary_version,
+                                            {"edgetune.release": self.release, "edgetune.outcome": "rolled-back",
+                                             "edgetune.reason": reason})  # fmt: skip
+            except (MlflowError, MlflowUnavailableError, ConnectionError) as exc:
+                log.warning("tagging the rolled-back version failed: %s", exc)
+
+    def promote(self) -> None:
+        s = self.status
+        mlflow = self.ctl.mlflow
+        model = self.spec.adapter.registered_model
+        if mlflow is not None and s.canary_version:
+            mlflow.set_alias(model, self.spec.promotion.alias, s.canary_version)
+            mlflow.tag_version(model, s.canary_version, {"edgetune.release": self.release,
+                                                         "edgetune.outcome": "promoted",
+                                                         "edgetune.previous": s.stable_version or "base"})  # fmt: skip
+        s.phase = "Promoted"
+        s.canary_weight = 100
+        self.condition("Promoted", True, "Promoted", f"version {s.canary_version} serves on every target; alias "
+                       f"{self.spec.promotion.alias} moved from {s.stable_version}")  # fmt: skip
+        self.condition("Progressing", False, "Promoted", "the release ended")
+        self.event("Promoted", f"version {s.canary_version} promoted ({self.spec.promotion.alias})")
