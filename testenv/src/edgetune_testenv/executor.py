@@ -153,7 +153,7 @@ def _copy_log(stream: Any, label: str, run: _ContainerRun, lock: threading.Lock)
         for line in iter(stream.readline, b""):
             stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
             tag, content = (b"F", line[:-1]) if line.endswith(b"\n") else (b"P", line)
-            with lock:
+            with lock, contextlib.suppress(OSError):  # the pod's sandbox may be gone already
                 with run.log_path.open("ab") as raw:
                     raw.write(line)
                 with run.cri_log_path.open("ab") as cri:
