@@ -98,10 +98,13 @@ def world(operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[st
     base_sha = make_base(tmp / "base", seed=0)
     good = train(tmp / "good", tmp / "base", base_sha, data_seed=4, gain=1.0, key=private, steps=60)
     bad_sha = make_package(tmp / "bad", tmp / "base", base_sha, seed=9, scale=25.0, key=private)
+    third = train(tmp / "third", tmp / "base", base_sha, data_seed=5, gain=1.0, key=private, steps=60)
     s3.create_bucket(BUCKET)
     client = s3.client()
     mlflow(w.mlflow_url, "POST", "registered-models/create", {"name": w.model})
-    for name, folder, sha in (("good", good.folder, good.sha256), ("bad", tmp / "bad", bad_sha)):
+    packages = (("good", good.folder, good.sha256), ("bad", tmp / "bad", bad_sha),
+                ("third", third.folder, third.sha256))  # fmt: skip
+    for name, folder, sha in packages:
         uri = upload(client, folder, BUCKET, f"{w.ns}/{name}")
         version = mlflow(w.mlflow_url, "POST", "model-versions/create", {
             "name": w.model, "source": uri, "tags": [{"key": "edgetune.delta_sha256", "value": sha}]})  # fmt: skip
@@ -145,7 +148,7 @@ def release(name: str, version: str, **spec: Any) -> dict[str, Any]:
         "strategy": {"canary": {"maxUnavailable": 2, "progressDeadline": "3m",
                                 "steps": [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}]}},
         "analysis": {"metrics": [{
-            "name": "site-accuracy", "interval": "2s", "count": 2, "failureLimit": 0, "noData": "inconclusive",
+            "name": "site-accuracy", "interval": "3s", "count": 2, "failureLimit": 0, "noData": "inconclusive",
             "query": 'min(edgetune_agent_eval_accuracy_ratio{namespace="{{namespace}}",version="{{version}}"})',
             "thresholdRange": {"min": 0.8},
         }]},
@@ -154,8 +157,8 @@ def release(name: str, version: str, **spec: Any) -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AdapterRelease", "metadata": {"name": name}, "spec": body}
 
 
-def create(w: World, name: str, version: str) -> None:
-    manifest = release(name, version)
+def create(w: World, name: str, version: str, **spec: Any) -> None:
+    manifest = release(name, version, **spec)
     manifest["spec"]["adapter"]["registeredModel"] = w.model
     w.releases().create_namespaced_custom_object(GROUP, VERSION, w.ns, "adapterreleases", manifest)
 
@@ -163,6 +166,14 @@ def create(w: World, name: str, version: str) -> None:
 def status(w: World, name: str) -> dict[str, Any]:
     obj = w.releases().get_namespaced_custom_object(GROUP, VERSION, w.ns, "adapterreleases", name)
     return dict(obj.get("status") or {})
+
+
+def wait_phase(w: World, name: str, *phases: str, timeout: float) -> dict[str, Any]:
+    try:
+        return eventually(lambda: phase_is(w, name, *phases), timeout=timeout, what=f"{name} in {phases}")
+    except AssertionError as exc:
+        state = {"status": status(w, name), "serving": w.serving()}
+        raise AssertionError(f"{exc}\n{json.dumps(state, indent=1, default=str)[:6000]}") from None
 
 
 def phase_is(w: World, name: str, *phases: str) -> dict[str, Any] | None:
@@ -173,8 +184,7 @@ def phase_is(w: World, name: str, *phases: str) -> dict[str, Any] | None:
 def test_a_good_adapter_goes_50_then_100_percent_and_is_promoted(world: World) -> None:
     w = world
     create(w, "good", w.versions["good"]["version"])
-    s = eventually(lambda: phase_is(w, "good", "Promoted", "RolledBack", "Failed"), timeout=240,
-                   what="the good release to end")  # fmt: skip
+    s = wait_phase(w, "good", "Promoted", "RolledBack", "Failed", timeout=240)
     assert s["phase"] == "Promoted", json.dumps(s, indent=1)[:3000]
     good = w.versions["good"]["version"]
     assert set(w.serving().values()) == {good}
@@ -195,8 +205,7 @@ def test_a_good_adapter_goes_50_then_100_percent_and_is_promoted(world: World) -
 def test_a_bad_adapter_fails_analysis_and_is_rolled_back_everywhere(world: World) -> None:
     w = world
     create(w, "bad", w.versions["bad"]["version"])
-    s = eventually(lambda: phase_is(w, "bad", "Promoted", "RolledBack", "Failed"), timeout=240,
-                   what="the bad release to end")  # fmt: skip
+    s = wait_phase(w, "bad", "Promoted", "RolledBack", "Failed", timeout=240)
     assert s["phase"] == "RolledBack", json.dumps(s, indent=1)[:3000]
     good, bad = w.versions["good"]["version"], w.versions["bad"]["version"]
     assert s["stableVersion"] == good
@@ -221,6 +230,37 @@ def test_a_bad_adapter_fails_analysis_and_is_rolled_back_everywhere(world: World
 def test_a_release_of_a_missing_version_fails_with_a_clear_condition(world: World) -> None:
     w = world
     create(w, "missing", "999")
-    s = eventually(lambda: phase_is(w, "missing", "Failed"), timeout=60, what="the release to fail")
+    s = wait_phase(w, "missing", "Failed", timeout=60)
     resolved = {c["type"]: c for c in s["conditions"]}["Resolved"]
     assert resolved["reason"] == "AdapterNotFound" and f"MLflow has no version 999 of {w.model}" in resolved["message"]
+
+
+def test_a_revoked_version_named_again_is_refused_by_the_agents(world: World) -> None:
+    w = world
+    create(w, "bad-again", w.versions["bad"]["version"])
+    s = wait_phase(w, "bad-again", "Promoted", "RolledBack", "Failed", timeout=120)
+    rolled = {c["type"]: c for c in s["conditions"]}["RolledBack"]
+    assert s["phase"] == "RolledBack" and rolled["reason"] == "AgentsRefused" and "Revoked" in rolled["message"]
+    assert set(w.serving().values()) == {w.versions["good"]["version"]}
+
+
+def test_no_data_pauses_the_release_until_a_person_resumes_it(world: World) -> None:
+    w = world
+    quiet = release("x", "1")["spec"]["analysis"]
+    quiet["metrics"][0]["query"] = 'min(edgetune_agent_eval_accuracy_ratio{namespace="{{namespace}}",cluster="none"})'
+    create(w, "third", w.versions["third"]["version"], analysis=quiet)
+    s = wait_phase(w, "third", "Paused", "Promoted", "RolledBack", "Failed", timeout=120)
+    assert s["phase"] == "Paused", json.dumps(s, indent=1)[:3000]
+    paused = {c["type"]: c for c in s["conditions"]}["Paused"]
+    assert paused["reason"] == "AnalysisInconclusive" and "returned no data" in paused["message"]
+    obj = w.releases().get_namespaced_custom_object(GROUP, VERSION, w.ns, "adapterreleases", "third")
+    assert obj["spec"]["paused"] is True  # held, never passed
+    # The data is there once the query asks the right clusters; a person lets the release go on.
+    fixed = release("x", "1")["spec"]["analysis"]
+    w.releases().patch_namespaced_custom_object(GROUP, VERSION, w.ns, "adapterreleases", "third",
+                                                {"spec": {"analysis": fixed, "paused": False}})  # fmt: skip
+    s = wait_phase(w, "third", "Promoted", "RolledBack", "Failed", timeout=180)
+    assert s["phase"] == "Promoted", json.dumps(s, indent=1)[:3000]
+    assert set(w.serving().values()) == {w.versions["third"]["version"]}
+    phases = [r["phase"] for r in s["analysisRuns"]]
+    assert "Inconclusive" in phases and phases[-1] == "Successful"

@@ -99,6 +99,14 @@ def test_condition_transition_time_moves_only_on_change() -> None:
     assert conds[0].last_transition_time == t1 and conds[0].status == "False"
 
 
+def test_setting_one_condition_keeps_the_others() -> None:
+    conds = []
+    for kind in ("A", "B", "C"):
+        conds = set_condition(conds, kind, True, reason="Set", message="", generation=1)
+    conds = set_condition(conds, "A", False, reason="Changed", message="", generation=2)
+    assert [(c.type, c.status) for c in conds] == [("A", "False"), ("B", "True"), ("C", "True")]
+
+
 def _pod(message: str, node: str = "n1") -> dict[str, Any]:
     terminated = {"exitCode": 0, "finishedAt": "2026-11-22T10:00:00Z", "message": message}
     return {"spec": {"nodeName": node}, "status": {"containerStatuses": [{"state": {"terminated": terminated}}]}}

@@ -248,7 +248,7 @@ class _Context:
         canary = ResolvedAdapter(version=str(version["version"]), uri=str(version["source"]), sha256=digest)
         stable_version = mlflow.alias_version(model, self.spec.promotion.alias)
         stable = ResolvedAdapter(version="base")
-        if stable_version is not None and str(stable_version["version"]) != canary.version:
+        if stable_version is not None:  # (releasing the current stable version again: it is its own fallback)
             stags = {t["key"]: t["value"] for t in stable_version.get("tags") or []}
             stable = ResolvedAdapter(version=str(stable_version["version"]), uri=str(stable_version["source"]),
                                      sha256=stags.get(DIGEST_TAG, ""))  # fmt: skip
@@ -426,7 +426,10 @@ class _Context:
                 run = AnalysisRun(step=index, metric=metric.name, phase="Running", started_at=self.now)
                 s.analysis_runs = [*s.analysis_runs, run][-MAX_RUNS:]
             interval = parse_duration(metric.interval)
-            due = run.last_measured_at is None or (self.now - run.last_measured_at).total_seconds() >= interval - 0.5
+            # The first measurement comes one interval after the analysis starts (the agents' new
+            # series need a scrape or two to reach Prometheus), then every interval.
+            since = run.last_measured_at or run.started_at or self.now
+            due = (self.now - since).total_seconds() >= interval - 0.5
             error: list[analysis.Measurement] = []
             if due and run.measured < metric.count:
                 m = self.measure(metric.query, variables)
@@ -502,7 +505,8 @@ class _Context:
         if started is not None:
             metrics.ROLLBACK_SECONDS.observe((self.now - started.last_transition_time).total_seconds())
         s.phase = "Aborted" if reason == "Aborted" else "RolledBack"
-        self.condition("RolledBack", True, reason, f"every target serves {s.stable_version} again")
+        why = started.message.split(": ", 1)[-1] if started else ""
+        self.condition("RolledBack", True, reason, f"every target serves {s.stable_version} again; cause: {why}"[:4000])
         self.condition("Progressing", False, reason, "the release ended")
         self.event("RolledBack", f"every target serves {s.stable_version} again ({reason})", warning=True)
         if self.ctl.mlflow is not None and s.canary_version:

@@ -1,6 +1,7 @@
 """Analysis of a canary, pure: PromQL templates in, measurements in, a verdict out.
 
-A metric of ``spec.analysis.metrics`` is measured ``count`` times, ``interval`` apart. Each
+A metric of ``spec.analysis.metrics`` is measured ``count`` times, ``interval`` apart (the first one
+interval after the analysis step begins, so new series have reached Prometheus). Each
 measurement is one of: a value inside ``thresholdRange`` (pass), a value outside it (fail), no
 data, or an error (the query was rejected, Prometheus was down). The verdict:
 

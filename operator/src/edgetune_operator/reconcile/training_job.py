@@ -283,15 +283,18 @@ def set_condition(
     value: Literal["True", "False"] = "True" if status else "False"
     now = now or datetime.now(UTC).replace(microsecond=0)
     out = []
+    found = False
     for cond in conditions:
         if cond.type != kind:
             out.append(cond)
             continue
+        found = True
         changed = cond.status != value
         out.append(cond.model_copy(update={
             "status": value, "reason": reason, "message": message, "observed_generation": generation,
             "last_transition_time": now if changed else cond.last_transition_time,
         }))  # fmt: skip
+    if found:
         return out
     out.append(Condition(type=kind, status=value, reason=reason, message=message, last_transition_time=now,
                          observed_generation=generation))  # fmt: skip
