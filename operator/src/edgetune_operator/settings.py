@@ -5,6 +5,7 @@ Read once at start-up from environment variables (the Helm chart sets them); pur
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from typing import Annotated
@@ -90,6 +91,10 @@ class Settings(BaseModel):
     release_resync_seconds: Annotated[float, Field(gt=0)] = 2.0
     """Every running AdapterRelease is reconciled at least this often (analysis intervals, agents'
     confirmations on edge clusters, pause durations)."""
+
+    def serves(self, namespace: str) -> bool:
+        """Whether ``namespace`` is one this operator serves (``namespaces`` patterns; all when empty)."""
+        return not self.namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in self.namespaces)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -12,13 +12,10 @@ continue after a restart is in the release's status.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +32,7 @@ from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS
 from edgetune_operator.clients.mlflow import DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters, ClusterUnavailableError
+from edgetune_operator.controllers.locks import PerObjectLocks
 from edgetune_operator.reconcile import analysis
 from edgetune_operator.reconcile.release import (
     ReleasedAdapter,
@@ -69,21 +67,9 @@ class ReleaseController:
         self.hub = clusters.local
         self.mlflow = mlflow
         self.prometheus = prometheus
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._locks = PerObjectLocks()
         self._phases: dict[str, str] = {}
         self.stop = threading.Event()
-
-    @contextmanager
-    def _serialised(self, uid: str) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(uid, threading.Lock())
-        with lock:
-            yield
-
-    def serves(self, namespace: str) -> bool:
-        patterns = self.settings.namespaces
-        return not patterns or any(fnmatch.fnmatchcase(namespace, p) for p in patterns)
 
     def resync_loop(self) -> None:
         """Reconcile every unfinished release at least every ``release_resync_seconds``."""
@@ -97,7 +83,7 @@ class ReleaseController:
                 status = body.get("status") or {}
                 done = status.get("phase") in FINAL and status.get("observedGeneration") == body["metadata"].get(
                     "generation")  # fmt: skip
-                if done or not self.serves(body["metadata"]["namespace"]):
+                if done or not self.settings.serves(body["metadata"]["namespace"]):
                     continue
                 try:
                     self.reconcile(body)
@@ -110,7 +96,7 @@ class ReleaseController:
         started = time.perf_counter()
         result = "ok"
         try:
-            with self._serialised(body["metadata"]["uid"]):
+            with self._locks.hold(body["metadata"]["uid"]):
                 fresh = self.hub.get_or_none(ADAPTER_RELEASES, body["metadata"]["name"], body["metadata"]["namespace"])
                 if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"]:
                     return AdapterReleaseStatus()

@@ -7,15 +7,13 @@ event, the resync timer); it converges on the same state. Calls for one job are 
 from __future__ import annotations
 
 import base64
-import fnmatch
 import functools
 import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +36,7 @@ from edgetune_operator.clients.kube import (
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
+from edgetune_operator.controllers.locks import PerObjectLocks
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
@@ -79,19 +78,11 @@ class TrainingJobController:
         self.hub = clusters.local
         self.s3_factory = s3_factory
         self.mlflow = mlflow
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = PerObjectLocks()
         self._phases: dict[str, str] = {}
         self._polled: dict[str, tuple[float, bool]] = {}
         """uid -> (when last reconciled, whether it needs polling: edge clusters, or waiting for data)."""
         self.stop = threading.Event()
-
-    @contextmanager
-    def _serialised(self, uid: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault(uid, threading.Lock())
-        with lock:
-            yield
 
     # -- entry points ----------------------------------------------------------------------------
 
@@ -114,7 +105,7 @@ class TrainingJobController:
         started = time.perf_counter()
         result = "ok"
         try:
-            with self._serialised(meta["uid"]):
+            with self._locks.hold(meta["uid"]):
                 return self._reconcile(body, refetch=refetch)
         except Exception as exc:
             result = "error"
@@ -175,7 +166,7 @@ class TrainingJobController:
             due = []
             for body in items:
                 meta, status = body["metadata"], body.get("status") or {}
-                if not self.serves(meta["namespace"]):
+                if not self.settings.serves(meta["namespace"]):
                     continue
                 if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get(
                         "generation"):  # fmt: skip
@@ -187,10 +178,6 @@ class TrainingJobController:
             for _ in pool.map(self._resync_one, due):
                 pass
         pool.shutdown(wait=False)
-
-    def serves(self, namespace: str) -> bool:
-        patterns = self.settings.namespaces
-        return not patterns or any(fnmatch.fnmatchcase(namespace, p) for p in patterns)
 
     def _resync_one(self, body: dict[str, Any]) -> None:
         try:
@@ -213,8 +200,7 @@ class TrainingJobController:
             log.exception("could not report the reconcile error")
 
     def forget(self, uid: str) -> None:
-        with self._locks_guard:
-            self._locks.pop(uid, None)
+        self._locks.forget(uid)
         self._phases.pop(uid, None)
         self._polled.pop(uid, None)
         self._publish_phases()
