@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -158,6 +159,15 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         reporter.close()
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which handles it itself, checkpointing first): before it
+    started or while packaging. The pod is being stopped; a retried pod resumes."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated("SIGTERM")
+
+
 def classify(exc: BaseException) -> str:
     """Map an exception to the termination reason (and so the exit code)."""
     from edgetune_trainer.data import DataError  # noqa: PLC0415
@@ -165,7 +175,7 @@ def classify(exc: BaseException) -> str:
     from edgetune_trainer.models import ModelError  # noqa: PLC0415
     from edgetune_trainer.package import UploadError  # noqa: PLC0415
 
-    if isinstance(exc, Interrupted):
+    if isinstance(exc, Interrupted | Terminated):
         return "Interrupted"
     if isinstance(exc, InsufficientDataError):
         return "InsufficientData"
@@ -188,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--termination-log", help="override runtime.terminationLog")
     args = parser.parse_args(argv)
     termination = Path(args.termination_log or os.environ.get("EDGETUNE_TERMINATION_LOG", "/dev/termination-log"))
+    signal.signal(signal.SIGTERM, _terminate)  # every moment of the run ends with a termination message
     started = time.time()
     try:
         config = load_config(args.config)
