@@ -142,11 +142,14 @@ class PackageStore:
 
     # -- the pipeline ----------------------------------------------------------------------------
 
-    def load(self, assignment: AdapterAssignment, base: BaseIdentity) -> Delta:
+    def refuse_if_revoked(self, assignment: AdapterAssignment) -> None:
         self.remember_revoked(assignment.revoked)
         if assignment.sha256 in self.revoked:
             raise AdapterRefused("Revoked", f"package {assignment.sha256[:12]} (version {assignment.version}) "
                                  "was revoked by a rollback and must not run")  # fmt: skip
+
+    def load(self, assignment: AdapterAssignment, base: BaseIdentity) -> Delta:
+        self.refuse_if_revoked(assignment)
         folder, downloaded = self._fetch(assignment)
         cached = folder.parent == self.root
         try:

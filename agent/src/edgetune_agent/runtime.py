@@ -72,8 +72,6 @@ class Outcome:
 
     state: str = "NoAssignment"
     error: ReportError | None = None
-    event: tuple[str, str, str] | None = None  # (type, reason, message) for a Kubernetes Event
-    changed: bool = True
 
 
 @dataclass
@@ -181,10 +179,8 @@ class AgentRuntime:
             self.metrics.swaps.labels(model, "resident").inc()
             self.metrics.swap_seconds.labels(model, "resident").observe(time.monotonic() - seen_at)
             return "resident"
+        self.store.refuse_if_revoked(assignment)  # before the resident shortcut: memory is no excuse
         held = self.resident.get(assignment.sha256)
-        if assignment.sha256 in self.store.revoked or assignment.sha256 in assignment.revoked:
-            raise AdapterRefused("Revoked", f"package {assignment.sha256[:12]} (version {assignment.version}) "
-                                 "was revoked by a rollback and must not run")  # fmt: skip
         if held is not None:
             source = "resident"
             held.version, held.release = assignment.version, assignment.release

@@ -298,40 +298,19 @@ class _Context:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def advance(self, targets: list[Target], unreachable: list[str]) -> None:  # noqa: PLR0911, PLR0912 - one state machine
+    def advance(self, targets: list[Target], unreachable: list[str]) -> None:
         s = self.status
-        canary, stable = self.adapters()
+        canary, _ = self.adapters()
         steps = self.spec.strategy.canary.steps
-        opts = self.spec.strategy.canary
         while True:
             index = s.current_step or 0
             if self.spec.promote or index >= len(steps):
-                plan = self.plan(targets, canary, stable, 100)
-                self.write(plan)
-                if plan.refused:
-                    self.refused(plan)
-                    return
-                if plan.complete and not unreachable:
+                if self.reach(targets, unreachable, 100, "Finishing", "finishing"):
                     self.promote()
-                else:
-                    s.phase = "Progressing"
-                    self.condition("Progressing", True, "Finishing", f"{plan.confirmed} of {plan.wanted} targets "
-                                   f"confirm version {canary.version}")  # fmt: skip
-                    self.check_deadline(opts.progress_deadline)
                 return
             step = steps[index]
             if step.set_weight is not None:
-                plan = self.plan(targets, canary, stable, step.set_weight)
-                self.write(plan)
-                if plan.refused:
-                    self.refused(plan)
-                    return
-                if not plan.complete or unreachable:
-                    s.phase = "Progressing"
-                    self.condition("Progressing", True, "WaitingForAgents", f"step {index}: {plan.confirmed} of "
-                                   f"{plan.wanted} targets confirm version {canary.version} "
-                                   f"({step.set_weight} %)")  # fmt: skip
-                    self.check_deadline(opts.progress_deadline)
+                if not self.reach(targets, unreachable, step.set_weight, "WaitingForAgents", f"step {index}"):
                     return
                 self.next_step(f"{step.set_weight} % of targets confirm version {canary.version}")
                 continue
@@ -352,6 +331,23 @@ class _Context:
             if verdict is None:
                 return
             self.next_step(verdict)
+
+    def reach(self, targets: list[Target], unreachable: list[str], weight: int, reason: str, where: str) -> bool:
+        """Write what moves the fleet to ``weight`` %; True once every wanted agent confirms and no
+        cluster is out of reach. Agents refusing the canary, or the progress deadline, roll back."""
+        canary, stable = self.adapters()
+        plan = self.plan(targets, canary, stable, weight)
+        self.write(plan)
+        if plan.refused:
+            self.refused(plan)
+            return False
+        if plan.complete and not unreachable:
+            return True
+        self.status.phase = "Progressing"
+        self.condition("Progressing", True, reason, f"{where}: {plan.confirmed} of {plan.wanted} targets confirm "
+                       f"version {canary.version} ({weight} %)")  # fmt: skip
+        self.check_deadline(self.spec.strategy.canary.progress_deadline)
+        return False
 
     def plan(self, targets: list[Target], canary: ReleasedAdapter, stable: ReleasedAdapter | None,
              weight: int) -> StepPlan:  # fmt: skip
