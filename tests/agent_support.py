@@ -3,6 +3,7 @@ of an agent pod (the manifest an operator or a user would write)."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -144,10 +145,18 @@ def make_package(folder: Path, base_dir: Path, base_sha: str | None, *, seed: in
 
 
 class FakeS3:
-    """boto3's shape for the three calls the store makes; serves a folder, or fails as told."""
+    """boto3's shape for the calls the store makes; serves a folder, or fails as told."""
 
     def __init__(self, folder: Path, fail: OSError | None = None) -> None:
         self.folder, self.fail, self.downloads = folder, fail, 0
+        self.objects: dict[tuple[str, str], bytes] = {}  # other objects (published revocations)
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
+        if (Bucket, Key) not in self.objects:
+            raise ClientError({"Error": {"Code": "NoSuchKey", "Message": Key}}, "GetObject")
+        return {"Body": io.BytesIO(self.objects[(Bucket, Key)])}
 
     def get_paginator(self, _: str) -> Any:
         folder = self.folder

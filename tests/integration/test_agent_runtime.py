@@ -23,7 +23,7 @@ from edgetune_agent.metrics import AgentMetrics
 from edgetune_agent.runtime import AgentRuntime
 from edgetune_agent.server import make_app
 from edgetune_agent.settings import AgentSettings
-from edgetune_api.assignment import AdapterAssignment, dumps
+from edgetune_api.assignment import REVOCATION_PREFIX, AdapterAssignment, Revocation, dumps
 from tests.agent_support import CHANNELS, FakeS3, make_base, make_package, train
 
 pytestmark = pytest.mark.slow
@@ -219,6 +219,46 @@ def test_assignment_loop_reports_revocation_and_retries(world: dict[str, Any], t
                        "AdapterSwapped", "AdapterSwapped"]  # fmt: skip
     assert reports[-1][0].state == "Serving" and reports[-1][0].active is None
     assert reports[-1][0].desired is not None and reports[-1][0].desired.version == "base"
+    runtime.close()
+
+
+def test_a_revocation_published_in_s3_makes_the_agent_fall_back_by_itself(world: dict[str, Any],
+                                                                           tmp_path: Path) -> None:  # fmt: skip
+    """An agent the operator cannot reach still learns of a rollback: the operator publishes the
+    revocation next to the package in S3, the agent polls it for what it serves."""
+    runtime = make_runtime(world, tmp_path, revocation_poll_seconds=0.05)
+    folder, v2 = world["packages"]["v2"]
+    s3 = FakeS3(folder)
+    runtime.store._s3 = s3
+    reports: list[Any] = []
+    runtime.on_report = lambda report, event: reports.append((report, event))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        watch = asyncio.create_task(runtime.watch_revocations(stop))
+        await runtime.apply(assignment(world, "v1"), 0.0)  # a local folder: nothing to poll
+        await runtime.apply(AdapterAssignment(version="v2", uri="s3://adapters/prod/v2", sha256=v2), 0.0)
+        assert runtime.store.origins[v2] == "s3://adapters/prod/v2"
+        await asyncio.sleep(0.2)
+        assert runtime.active is not None and runtime.active.version == "v2"  # nothing published yet
+        record = Revocation(sha256=v2, version="v2", release="prod/r", reason="AnalysisFailed")
+        s3.objects[("adapters", f"{REVOCATION_PREFIX}{v2}.json")] = record.model_dump_json().encode()
+        for _ in range(100):
+            if runtime.active is not None and runtime.active.version == "v1":
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        await watch
+
+    run(scenario)
+    assert runtime.active is not None and runtime.active.version == "v1"
+    assert v2 in json.loads((tmp_path / "cache" / "revoked.json").read_text())  # sticky across restarts
+    report, event = reports[-1]
+    assert report.state == "Refused" and report.error is not None and report.error.reason == "Revoked"
+    assert "prod/r rolled it back (AnalysisFailed)" in report.error.message
+    assert event is not None and event[1] == "AdapterRevoked"
+    with pytest.raises(AdapterRefused, match="revoked"):
+        run(lambda: runtime.apply(AdapterAssignment(version="v2", uri="s3://adapters/prod/v2", sha256=v2), 0.0))
     runtime.close()
 
 

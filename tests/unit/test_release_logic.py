@@ -9,11 +9,22 @@ import pytest
 
 from edgetune_api.adapter_release import AnalysisMetric
 from edgetune_api.assignment import AdapterAssignment, AdapterReport, ReportError, ServedAdapter
-from edgetune_operator.reconcile.analysis import Measurement, TemplateError, combine, evaluate, render_query
+from edgetune_api.meta import LabelSelector
+from edgetune_operator.reconcile.analysis import (
+    Measurement,
+    TemplateError,
+    combine,
+    evaluate,
+    render_query,
+    uses,
+    worst,
+)
 from edgetune_operator.reconcile.release import (
     ReleasedAdapter,
+    RivalRelease,
     Target,
     canary_plan,
+    conflicts,
     ranks,
     rollback_plan,
     versions_by_cluster,
@@ -213,3 +224,28 @@ def test_ranks_are_deterministic_and_spread() -> None:
     assert ranks(targets, "k", waves=False) == ranks(list(reversed(targets)), "k", waves=False)
     assert sorted(ranks(targets, "k", waves=False).values()) == [0, 0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]
     assert ranks(targets, "k", waves=False) != ranks(targets, "other-release", waves=False)
+
+
+def test_per_cluster_measurements_keep_the_worst() -> None:
+    m = metric(thresholdRange={"min": 0.8})
+    assert uses('min(x{cluster="{{ cluster }}"})', "cluster") and not uses("min(x)", "cluster")
+    ok = {"a": Measurement("value", 0.95), "b": Measurement("value", 0.85)}
+    assert worst(m, ok) == Measurement("value", 0.85, "cluster b")  # nearest the edge
+    bad = {**ok, "c": Measurement("value", 0.4)}
+    assert worst(m, bad).value == 0.4 and worst(m, bad).message == "cluster c"
+    assert worst(m, {**bad, "d": Measurement("nodata")}).value == 0.4  # a failing value beats no data
+    broken = {**bad, "e": Measurement("error", message="Prometheus down")}
+    assert worst(m, broken) == Measurement("error", None, "cluster e: Prometheus down")
+    assert worst(m, {}).kind == "nodata"
+
+
+def test_a_release_may_not_take_pods_another_release_drives() -> None:
+    targets = fleet({"a": 2, "b": 2})
+    labels = {t.key: {"app": "sensor", "tier": "gold" if t.name.endswith("0") else "std"} for t in targets}
+    gold = RivalRelease("gold", "Progressing", frozenset({"a", "b"}),
+                        LabelSelector.model_validate({"matchLabels": {"tier": "gold"}}))  # fmt: skip
+    elsewhere = RivalRelease("c-only", "Paused", frozenset({"c"}),
+                             LabelSelector.model_validate({"matchLabels": {"app": "sensor"}}))  # fmt: skip
+    assert conflicts(targets, labels, [elsewhere]) is None  # other clusters: no pod shared
+    hit = conflicts(targets, labels, [elsewhere, gold])
+    assert hit is not None and hit[0].name == "gold" and hit[1] == ["a/prod/a-0", "b/prod/b-0"]

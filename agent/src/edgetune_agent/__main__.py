@@ -61,7 +61,7 @@ async def serve(settings: AgentSettings) -> None:
     log.info(json.dumps({"event": "serving", "model": settings.model_name, "base": backend.base.uri,
                          "base_sha256": backend.base.sha256, "hosts": settings.hosts, "port": settings.port,
                          "trusted_keys": len(trusted), "reporting": reporter is not None}))  # fmt: skip
-    tasks = [asyncio.create_task(runtime.run(stop))]
+    tasks = [asyncio.create_task(runtime.run(stop)), asyncio.create_task(runtime.watch_revocations(stop))]
     if reporter is not None:
         tasks.append(asyncio.create_task(reporter.run(stop)))
     await stop.wait()

@@ -26,10 +26,17 @@ from typing import Any
 import numpy as np
 
 from edgetune_api import codec
-from edgetune_api.assignment import RETRYABLE_REASONS, AdapterAssignment, key_fingerprint
+from edgetune_api.assignment import (
+    RETRYABLE_REASONS,
+    AdapterAssignment,
+    Revocation,
+    key_fingerprint,
+    revocation_location,
+)
 from edgetune_api.delta import DeltaManifest, DeltaVerificationError, read_folder, verify_package
 
 COMPLETE = ".complete"  # marker of a fully downloaded cache entry (not part of the package)
+ORIGIN = ".origin"  # the s3:// URI a cache entry came from (where its revocation would be published)
 
 
 class AdapterRefused(Exception):  # noqa: N818 - a refusal is an outcome, not a bug
@@ -117,6 +124,8 @@ class PackageStore:
         self.s3_endpoint = s3_endpoint
         self.mlflow_uri = mlflow_uri
         self._s3 = s3_client
+        self.origins: dict[str, str] = {}
+        """Package digest → the s3:// URI it was fetched from."""
         self.revoked_path = cache_dir / "revoked.json"
         self.revoked: set[str] = set()
         if self.revoked_path.exists():
@@ -139,6 +148,25 @@ class PackageStore:
             tmp.replace(self.revoked_path)
         except OSError:
             pass  # still refused in memory; persisted next time the disk allows
+
+    def published_revocation(self, sha256: str) -> Revocation | None:
+        """The revocation the operator published in S3 for this package (``revocation_location``),
+        or None: none published, the package did not come from S3, or S3 did not answer (the next
+        poll tries again; the assignment remains the primary channel)."""
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+        where = revocation_location(self.origins.get(sha256, ""), sha256)
+        if where is None:
+            return None
+        try:
+            body = self._client().get_object(Bucket=where[0], Key=where[1])["Body"].read()
+        except (ClientError, BotoCoreError, OSError):
+            return None
+        try:
+            record = Revocation.model_validate_json(body)
+        except ValueError:
+            return None
+        return record if record.sha256 == sha256 else None
 
     # -- the pipeline ----------------------------------------------------------------------------
 
@@ -195,7 +223,7 @@ class PackageStore:
             )
 
     def _verify(self, assignment: AdapterAssignment, folder: Path) -> DeltaManifest:
-        files = {name: data for name, data in read_folder(folder).items() if name != COMPLETE}
+        files = {name: data for name, data in read_folder(folder).items() if name not in (COMPLETE, ORIGIN)}
         keys: list[bytes | None] = [None]
         if self.require_signature:
             if assignment.signer is not None:
@@ -223,6 +251,9 @@ class PackageStore:
         """The package folder (cached by digest) and the bytes downloaded to get it (0: cache hit)."""
         target = self.root / assignment.sha256
         if (target / COMPLETE).exists():
+            origin = target / ORIGIN
+            if assignment.sha256 not in self.origins and origin.exists():
+                self.origins[assignment.sha256] = origin.read_text().strip()
             return target, 0
         uri = assignment.uri
         if uri.startswith(("/", "file://")):
@@ -238,6 +269,7 @@ class PackageStore:
         try:
             tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".partial-"))
             total = self._download_s3(uri, tmp)
+            (tmp / ORIGIN).write_text(uri)
             (tmp / COMPLETE).touch()
             if target.exists():
                 shutil.rmtree(target)
@@ -250,6 +282,7 @@ class PackageStore:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+        self.origins[assignment.sha256] = uri
         return target, total
 
     def _client(self) -> Any:

@@ -413,6 +413,30 @@ class AgentRuntime:
             self._publish(("Warning", "AdapterRevoked", f"version {bad.version} ({bad.sha256[:12]}) was revoked; "
                            f"serving {now} until the assignment is satisfied"))  # fmt: skip
 
+    async def watch_revocations(self, stop: asyncio.Event) -> None:
+        """Poll S3 for a published revocation of the active (and shadow) adapter: the operator
+        writes one when a release rolls back, so an agent it cannot reach falls back by itself."""
+        every = self.settings.revocation_poll_seconds
+        while every > 0 and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+            for held in [a for a in (self.active, self.shadow) if a is not None]:
+                try:
+                    record = await self.on_io(self.store.published_revocation, held.sha256)
+                except Exception:  # the watch must survive anything
+                    log.exception("revocation poll failed")
+                    continue
+                if record is None or held.sha256 in self.store.revoked:
+                    continue
+                self.store.remember_revoked([held.sha256])
+                self.metrics.swap_failures.labels(self.settings.model_name, "Revoked").inc()
+                if held is self.active:
+                    why = f"release {record.release or '?'} rolled it back ({record.reason or 'no reason given'})"
+                    message = f"version {held.version} ({held.sha256[:12]}) was revoked: {why}; seen in S3"
+                    error = ReportError(reason="Revoked", message=message, version=held.version, sha256=held.sha256)
+                    self.outcome = Outcome("Refused", error)
+                await self._drop_revoked()
+
     async def run(self, stop: asyncio.Event) -> None:
         self._publish()
         while not stop.is_set():

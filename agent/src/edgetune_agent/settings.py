@@ -36,6 +36,8 @@ class AgentSettings(BaseModel):
     assignment_file: Path | None = None
     """Downward-API file with the pod's annotations (or a file holding the assignment JSON itself)."""
     poll_seconds: float = 0.02
+    revocation_poll_seconds: Annotated[float, Field(ge=0)] = 30.0
+    """How often the agent looks in S3 for a published revocation of what it serves (0: never)."""
     cache_dir: Path = Path("/var/cache/edgetune")
     trusted_keys_dir: Path | None = None
     """Folder of Ed25519 public keys (PEM); when set, only packages signed by one of them run."""
@@ -84,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
     p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
     p.add_argument("--assignment-file", default=_env("ASSIGNMENT_FILE"))
     p.add_argument("--poll-seconds", type=float, default=float(_env("POLL_SECONDS", "0.02") or 0.02))
+    p.add_argument("--revocation-poll-seconds", type=float,
+                   default=float(_env("REVOCATION_POLL_SECONDS", "30") or 30))  # fmt: skip
     p.add_argument("--cache-dir", default=_env("CACHE_DIR", "/var/cache/edgetune"))
     p.add_argument("--trusted-keys-dir", default=_env("TRUSTED_KEYS_DIR"))
     p.add_argument("--require-signature", action="store_true", default=_env("REQUIRE_SIGNATURE") == "true")
@@ -112,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         vllm_max_lora_rank=a.vllm_max_lora_rank,
         hosts=hosts, port=a.port,
         assignment_file=Path(a.assignment_file) if a.assignment_file else None, poll_seconds=a.poll_seconds,
+        revocation_poll_seconds=a.revocation_poll_seconds,
         cache_dir=Path(a.cache_dir), trusted_keys_dir=Path(a.trusted_keys_dir) if a.trusted_keys_dir else None,
         require_signature=a.require_signature, merge=not a.no_merge, max_resident=a.max_resident,
         s3_endpoint=a.s3_endpoint or None,

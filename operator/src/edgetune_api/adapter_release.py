@@ -178,11 +178,28 @@ class AnalysisSpec(ApiModel):
     """The metrics checked by analysis steps."""
 
 
+class RevocationStore(ApiModel):
+    """Credentials for publishing revocations next to the packages (S3)."""
+
+    endpoint: Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://.+")] | None = None
+    """S3 endpoint; the operator's default (EDGETUNE_S3_ENDPOINT) when absent."""
+    credentials_secret_ref: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
+    """Secret in the release's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY allowed to
+    write `<bucket>/.edgetune/revoked/`; the operator's own credentials when absent."""
+
+
 class RollbackSpec(ApiModel):
     """What happens when analysis fails."""
 
     automatic: bool = True
-    """Roll every canary back to the stable version as soon as analysis fails."""
+    """Roll every canary back to the stable version as soon as analysis fails; when false, a failed
+    analysis pauses the release (spec.paused) for a person to abort or resume it."""
+    publish_revocation: bool = True
+    """On rollback, also write `s3://<package bucket>/.edgetune/revoked/<sha256>.json`: agents poll
+    it for the adapter they serve, so those in a cluster the operator cannot reach fall back by
+    themselves."""
+    s3: RevocationStore = nested(RevocationStore)
+    """Where and with which credentials revocations are published."""
 
 
 class PromotionSpec(ApiModel):
@@ -304,6 +321,8 @@ class AdapterReleaseStatus(ApiModel):
     """History of analysis outcomes."""
     pause_started_at: datetime | None = None
     """When the current pause step began."""
+    revocation_published_at: datetime | None = None
+    """When the rolled-back package's revocation was written to S3 (spec.rollback.publishRevocation)."""
 
 
 class AdapterRelease(ApiModel):

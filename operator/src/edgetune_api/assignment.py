@@ -4,6 +4,9 @@
   (``AdapterAssignment``). The agent reads it through a downward-API volume (the kubelet refreshes
   the file when the annotation changes), so learning what to run needs no apiserver access and
   keeps working while the hub is unreachable.
+- When a release rolls an adapter back, the operator also publishes a ``Revocation`` object in
+  the package's bucket (``revocation_location``); agents poll it for the adapter they serve, so
+  an agent in a cluster the operator cannot reach falls back by itself.
 - The agent reports what it actually serves as JSON in ``edgetune.io/adapter-status``
   (``AdapterReport``) and as the pod condition ``edgetune.io/AdapterReady``, which a pod lists
   in ``spec.readinessGates`` so that a new pod takes traffic only once its adapter is loaded.
@@ -235,3 +238,35 @@ def format_downward_map(values: dict[str, str]) -> str:
 def dumps(model: ApiModel) -> str:
     """Compact wire JSON of a protocol object (what goes into the annotation)."""
     return json.dumps(model.to_wire(), separators=(",", ":"), sort_keys=True)
+
+
+REVOCATION_PREFIX = ".edgetune/revoked/"
+"""Where published revocations live in a package's bucket: ``<prefix><sha256>.json``."""
+
+
+class Revocation(ApiModel):
+    """A rolled-back package, published in S3 by the operator (``revocation_location``).
+
+    Not signed, on purpose: a revocation can only take an adapter out of service (agents fall back
+    to an adapter they already hold or the base), never put one in; whoever can write the bucket
+    could already delete the package itself."""
+
+    sha256: Sha256
+    """The revoked package digest."""
+    version: Text = ""
+    """Its registry version."""
+    release: Text = ""
+    """``namespace/name`` of the AdapterRelease that rolled it back."""
+    reason: Text = ""
+    """Why (AnalysisFailed, AgentsRefused, ProgressDeadlineExceeded, Aborted …)."""
+    revoked_at: Text = ""
+    """RFC 3339 time of the rollback."""
+
+
+def revocation_location(package_uri: str, sha256: str) -> tuple[str, str] | None:
+    """(bucket, key) of the revocation object for a package stored at an ``s3://`` URI; None for
+    packages elsewhere (local folders, unresolved ``models:/`` URIs)."""
+    if not package_uri.startswith("s3://") or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        return None
+    bucket = package_uri[len("s3://") :].split("/", 1)[0]
+    return (bucket, f"{REVOCATION_PREFIX}{sha256}.json") if bucket else None

@@ -63,7 +63,9 @@ def build_runtime(settings: Settings, local: Kube) -> None:
     mlflow = Mlflow(settings.mlflow_tracking_uri) if settings.mlflow_tracking_uri else None
     RUNTIME.jobs = TrainingJobController(settings, RUNTIME.clusters, s3_factory=_s3_factory, mlflow=mlflow)
     prometheus = Prometheus(settings.prometheus_url) if settings.prometheus_url else None
-    RUNTIME.releases = ReleaseController(settings, RUNTIME.clusters, mlflow=mlflow, prometheus=prometheus)
+    RUNTIME.releases = ReleaseController(
+        settings, RUNTIME.clusters, mlflow=mlflow, prometheus=prometheus, s3_factory=_s3_factory
+    )
 
 
 @kopf.on.startup()
@@ -150,6 +152,13 @@ def release_changed(body: kopf.Body, **_: Any) -> None:
     """Steps, analysis intervals and agents' confirmations are followed by the release resync loop
     (``ReleaseController.resync_loop``); a spec change (paused, promote, abort) acts at once."""
     RUNTIME.releases.reconcile(dict(body))
+
+
+@kopf.on.delete(*RELEASE, optional=True)
+def release_deleted(body: kopf.Body, **_: Any) -> None:
+    """No finalizer: a deleted release leaves its pods' assignments as they are (an agent keeps
+    serving what it runs); only its metric series go."""
+    RUNTIME.releases.forget(dict(body))
 
 
 # -- EdgeCluster ----------------------------------------------------------------------------------

@@ -59,3 +59,8 @@ def fetch_and_verify(
     ``DeltaVerificationError`` with the failing file or check named."""
     files = fetch_package(client, uri)
     return verify_package(files, public_key_pem, expected_digest=expected_digest), files
+
+
+def put_json(client: Any, bucket: str, key: str, body: bytes) -> None:
+    """One small JSON object (a published revocation)."""
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")

@@ -16,29 +16,43 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from edgetune_api.adapter_release import (
     AdapterReleaseSpec,
     AdapterReleaseStatus,
+    AnalysisMetric,
     AnalysisRun,
     ResolvedAdapter,
 )
-from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, REPORT_ANNOTATION, AdapterReport, dumps, parse_assignment
+from edgetune_api.assignment import (
+    ASSIGNMENT_ANNOTATION,
+    REPORT_ANNOTATION,
+    AdapterReport,
+    Revocation,
+    dumps,
+    parse_assignment,
+    revocation_location,
+)
 from edgetune_api.meta import parse_duration
 from edgetune_operator import metrics
+from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS, KubeError, UnreachableError
 from edgetune_operator.clients.mlflow import DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters, ClusterUnavailableError
 from edgetune_operator.controllers.locks import PerObjectLocks
+from edgetune_operator.controllers.secrets import ConfigurationError, s3_credentials
 from edgetune_operator.reconcile import analysis
 from edgetune_operator.reconcile.release import (
     ReleasedAdapter,
+    RivalRelease,
     StepPlan,
     Target,
     canary_plan,
+    conflicts,
     rollback_plan,
     versions_by_cluster,
     versions_served,
@@ -61,14 +75,17 @@ class ResolveError(RuntimeError):
 
 class ReleaseController:
     def __init__(self, settings: Settings, clusters: Clusters, *, mlflow: Mlflow | None,
-                 prometheus: Prometheus | None) -> None:  # fmt: skip
+                 prometheus: Prometheus | None,
+                 s3_factory: Callable[[str | None, dict[str, str]], Any] | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.clusters = clusters
         self.hub = clusters.local
         self.mlflow = mlflow
         self.prometheus = prometheus
+        self.s3_factory = s3_factory
         self._locks = PerObjectLocks()
         self._phases: dict[str, str] = {}
+        self._versions: dict[str, set[str]] = {}
         self.stop = threading.Event()
 
     def resync_loop(self) -> None:
@@ -125,11 +142,25 @@ class ReleaseController:
         if status != old:
             self.hub.replace_status(ADAPTER_RELEASES, name, namespace, status.to_wire())
         self._phases[meta["uid"]] = status.phase or "Pending"
-        for phase, count in Counter(self._phases.values()).items():
-            metrics.RELEASES_BY_PHASE.labels(phase).set(count)
-        for version, count in status.targets_by_version.items():
-            metrics.RELEASE_TARGETS.labels(f"{namespace}/{name}", version).set(count)
+        self._publish_metrics(f"{namespace}/{name}", status.targets_by_version)
         return status
+
+    def forget(self, body: dict[str, Any]) -> None:
+        """A deleted release leaves no series behind."""
+        meta = body["metadata"]
+        self._phases.pop(meta["uid"], None)
+        self._publish_metrics(f"{meta['namespace']}/{meta['name']}", {})
+
+    def _publish_metrics(self, release: str, by_version: dict[str, int]) -> None:
+        counts = Counter(self._phases.values())
+        for phase in ("Pending", "Progressing", "Paused", "Analyzing", "RollingBack", *FINAL):
+            metrics.RELEASES_BY_PHASE.labels(phase).set(counts.get(phase, 0))
+        for gone in self._versions.pop(release, set()) - set(by_version):
+            metrics.RELEASE_TARGETS.remove(release, gone)
+        for version, count in by_version.items():
+            metrics.RELEASE_TARGETS.labels(release, version).set(count)
+        if by_version:
+            self._versions[release] = set(by_version)
 
 
 class _Context:
@@ -141,6 +172,8 @@ class _Context:
         self.generation, self.release = generation, release
         self.namespace = body["metadata"]["namespace"]
         self.now = datetime.now(UTC).replace(microsecond=0)
+        self.labels: dict[str, dict[str, str]] = {}
+        self.clusters_seen: list[str] = []
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -159,19 +192,32 @@ class _Context:
 
     # -- the state machine -----------------------------------------------------------------------
 
+    def start(self) -> bool:
+        """Before the first write: refuse pods another release drives, resolve the adapters.
+        False when the release cannot start (now or ever)."""
+        s = self.status
+        rival = self.rival()
+        if rival is not None:
+            s.phase = "Failed"
+            self.condition("Progressing", False, "TargetsInUse", rival)
+            self.event("TargetsInUse", rival, warning=True)
+            return False
+        try:
+            self.resolve()
+        except ResolveError as exc:
+            s.phase = "Failed"
+            self.condition("Resolved", False, exc.reason, str(exc))
+            self.event(exc.reason, str(exc), warning=True)
+            return False
+        except (MlflowUnavailableError, ConnectionError) as exc:
+            self.condition("Resolved", False, "RegistryUnavailable", str(exc))
+            return False
+        return True
+
     def run(self) -> None:
         s = self.status
-        if s.canary is None:
-            try:
-                self.resolve()
-            except ResolveError as exc:
-                s.phase = "Failed"
-                self.condition("Resolved", False, exc.reason, str(exc))
-                self.event(exc.reason, str(exc), warning=True)
-                return
-            except (MlflowUnavailableError, ConnectionError) as exc:
-                self.condition("Resolved", False, "RegistryUnavailable", str(exc))
-                return
+        if s.canary is None and not self.start():
+            return
         targets, unreachable = self.targets()
         self.observe(targets)
         if unreachable:
@@ -252,6 +298,7 @@ class _Context:
         labels = dict(selector.match_labels or {})
         targets: list[Target] = []
         unreachable: list[str] = []
+        self.labels = {}
         for cluster in self.ctl.clusters.select(self.spec.targets.cluster_selector):
             try:
                 kube = self.ctl.clusters.get(cluster)
@@ -275,11 +322,49 @@ class _Context:
                     report = AdapterReport.model_validate_json(raw) if raw else None
                 except ValueError:
                     report = None
-                targets.append(Target(cluster, meta["namespace"], meta["name"], meta["uid"], assignment, report))
+                target = Target(cluster, meta["namespace"], meta["name"], meta["uid"], assignment, report)
+                targets.append(target)
+                self.labels[target.key] = dict(meta.get("labels") or {})
         return targets, unreachable
+
+    def rival(self) -> str | None:
+        """Why this release may not start: another unfinished release in the namespace that started
+        (or was created) before it selects some of the same pods. None when it may start."""
+        mine = self.body["metadata"]
+        rivals: list[RivalRelease] = []
+        for other in self.ctl.hub.list(ADAPTER_RELEASES, self.namespace):
+            meta, status = other["metadata"], other.get("status") or {}
+            if meta["uid"] == mine["uid"]:
+                continue
+            if status.get("phase") in FINAL and status.get("observedGeneration") == meta.get("generation"):
+                continue
+            started = status.get("canary") is not None
+            earlier = (meta.get("creationTimestamp", ""), meta["name"]) < (mine.get("creationTimestamp", ""),
+                                                                            mine["name"])  # fmt: skip
+            if not (started or earlier):
+                continue  # this one came first: the other one yields
+            try:
+                spec = AdapterReleaseSpec.model_validate(other["spec"])
+            except ValueError:
+                continue
+            clusters = frozenset(self.ctl.clusters.select(spec.targets.cluster_selector))
+            rivals.append(RivalRelease(meta["name"], status.get("phase") or "Pending", clusters,
+                                       spec.targets.workload_selector))  # fmt: skip
+        if not rivals:
+            return None
+        targets, _ = self.targets()
+        hit = conflicts(targets, self.labels, rivals)
+        if hit is None:
+            return None
+        rival, keys = hit
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        return (f"{len(keys)} target pods ({shown}) belong to AdapterRelease {rival.name} ({rival.phase}), which "
+                f"has not ended; two releases never drive the same pods. Wait for it to end (or abort it), then "
+                f"change this release's spec to start it again")  # fmt: skip
 
     def observe(self, targets: list[Target]) -> None:
         s = self.status
+        self.clusters_seen = sorted({t.cluster for t in targets})
         s.targets_total = len(targets)
         s.targets_by_version = versions_served(targets)
         s.targets_by_cluster = versions_by_cluster(targets)
@@ -407,31 +492,7 @@ class _Context:
             if run is None:  # first time at this step, or measuring again after an inconclusive run
                 run = AnalysisRun(step=index, metric=metric.name, phase="Running", started_at=self.now)
                 s.analysis_runs = [*s.analysis_runs, run][-MAX_RUNS:]
-            interval = parse_duration(metric.interval)
-            # The first measurement comes one interval after the analysis starts (the agents' new
-            # series need a scrape or two to reach Prometheus), then every interval.
-            since = run.last_measured_at or run.started_at or self.now
-            due = (self.now - since).total_seconds() >= interval - 0.5
-            error: list[analysis.Measurement] = []
-            if due and run.measured < metric.count:
-                m = self.measure(metric.query, variables)
-                run.measured += 1
-                run.last_measured_at = self.now
-                metrics.ANALYSIS_MEASUREMENTS.labels(metric.name, m.kind).inc()
-                if m.kind == "value" and m.value is not None:
-                    run.values = [*run.values, m.value][-100:]
-                elif m.kind == "nodata":
-                    run.no_data += 1
-                else:
-                    error.append(m)
-            measured = [analysis.Measurement("value", v) for v in run.values] + [
-                analysis.Measurement("nodata")
-            ] * run.no_data
-            verdict = analysis.evaluate(metric, measured + error)
-            run.phase, run.failures, run.message = verdict.phase, verdict.failures, verdict.message[:4000]
-            if verdict.phase != "Running":
-                run.finished_at = self.now
-            verdicts.append(verdict)
+            verdicts.append(self.measure_due(run, metric, variables))
         overall = analysis.combine(verdicts)
         if overall.phase == "Running":
             self.condition("Analyzing", True, "Measuring", overall.message[:2000])
@@ -441,7 +502,14 @@ class _Context:
             return overall.message
         if overall.phase == "Failed":
             self.condition("Analyzing", False, "Failed", overall.message[:2000])
-            self.start_rollback("AnalysisFailed", overall.message)
+            if self.spec.rollback.automatic:
+                self.start_rollback("AnalysisFailed", overall.message)
+                return None
+            s.phase = "Paused"
+            self.condition("Paused", True, "AnalysisFailed", f"{overall.message[:1500]}; rollback.automatic is false: "
+                           "set spec.abort to roll back, or spec.paused to false to measure again")  # fmt: skip
+            self.event("AnalysisFailed", overall.message, warning=True)
+            self.set_paused()
             return None
         s.phase = "Paused"
         self.condition("Analyzing", False, "Inconclusive", overall.message[:2000])
@@ -450,6 +518,38 @@ class _Context:
         self.event("AnalysisInconclusive", overall.message, warning=True)
         self.set_paused()
         return None
+
+    def measure_due(self, run: AnalysisRun, metric: AnalysisMetric,
+                    variables: dict[str, str]) -> analysis.MetricVerdict:  # fmt: skip
+        """Take the measurement of ``metric`` that is due (if one is) and judge what ``run`` holds."""
+        interval = parse_duration(metric.interval)
+        # The first measurement comes one interval after the analysis starts (the agents' new
+        # series need a scrape or two to reach Prometheus), then every interval.
+        since = run.last_measured_at or run.started_at or self.now
+        due = (self.now - since).total_seconds() >= interval - 0.5
+        error: list[analysis.Measurement] = []
+        if due and run.measured < metric.count:
+            if analysis.uses(metric.query, "cluster"):  # once per cluster; the worst one counts
+                m = analysis.worst(metric, {c: self.measure(metric.query, {**variables, "cluster": c})
+                                            for c in self.clusters_seen})  # fmt: skip
+            else:
+                m = self.measure(metric.query, variables)
+            run.measured += 1
+            run.last_measured_at = self.now
+            metrics.ANALYSIS_MEASUREMENTS.labels(metric.name, m.kind).inc()
+            if m.kind == "value" and m.value is not None:
+                run.values = [*run.values, m.value][-100:]
+            elif m.kind == "nodata":
+                run.no_data += 1
+            else:
+                error.append(m)
+        measured = [analysis.Measurement("value", v) for v in run.values]
+        measured += [analysis.Measurement("nodata")] * run.no_data
+        verdict = analysis.evaluate(metric, measured + error)
+        run.phase, run.failures, run.message = verdict.phase, verdict.failures, verdict.message[:4000]
+        if verdict.phase != "Running":
+            run.finished_at = self.now
+        return verdict
 
     def measure(self, query: str, variables: dict[str, str]) -> analysis.Measurement:
         if self.ctl.prometheus is None:
@@ -480,10 +580,15 @@ class _Context:
         canary, stable = self.adapters()
         plan = rollback_plan(targets, canary=canary, stable=stable, release=self.release)
         self.write(plan)
-        if plan.confirmed < plan.wanted or unreachable:
-            return
         started = next((c for c in s.conditions if c.type == "RolledBack"), None)
         reason = started.reason if started else "AnalysisFailed"
+        self.publish_revocation(reason)
+        if plan.confirmed < plan.wanted or unreachable:
+            where = f"; {', '.join(unreachable)} cannot be reached (rolled back as soon as it answers)" \
+                if unreachable else ""  # fmt: skip
+            self.condition("Progressing", True, "RollingBack", f"{plan.confirmed} of {plan.wanted} targets confirm "
+                           f"{s.stable_version} again{where}")  # fmt: skip
+            return
         if started is not None:
             metrics.ROLLBACK_SECONDS.observe((self.now - started.last_transition_time).total_seconds())
         s.phase = "Aborted" if reason == "Aborted" else "RolledBack"
@@ -498,6 +603,37 @@ class _Context:
                                              "edgetune.reason": reason})  # fmt: skip
             except (MlflowError, MlflowUnavailableError, ConnectionError) as exc:
                 log.warning("tagging the rolled-back version failed: %s", exc)
+
+    def publish_revocation(self, reason: str) -> None:
+        """Write the rolled-back package's revocation next to it in S3 (once), for the agents the
+        operator cannot reach: they poll it for what they serve and fall back by themselves."""
+        s, opts = self.status, self.spec.rollback
+        if not opts.publish_revocation or s.revocation_published_at is not None or s.canary is None:
+            return
+        where = revocation_location(s.canary.uri, s.canary.sha256)
+        if where is None:
+            self.condition("RevocationPublished", False, "PackageNotInS3", f"{s.canary.uri} is not an s3:// URI: "
+                           "agents learn of the rollback from their assignment only")  # fmt: skip
+            return
+        bucket, key = where
+        record = Revocation(sha256=s.canary.sha256, version=s.canary.version, release=self.release, reason=reason,
+                            revoked_at=self.now.isoformat().replace("+00:00", "Z"))  # fmt: skip
+        try:
+            if self.ctl.s3_factory is None:
+                raise ConfigurationError("the operator has no S3 client")  # noqa: TRY301 - reported like the rest
+            creds = s3_credentials(self.ctl.hub, self.namespace, opts.s3.credentials_secret_ref)
+            client = self.ctl.s3_factory(opts.s3.endpoint or self.ctl.settings.s3_endpoint, creds)
+            object_store.put_json(client, bucket, key, record.model_dump_json(by_alias=True).encode())
+        except Exception as exc:  # botocore's errors, a missing Secret: all reported the same way
+            message = f"writing s3://{bucket}/{key} failed (retried every reconcile): {type(exc).__name__}: {exc}"
+            first = not any(c.type == "RevocationPublished" and c.reason == "PublishFailed" for c in s.conditions)
+            self.condition("RevocationPublished", False, "PublishFailed", message[:2000])
+            if first:
+                self.event("RevocationNotPublished", message[:1000], warning=True)
+            return
+        s.revocation_published_at = self.now
+        self.condition("RevocationPublished", True, "Published", f"s3://{bucket}/{key}: agents that poll it stop "
+                       f"serving version {s.canary.version} even where the operator cannot reach them")  # fmt: skip
 
     def promote(self) -> None:
         s = self.status

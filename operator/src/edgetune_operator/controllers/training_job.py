@@ -6,7 +6,6 @@ event, the resync timer); it converges on the same state. Calls for one job are 
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 import threading
@@ -37,6 +36,7 @@ from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavaila
 from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
 from edgetune_operator.controllers.locks import PerObjectLocks
+from edgetune_operator.controllers.secrets import ConfigurationError, s3_credentials, secret_value
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
@@ -58,11 +58,6 @@ log = logging.getLogger("edgetune.training")
 
 class RetryableError(RuntimeError):
     """S3 or MLflow is unavailable: nothing is lost, the next reconcile retries."""
-
-
-class ConfigurationError(RuntimeError):
-    """Something the job names is missing or refused (a Secret, the bucket, MLflow's configuration):
-    reported on the job; retried, since a person may create it."""
 
 
 RETRYABLE = (UnreachableError, MlflowUnavailableError, ConnectionError, TimeoutError, RetryableError)
@@ -330,17 +325,8 @@ class TrainingJobController:
 
     # -- results ---------------------------------------------------------------------------------
 
-    def _secret_value(self, namespace: str, name: str, key: str) -> bytes:
-        secret = self.hub.get_or_none(SECRETS, name, namespace)
-        if secret is None or key not in (secret.get("data") or {}):
-            raise ConfigurationError(f"Secret {namespace}/{name} (key {key}) does not exist")
-        return base64.b64decode(secret["data"][key])
-
     def _s3(self, spec: EdgeTrainingJobSpec, namespace: str) -> Any:
-        creds: dict[str, str] = {}
-        if spec.output.s3.credentials_secret_ref:
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                creds[key] = self._secret_value(namespace, spec.output.s3.credentials_secret_ref, key).decode()
+        creds = s3_credentials(self.hub, namespace, spec.output.s3.credentials_secret_ref)
         return self.s3_factory(spec.output.s3.endpoint or self.settings.s3_endpoint, creds)
 
     def _keys(self, spec: EdgeTrainingJobSpec, namespace: str) -> tuple[bytes | None, bytes | None]:
@@ -350,7 +336,7 @@ class TrainingJobController:
             return None, None
         from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
 
-        private = self._secret_value(namespace, ref.name, ref.key)
+        private = secret_value(self.hub, namespace, ref.name, ref.key)
         key = serialization.load_pem_private_key(private, password=None)
         public = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

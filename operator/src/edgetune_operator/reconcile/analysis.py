@@ -50,11 +50,41 @@ def render_query(query: str, variables: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(replace, query)
 
 
+def uses(query: str, name: str) -> bool:
+    """Whether ``query`` has the placeholder ``{{name}}``."""
+    return any(m.group(1) == name for m in _PLACEHOLDER.finditer(query))
+
+
 @dataclass(frozen=True)
 class Measurement:
     kind: Kind
     value: float | None = None
     message: str = ""
+
+
+def worst(metric: AnalysisMetric, by_cluster: dict[str, Measurement]) -> Measurement:
+    """One measurement from a query run once per cluster (``{{cluster}}``): the worst of them, so
+    a canary that is bad on one site fails even when the fleet average looks fine. Worst first:
+    an error, a value outside the range, no data, then the value nearest the range's edge."""
+    if not by_cluster:
+        return Measurement("nodata", message="no cluster to measure")
+
+    def rank(item: tuple[str, Measurement]) -> tuple[int, float]:
+        _, m = item
+        if m.kind == "error":
+            return 0, 0.0
+        if m.kind == "nodata":
+            return 2, 0.0
+        value = m.value if m.value is not None else math.nan
+        if not passes(metric, value):
+            return 1, 0.0
+        bounds = metric.threshold_range
+        margins = [value - bounds.min] if bounds.min is not None else []
+        margins += [bounds.max - value] if bounds.max is not None else []
+        return 3, min(margins)
+
+    cluster, m = min(sorted(by_cluster.items()), key=rank)
+    return Measurement(m.kind, m.value, f"cluster {cluster}: {m.message}" if m.message else f"cluster {cluster}")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from edgetune_api.assignment import AdapterAssignment, AdapterReport, ReportError
 from edgetune_api.delta import Encoding
+from edgetune_api.meta import LabelSelector
 
 
 @dataclass(frozen=True)
@@ -191,3 +192,25 @@ def versions_by_cluster(targets: list[Target]) -> dict[str, dict[str, int]]:
     for t in targets:
         clusters.setdefault(t.cluster, []).append(t)
     return {cluster: versions_served(members) for cluster, members in sorted(clusters.items())}
+
+
+@dataclass(frozen=True)
+class RivalRelease:
+    """Another unfinished release in the namespace that has precedence (started or created first)."""
+
+    name: str
+    phase: str
+    clusters: frozenset[str]
+    selector: LabelSelector
+
+
+def conflicts(targets: list[Target], labels: dict[str, dict[str, str]],
+              rivals: list[RivalRelease]) -> tuple[RivalRelease, list[str]] | None:  # fmt: skip
+    """The first rival that selects some of ``targets`` (by cluster and pod labels), with the keys
+    of the shared pods; None when no pod is shared."""
+    for rival in rivals:
+        shared = [t.key for t in targets
+                  if t.cluster in rival.clusters and rival.selector.matches(labels.get(t.key, {}))]  # fmt: skip
+        if shared:
+            return rival, sorted(shared)
+    return None
