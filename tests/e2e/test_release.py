@@ -9,8 +9,12 @@ adapter passes; a package of random weights fails and is rolled back everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import subprocess
+import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -25,6 +29,7 @@ from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.operator_proc import OperatorProcess
+from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.agent_support import BASE_HOST_PATH, agent_pod, keypair, make_base, make_package, train, upload
 from tests.support import eventually
@@ -47,6 +52,31 @@ class World:
         self.edges: dict[str, Any] = {}
         self.versions: dict[str, dict[str, str]] = {}
         self.mlflow_url = ""
+        self.tmp = Path()
+        self.base_sha = ""
+        self.private = Path()
+        self.s3: Any = None
+        self.prometheus: Any = None
+        self.fleet: dict[str, ControlPlane] = {}
+
+    def register(self, name: str, *, quality: float, scale: float = 0.05) -> dict[str, str]:
+        """A new signed package (random small weights), uploaded and registered as a new version,
+        with the test's quality metric for it pushed to Prometheus (the analysis input that the
+        test controls: 1 passes, 0 fails)."""
+        sha = make_package(self.tmp / name, self.tmp / "base", self.base_sha, seed=len(self.versions) + 100,
+                           scale=scale, key=self.private)  # fmt: skip
+        uri = upload(self.s3, self.tmp / name, BUCKET, f"{self.ns}/{name}")
+        version = mlflow(self.mlflow_url, "POST", "model-versions/create", {
+            "name": self.model, "source": uri, "tags": [{"key": "edgetune.delta_sha256", "value": sha}]})  # fmt: skip
+        number = version["model_version"]["version"]
+        self.prometheus.push("release-quality", f'edgetune_test_release_quality{{namespace="{self.ns}",'
+                             f'version="{number}"}} {quality}\n', namespace=self.ns, version=number)  # fmt: skip
+        self.versions[name] = {"version": number, "sha": sha}
+        return self.versions[name]
+
+    def champion(self) -> str:
+        alias = mlflow(self.mlflow_url, "GET", f"registered-models/alias?name={self.model}&alias=champion")
+        return str(alias["model_version"]["version"])
 
     def releases(self) -> Any:
         return k8s.CustomObjectsApi(self.hub_api)
@@ -87,6 +117,7 @@ def world(operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[st
     w.mlflow_url = mlflow_server.url
     w.hub = hub_crds
     w.hub_api = hub_crds.api_client()
+    w.tmp, w.s3, w.prometheus, w.fleet = tmp, s3.client(), prometheus, fleet
     executors = {"edge-a": edge_a_executor, "edge-b": edge_b_executor}
     helm = binaries.binary(binaries.HELM, "helm")
     manifests = subprocess.run([str(helm), "template", "edgetune", str(REPO / "charts/edgetune"), "--show-only",
@@ -96,6 +127,7 @@ def world(operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[st
     private, public = keypair(tmp / "keys", "signer")
     # Adapters: one trained on the sites' data (good), one of random weights (bad); both signed.
     base_sha = make_base(tmp / "base", seed=0)
+    w.private, w.base_sha = private, base_sha
     good = train(tmp / "good", tmp / "base", base_sha, data_seed=4, gain=1.0, key=private, steps=60)
     bad_sha = make_package(tmp / "bad", tmp / "base", base_sha, seed=9, scale=25.0, key=private)
     third = train(tmp / "third", tmp / "base", base_sha, data_seed=5, gain=1.0, key=private, steps=60)
@@ -124,15 +156,15 @@ def world(operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[st
         for i in range(2):
             pod = agent_pod(f"agent-{i}", node=node, base_sha=base_sha, keys_configmap="signers", s3_env=s3_env)
             container = pod["spec"]["containers"][0]
-            container["args"] += ["--eval-data-dir=/data/eval", "--eval-format=npy"]
+            container["args"] += ["--eval-data-dir=/data/eval", "--eval-format=npy", "--revocation-poll-seconds=1"]
             container["volumeMounts"].append({"name": "eval", "mountPath": "/data/eval", "readOnly": True})
             pod["spec"]["volumes"].append({"name": "eval", "hostPath": {"path": EVAL_HOST_PATH, "type": "Directory"}})
             core.create_namespaced_pod(w.ns, pod)
     for cluster, core in w.edges.items():
         for i in range(2):
-            pod = eventually(lambda c=core, n=f"agent-{i}": running(c, n, w.ns), timeout=120,
-                             what=f"{cluster} agent-{i} running")  # fmt: skip
-            prometheus.add_target(f"agents-{w.ns}", f"{pod.status.pod_ip}:8080", namespace=w.ns, cluster=cluster)
+            up = eventually(lambda c=core, n=f"agent-{i}": running(c, n, w.ns), timeout=120,
+                            what=f"{cluster} agent-{i} running")  # fmt: skip
+            prometheus.add_target(f"agents-{w.ns}", f"{up.status.pod_ip}:8080", namespace=w.ns, cluster=cluster)
     eventually(lambda: len([r for r in w.reports().values() if r is not None]) == 4, timeout=120,
                what="all four agents reporting")  # fmt: skip
     yield w
@@ -264,3 +296,231 @@ def test_no_data_pauses_the_release_until_a_person_resumes_it(world: World) -> N
     assert set(w.serving().values()) == {w.versions["third"]["version"]}
     phases = [r["phase"] for r in s["analysisRuns"]]
     assert "Inconclusive" in phases and phases[-1] == "Successful"
+
+
+# -- control by a person, guard rails, and faults -------------------------------------------------
+
+QUALITY = {"metrics": [{
+    "name": "quality", "interval": "1s", "count": 2, "failureLimit": 0, "noData": "inconclusive",
+    "query": 'min(edgetune_test_release_quality{namespace="{{namespace}}",version="{{version}}"})',
+    "thresholdRange": {"min": 0.5},
+}]}  # fmt: skip
+
+
+def steps(*items: dict[str, Any], deadline: str = "2m", waves: bool = False) -> dict[str, Any]:
+    return {"canary": {"maxUnavailable": 4, "progressDeadline": deadline, "waves": waves, "steps": list(items)}}
+
+
+def patch(w: World, name: str, spec: dict[str, Any]) -> None:
+    w.releases().patch_namespaced_custom_object(GROUP, VERSION, w.ns, "adapterreleases", name, {"spec": spec})
+
+
+def conditions(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in s.get("conditions") or []}
+
+
+def revocation(w: World, sha: str) -> dict[str, Any] | None:
+    try:
+        body = w.s3.get_object(Bucket=BUCKET, Key=f".edgetune/revoked/{sha}.json")["Body"].read()
+    except w.s3.exceptions.NoSuchKey:
+        return None
+    return dict(json.loads(body))
+
+
+def test_waves_go_cluster_by_cluster_a_second_release_is_refused_and_abort_takes_all_back(world: World) -> None:
+    w = world
+    stable = w.champion()
+    canary = w.register("waves", quality=1.0)
+    create(w, "waves", canary["version"], analysis=QUALITY,
+           strategy=steps({"setWeight": 50}, {"pause": {}}, {"setWeight": 100}, waves=True))  # fmt: skip
+    s = wait_phase(w, "waves", "Paused", "Failed", "RolledBack", timeout=120)
+    assert s["phase"] == "Paused" and s["currentStep"] == 1, json.dumps(s, indent=1)[:3000]
+    # Waves: the first cluster entirely, the second not at all.
+    assert s["targetsByCluster"] == {"edge-a": {canary["version"]: 2}, "edge-b": {stable: 2}}
+    assert conditions(s)["Paused"]["reason"] == "PauseStep"
+    # Another release of the same pods while this one holds them: refused, nothing written.
+    other = w.register("other", quality=1.0)
+    create(w, "other", other["version"], analysis=QUALITY, strategy=steps({"setWeight": 100}))
+    refused = wait_phase(w, "other", "Failed", "Progressing", "Promoted", timeout=60)
+    progressing = conditions(refused)["Progressing"]
+    assert refused["phase"] == "Failed" and progressing["reason"] == "TargetsInUse", json.dumps(refused)[:2000]
+    assert "AdapterRelease waves (Paused)" in progressing["message"] and "4 target pods" in progressing["message"]
+    assert other["version"] not in w.serving().values()
+    # Abort: everyone back on the stable version at once, the canary revoked, in S3 too.
+    patch(w, "waves", {"abort": True})
+    s = wait_phase(w, "waves", "Aborted", timeout=120)
+    assert set(w.serving().values()) == {stable}
+    assert conditions(s)["RolledBack"]["reason"] == "Aborted"
+    assert w.champion() == stable
+    published = revocation(w, canary["sha"])
+    assert published is not None and published["release"] == f"{w.ns}/waves" and published["reason"] == "Aborted"
+    assert conditions(s)["RevocationPublished"]["status"] == "True"
+
+
+def test_promote_skips_the_remaining_steps(world: World) -> None:
+    w = world
+    canary = w.register("promote", quality=1.0)
+    create(w, "promote", canary["version"], analysis=QUALITY,
+           strategy=steps({"setWeight": 50}, {"pause": {}}, {"analysis": {}}, {"setWeight": 75}))  # fmt: skip
+    s = wait_phase(w, "promote", "Paused", timeout=120)
+    assert s["canaryWeight"] == 50
+    patch(w, "promote", {"promote": True})
+    s = wait_phase(w, "promote", "Promoted", "RolledBack", timeout=120)
+    assert s["phase"] == "Promoted" and set(w.serving().values()) == {canary["version"]}
+    assert not [r for r in s.get("analysisRuns") or [] if r["step"] == 2]  # skipped
+    assert w.champion() == canary["version"]
+
+
+def test_an_agent_that_never_confirms_hits_the_deadline_and_the_release_rolls_back(world: World) -> None:
+    w = world
+    stable = w.champion()
+    core = w.edges["edge-a"]
+    silent = {"apiVersion": "v1", "kind": "Pod",
+              "metadata": {"name": "silent", "labels": {"app": "sensor-model"}},
+              "spec": {"nodeName": NODES["edge-a"], "tolerations": [{"operator": "Exists"}],
+                       "containers": [{"name": "agent", "image": "edgetune/agent:never-starts"}]}}  # fmt: skip
+    core.create_namespaced_pod(w.ns, silent)
+    try:
+        canary = w.register("deadline", quality=1.0)
+        create(w, "deadline", canary["version"], strategy=steps({"setWeight": 100}, deadline="8s"))
+        s = wait_phase(w, "deadline", "RolledBack", "Promoted", "Failed", timeout=120)
+        cond = conditions(s)
+        assert s["phase"] == "RolledBack" and cond["RolledBack"]["reason"] == "ProgressDeadlineExceeded", s
+        assert "3 of 5 targets" not in cond["RolledBack"]["message"]  # (the message gives the share confirming)
+        # The silent pod cannot confirm the rollback either: named, not waited for forever.
+        assert cond["Degraded"]["status"] == "True" and f"edge-a/{w.ns}/silent" in cond["Degraded"]["message"]
+        serving = w.serving()
+        assert {v for k, v in serving.items() if not k.endswith("/silent")} == {stable}
+    finally:
+        core.delete_namespaced_pod("silent", w.ns, grace_period_seconds=0)
+        eventually(lambda: "edge-a/silent" not in w.serving(), timeout=60, what="silent pod gone")
+
+
+def test_prometheus_down_pauses_the_analysis_and_it_resumes_once_back(world: World) -> None:
+    w = world
+    canary = w.register("prom-down", quality=1.0)
+    with w.prometheus.outage():
+        create(w, "prom-down", canary["version"], analysis=QUALITY,
+               strategy=steps({"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}))  # fmt: skip
+        s = wait_phase(w, "prom-down", "Paused", "Promoted", "RolledBack", timeout=120)
+    paused = conditions(s)["Paused"]
+    assert s["phase"] == "Paused" and paused["reason"] == "AnalysisInconclusive", json.dumps(s)[:2000]
+    assert "could not be taken" in paused["message"] and "Prometheus" in paused["message"]
+    eventually(lambda: w.prometheus.query(f'edgetune_test_release_quality{{version="{canary["version"]}"}}'),
+               timeout=60, what="Prometheus has the data again")  # fmt: skip
+    patch(w, "prom-down", {"paused": False})
+    s = wait_phase(w, "prom-down", "Promoted", "RolledBack", timeout=120)
+    assert s["phase"] == "Promoted", json.dumps(s)[:2000]
+    assert [r["phase"] for r in s["analysisRuns"]] == ["Inconclusive", "Successful"]
+
+
+def cut(w: World, cluster: str) -> str:
+    """Point the hub's kubeconfig Secret for ``cluster`` at a port where nothing listens; returns
+    the Secret as it was."""
+    saved = w.hub.kubectl("-n", "edgetune-system", "get", "secret", f"{cluster}-kubeconfig", "-o", "json").stdout
+    plane = w.fleet[cluster]
+    dead = plane.kubeconfig.read_text().replace(plane.server, f"https://127.0.0.1:{free_port()}")
+    w.hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge", "-p",
+                  json.dumps({"stringData": {"kubeconfig": dead}}))  # fmt: skip
+    return str(saved)
+
+
+def restore(w: World, cluster: str, saved: str) -> None:
+    w.hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge", "-p",
+                  json.dumps({"data": json.loads(saved)["data"]}))  # fmt: skip
+
+
+def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_s3(world: World) -> None:
+    w = world
+    stable = w.champion()
+    # A good release does not finish while a cluster cannot confirm.
+    good = w.register("held", quality=1.0)
+    saved = cut(w, "edge-b")
+    try:
+        create(w, "held", good["version"], analysis=QUALITY, strategy=steps({"setWeight": 50}, {"setWeight": 100}))
+        s = eventually(lambda: (st := status(w, "held")) and conditions(st).get("ClustersReachable", {}).get(
+            "status") == "False" and st, timeout=60, what="held sees edge-b unreachable")  # fmt: skip
+        assert "edge-b" in conditions(s)["ClustersReachable"]["message"]
+        time.sleep(6)
+        s = status(w, "held")
+        assert s["phase"] == "Progressing" and s["currentStep"] == 0, json.dumps(s)[:2000]
+    finally:
+        restore(w, "edge-b", saved)
+    s = wait_phase(w, "held", "Promoted", "RolledBack", timeout=120)
+    assert s["phase"] == "Promoted" and set(w.serving().values()) == {good["version"]}
+    stable = good["version"]
+    # A bad release fails while edge-b is cut off: edge-a is rolled back by the operator, edge-b's
+    # agents fall back by themselves from the revocation published in S3; once edge-b answers
+    # again the release completes its rollback there too.
+    bad = w.register("cut-off", quality=0.0)
+    create(w, "cut-off", bad["version"], analysis=QUALITY,
+           strategy=steps({"setWeight": 100}, {"pause": {}}, {"analysis": {}}))  # fmt: skip
+    wait_phase(w, "cut-off", "Paused", timeout=120)
+    assert set(w.serving().values()) == {bad["version"]}
+    saved = cut(w, "edge-b")
+    try:
+        eventually(lambda: conditions(status(w, "cut-off")).get("ClustersReachable", {}).get("status") == "False",
+                   timeout=60, what="edge-b unreachable")  # fmt: skip
+        patch(w, "cut-off", {"paused": False})
+        eventually(lambda: set(w.serving().values()) == {stable}, timeout=60, what="every agent back on stable")
+        s = status(w, "cut-off")
+        assert s["phase"] == "RollingBack", json.dumps(s)[:2000]
+        edge_b = {k: r for k, r in w.reports().items() if k.startswith("edge-b/")}
+        assert all(r and r.error and r.error.reason == "Revoked" and "seen in S3" in r.error.message
+                   for r in edge_b.values()), edge_b  # fmt: skip
+        # The operator never wrote to edge-b: its agents' assignments still name the bad version.
+        pods = w.edges["edge-b"].list_namespaced_pod(w.ns, label_selector="app=sensor-model").items
+        assert {json.loads(p.metadata.annotations["edgetune.io/adapter"])["version"] for p in pods} == {bad["version"]}
+    finally:
+        restore(w, "edge-b", saved)
+    s = wait_phase(w, "cut-off", "RolledBack", timeout=120)
+    assert conditions(s)["RolledBack"]["reason"] == "AnalysisFailed" and set(w.serving().values()) == {stable}
+    assert w.champion() == stable
+
+
+def test_the_operator_killed_at_random_points_ends_every_release_right(
+    world: World, operator_proc: OperatorProcess
+) -> None:
+    """Ten releases (every third one bad), the operator SIGKILLed at a random moment of each and
+    started again: each ends in the right phase, the alias moves once per promotion and never to a
+    bad version, and no target is left on a rolled-back version."""
+    w = world
+    rng = random.Random(20261129)  # a reproducible kill schedule
+    moves: list[str] = [w.champion()]
+    stop = threading.Event()
+
+    def watch_alias() -> None:
+        while not stop.wait(0.1):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                current = w.champion()
+                if current != moves[-1]:
+                    moves.append(current)
+
+    watcher = threading.Thread(target=watch_alias, daemon=True)
+    watcher.start()
+    expected: list[str] = []
+    kills = 0
+    try:
+        for run in range(10):
+            good = run % 3 != 2
+            name = f"kill-{run}"
+            canary = w.register(name, quality=1.0 if good else 0.0)
+            before = w.champion()
+            create(w, name, canary["version"], analysis=QUALITY,
+                   strategy=steps({"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}))  # fmt: skip
+            time.sleep(rng.uniform(0.0, 7.0))
+            operator_proc.kill()
+            kills += 1
+            operator_proc.start()
+            s = wait_phase(w, name, "Promoted", "RolledBack", "Failed", "Aborted", timeout=180)
+            assert s["phase"] == ("Promoted" if good else "RolledBack"), json.dumps(s)[:3000]
+            now = canary["version"] if good else before
+            assert set(w.serving().values()) == {now}, (run, w.serving())
+            assert w.champion() == now
+            if good:
+                expected.append(canary["version"])
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert kills == 10
+    assert moves[1:] == expected  # one move per promotion, in order; never a bad version

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,7 @@ class Prometheus(_Server):
         self.pushgateway_port = 0
         self._targets: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self._server: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -231,7 +233,32 @@ class Prometheus(_Server):
         )
         pushgateway.wait_until(lambda: http_ok(f"{self.pushgateway_url}/-/ready"), 30, "ready")
         proc.wait_until(lambda: http_ok(f"{self.url}/-/ready"), 60, "ready")
+        self._server = proc
         return self
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """Prometheus stopped (connections refused) inside the block, then started again on the same
+        port with the same data (the Pushgateway stays up)."""
+        server = self._server
+        if server is None:
+            raise EnvironmentSetupError("Prometheus is not running")
+        server.stop()
+        try:
+            yield
+        finally:
+            server.start()
+            server.wait_until(lambda: http_ok(f"{self.url}/-/ready"), 60, "ready")
+
+    def push(self, job: str, text: str, **grouping: str) -> None:
+        """Replace the Pushgateway group ``job`` (+ ``grouping`` labels) with ``text`` (exposition format)."""
+        import urllib.request  # noqa: PLC0415
+
+        path = "".join(f"/{k}/{v}" for k, v in grouping.items())
+        req = urllib.request.Request(f"{self.pushgateway_url}/metrics/job/{job}{path}", data=text.encode(),  # noqa: S310
+                                     method="PUT")  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10):  # noqa: S310 - the loopback Pushgateway
+            pass
 
     def add_target(self, job: str, address: str, **labels: str) -> None:
         """Scrape ``address`` (host:port) as job ``job``; Prometheus notices the file within a second."""

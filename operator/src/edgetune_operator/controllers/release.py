@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from edgetune_api.adapter_release import (
 from edgetune_api.assignment import (
     ASSIGNMENT_ANNOTATION,
     REPORT_ANNOTATION,
+    AdapterAssignment,
     AdapterReport,
     Revocation,
     dumps,
@@ -63,6 +65,8 @@ from edgetune_operator.settings import Settings
 log = logging.getLogger("edgetune.release")
 FINAL = ("Promoted", "RolledBack", "Failed", "Aborted")
 MAX_RUNS = 256
+WRITERS = 8
+"""Assignment writes in flight at once (per operator): a 1000-target step is not 1000 round trips in a row."""
 
 
 class ResolveError(RuntimeError):
@@ -86,6 +90,7 @@ class ReleaseController:
         self._locks = PerObjectLocks()
         self._phases: dict[str, str] = {}
         self._versions: dict[str, set[str]] = {}
+        self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="release-write")
         self.stop = threading.Event()
 
     def resync_loop(self) -> None:
@@ -246,6 +251,8 @@ class _Context:
             return
         self.condition("Paused", False, "Running", "the release runs")
         self.advance(targets, unreachable)
+        if self.status.phase == "RollingBack":  # the analysis failed, agents refused, a deadline passed: act now
+            self.roll_back(targets, unreachable)
 
     def resolve(self) -> None:
         mlflow = self.ctl.mlflow
@@ -373,13 +380,23 @@ class _Context:
             s.canary_weight = round(100 * on_canary / len(targets))
 
     def write(self, plan: StepPlan) -> None:
-        for target, assignment in plan.writes:
+        """The plan's assignment annotations, several at a time (a rollback writes every target at
+        once); a failed write is logged and the next reconcile plans it again."""
+
+        def one(item: tuple[Target, AdapterAssignment]) -> None:
+            target, assignment = item
             try:
                 kube = self.ctl.clusters.get(target.cluster)
                 patch = {"metadata": {"annotations": {ASSIGNMENT_ANNOTATION: dumps(assignment)}}}
                 kube.merge_patch(PODS, target.name, patch, target.namespace)
             except (ClusterUnavailableError, UnreachableError, KubeError) as exc:
                 log.info("assigning %s to %s failed: %s", assignment.version, target.key, exc)
+
+        if len(plan.writes) <= 2:
+            for item in plan.writes:
+                one(item)
+        else:
+            list(self.ctl.writers.map(one, plan.writes))
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -583,26 +600,39 @@ class _Context:
         started = next((c for c in s.conditions if c.type == "RolledBack"), None)
         reason = started.reason if started else "AnalysisFailed"
         self.publish_revocation(reason)
+        waited = (self.now - started.last_transition_time).total_seconds() if started else 0.0
+        deadline = self.spec.strategy.canary.progress_deadline
         if plan.confirmed < plan.wanted or unreachable:
-            where = f"; {', '.join(unreachable)} cannot be reached (rolled back as soon as it answers)" \
-                if unreachable else ""  # fmt: skip
-            self.condition("Progressing", True, "RollingBack", f"{plan.confirmed} of {plan.wanted} targets confirm "
-                           f"{s.stable_version} again{where}")  # fmt: skip
-            return
-        if started is not None:
-            metrics.ROLLBACK_SECONDS.observe((self.now - started.last_transition_time).total_seconds())
-        s.phase = "Aborted" if reason == "Aborted" else "RolledBack"
-        why = started.message.split(": ", 1)[-1] if started else ""
-        self.condition("RolledBack", True, reason, f"every target serves {s.stable_version} again; cause: {why}"[:4000])
-        self.condition("Progressing", False, reason, "the release ended")
-        self.event("RolledBack", f"every target serves {s.stable_version} again ({reason})", warning=True)
+            # An unreachable cluster is waited for as long as it takes (it is rolled back when it
+            # answers); reachable agents that do not confirm within the deadline are named instead.
+            if unreachable or waited < parse_duration(deadline):
+                where = f"; {', '.join(unreachable)} cannot be reached (rolled back as soon as it answers)" \
+                    if unreachable else ""  # fmt: skip
+                self.condition("Progressing", True, "RollingBack", f"{plan.confirmed} of {plan.wanted} targets "
+                               f"confirm {s.stable_version} again{where}")  # fmt: skip
+                return
+            silent = sorted(t.key for t in targets if not t.confirms(stable.sha256 if stable else ""))
+            shown = ", ".join(silent[:5]) + (f" and {len(silent) - 5} more" if len(silent) > 5 else "")
+            self.condition("Degraded", True, "TargetsNotConfirming", f"{len(silent)} targets did not confirm "
+                           f"{s.stable_version} within {deadline} of the rollback ({shown}); their assignment names "
+                           "it and revokes the canary, so their agents switch when they run again")  # fmt: skip
+        else:
+            self.condition("Degraded", False, "AllConfirmed", f"every target confirms {s.stable_version}")
         if self.ctl.mlflow is not None and s.canary_version:
             try:
                 self.ctl.mlflow.tag_version(self.spec.adapter.registered_model, s.canary_version,
                                             {"edgetune.release": self.release, "edgetune.outcome": "rolled-back",
                                              "edgetune.reason": reason})  # fmt: skip
             except (MlflowError, MlflowUnavailableError, ConnectionError) as exc:
-                log.warning("tagging the rolled-back version failed: %s", exc)
+                self.condition("Progressing", True, "RegistryUnavailable", f"tagging version {s.canary_version} "
+                               f"rolled-back in MLflow failed (retried): {exc}"[:2000])  # fmt: skip
+                return
+        metrics.ROLLBACK_SECONDS.observe(waited)
+        s.phase = "Aborted" if reason == "Aborted" else "RolledBack"
+        why = started.message.split(": ", 1)[-1] if started else ""
+        self.condition("RolledBack", True, reason, f"targets serve {s.stable_version} again; cause: {why}"[:4000])
+        self.condition("Progressing", False, reason, "the release ended")
+        self.event("RolledBack", f"targets serve {s.stable_version} again ({reason})", warning=True)
 
     def publish_revocation(self, reason: str) -> None:
         """Write the rolled-back package's revocation next to it in S3 (once), for the agents the
@@ -649,4 +679,5 @@ class _Context:
         self.condition("Promoted", True, "Promoted", f"version {s.canary_version} serves on every target; alias "
                        f"{self.spec.promotion.alias} moved from {s.stable_version}")  # fmt: skip
         self.condition("Progressing", False, "Promoted", "the release ended")
+        self.condition("Degraded", False, "AllConfirmed", f"every target confirms version {s.canary_version}")
         self.event("Promoted", f"version {s.canary_version} promoted ({self.spec.promotion.alias})")
