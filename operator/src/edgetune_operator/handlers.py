@@ -109,7 +109,7 @@ def start_resync(**_: Any) -> None:
 @kopf.on.cleanup()
 def stop_resync(**_: Any) -> None:
     RUNTIME.jobs.stop.set()
-    RUNTIME.releases.stop.set()
+    RUNTIME.releases.close()
 
 
 @kopf.on.delete(*JOB)

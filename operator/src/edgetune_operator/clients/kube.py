@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -161,6 +162,39 @@ class Kube:
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
+
+    def watch(
+        self, resource: Resource, namespace: str | None = None, *, labels: dict[str, str] | None = None,
+        timeout_seconds: int = 300,
+    ) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """Watch events (``{"type", "object"}``) from now on (the current objects first, as ADDED),
+        until the server ends the watch after ``timeout_seconds``. Raises UnreachableError or
+        KubeError (e.g. 410 Gone) like the other calls; the caller starts a new watch."""
+        query = [("watch", "1"), ("timeoutSeconds", str(timeout_seconds)), ("allowWatchBookmarks", "true")]
+        if labels:
+            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items())))
+        try:
+            response = self.api.call_api(
+                resource.path(namespace), "GET", query_params=query, header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"], _return_http_data_only=True, _preload_content=False,
+                _request_timeout=(TIMEOUT[0], timeout_seconds + 30),
+            )  # fmt: skip
+            try:
+                for line in response:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        raise KubeError(int(status.get("code") or 500), str(status.get("reason", "")),
+                                        str(status.get("message", "")))  # fmt: skip
+                    yield event
+            finally:
+                response.release_conn()
+        except ApiException as exc:
+            raise _api_error(exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UnreachableError(f"cluster {self.cluster}: {type(exc).__name__}: {exc}") from None
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create ``obj``; when it exists already, return the existing one (creation is idempotent)."""

@@ -13,6 +13,7 @@ continue after a restart is in the release's status.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -41,12 +42,13 @@ from edgetune_api.assignment import (
 from edgetune_api.meta import parse_duration
 from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
-from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS, KubeError, UnreachableError
+from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS, Kube, KubeError, UnreachableError
 from edgetune_operator.clients.mlflow import DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters, ClusterUnavailableError
 from edgetune_operator.controllers.locks import PerObjectLocks
 from edgetune_operator.controllers.secrets import ConfigurationError, s3_credentials
+from edgetune_operator.controllers.watches import PodWatches
 from edgetune_operator.reconcile import analysis
 from edgetune_operator.reconcile.release import (
     ReleasedAdapter,
@@ -92,10 +94,22 @@ class ReleaseController:
         self._versions: dict[str, set[str]] = {}
         self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="release-write")
         self.stop = threading.Event()
+        self.wake = threading.Event()
+        self._next = math.inf
+        self.watches = PodWatches(self.wake)
 
     def resync_loop(self) -> None:
-        """Reconcile every unfinished release at least every ``release_resync_seconds``."""
-        while not self.stop.wait(self.settings.release_resync_seconds):
+        """Reconcile every unfinished release when something it waits for happens: a target pod
+        changed (an agent's report; ``PodWatches``), a pause ends or a measurement is due (the
+        time its last reconcile asked for), and at least every ``release_resync_seconds``."""
+        while not self.stop.is_set():
+            timeout = min(self.settings.release_resync_seconds, max(0.0, self._next - time.monotonic()))
+            if self.wake.wait(timeout):
+                self.stop.wait(0.05)  # a burst of agents' reports: one reconcile, not one per pod
+            self.wake.clear()
+            self._next = math.inf
+            if self.stop.is_set():
+                return
             try:
                 items = self.hub.list(ADAPTER_RELEASES)
             except (KubeError, UnreachableError):
@@ -111,6 +125,14 @@ class ReleaseController:
                     self.reconcile(body)
                 except Exception:
                     log.debug("release resync of %s failed", body["metadata"]["name"], exc_info=True)
+
+    def _wake_at(self, when: float) -> None:
+        self._next = min(self._next, when)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.wake.set()
+        self.watches.close()
 
     # -- the reconcile ---------------------------------------------------------------------------
 
@@ -143,6 +165,8 @@ class ReleaseController:
             status = AdapterReleaseStatus()
         ctx = _Context(self, body, spec, status=status, generation=generation, release=f"{namespace}/{name}")
         ctx.run()
+        if ctx.due is not None:
+            self._wake_at(time.monotonic() + ctx.due)
         status.observed_generation = generation
         if status != old:
             self.hub.replace_status(ADAPTER_RELEASES, name, namespace, status.to_wire())
@@ -176,7 +200,10 @@ class _Context:
         self.ctl, self.body, self.spec, self.status = ctl, body, spec, status
         self.generation, self.release = generation, release
         self.namespace = body["metadata"]["namespace"]
-        self.now = datetime.now(UTC).replace(microsecond=0)
+        self.now = datetime.now(UTC)  # step and measurement times keep sub-second precision
+        self.due: float | None = None
+        """Seconds until this release needs a reconcile again (a pause ends, a measurement is due)."""
+        self.kubes: dict[str, Kube] = {}
         self.labels: dict[str, dict[str, str]] = {}
         self.clusters_seen: list[str] = []
 
@@ -184,7 +211,8 @@ class _Context:
 
     def condition(self, kind: str, ok: bool, reason: str, message: str) -> None:
         self.status.conditions = set_condition(self.status.conditions, kind, ok, reason=reason, message=message,
-                                               generation=self.generation, now=self.now)  # fmt: skip
+                                               generation=self.generation,
+                                               now=self.now.replace(microsecond=0))  # fmt: skip
 
     def event(self, reason: str, message: str, *, warning: bool = False) -> None:
         self.ctl.hub.event(self.body, reason=reason, message=message, warning=warning)
@@ -309,10 +337,12 @@ class _Context:
         for cluster in self.ctl.clusters.select(self.spec.targets.cluster_selector):
             try:
                 kube = self.ctl.clusters.get(cluster)
+                self.ctl.watches.ensure(cluster, kube, self.namespace, labels)
                 pods = kube.list(PODS, self.namespace, labels=labels or None)
             except (ClusterUnavailableError, UnreachableError, KubeError):
                 unreachable.append(cluster)
                 continue
+            self.kubes[cluster] = kube
             for pod in pods:
                 meta = pod["metadata"]
                 if meta.get("deletionTimestamp") or not selector.matches(dict(meta.get("labels") or {})):
@@ -386,7 +416,7 @@ class _Context:
         def one(item: tuple[Target, AdapterAssignment]) -> None:
             target, assignment = item
             try:
-                kube = self.ctl.clusters.get(target.cluster)
+                kube = self.kubes.get(target.cluster) or self.ctl.clusters.get(target.cluster)
                 patch = {"metadata": {"annotations": {ASSIGNMENT_ANNOTATION: dumps(assignment)}}}
                 kube.merge_patch(PODS, target.name, patch, target.namespace)
             except (ClusterUnavailableError, UnreachableError, KubeError) as exc:
@@ -424,6 +454,7 @@ class _Context:
                     continue
                 waited = (self.now - (s.step_started_at or self.now)).total_seconds()
                 if waited < parse_duration(step.pause.duration):
+                    self.wake_in(parse_duration(step.pause.duration) - waited)
                     s.phase = "Paused"
                     self.condition("Progressing", True, "PauseStep", f"step {index}: pause {step.pause.duration}")
                     return
@@ -478,9 +509,13 @@ class _Context:
         metrics.RELEASE_STEPS.labels(self.release).inc()
         self.event("StepCompleted", f"step {s.current_step - 1} done: {why}")
 
+    def wake_in(self, seconds: float) -> None:
+        self.due = max(0.0, seconds) if self.due is None else min(self.due, max(0.0, seconds))
+
     def check_deadline(self, deadline: str) -> None:
         s = self.status
         waited = (self.now - (s.step_started_at or self.now)).total_seconds()
+        self.wake_in(parse_duration(deadline) - waited + 0.1)
         if waited > parse_duration(deadline):
             self.start_rollback("ProgressDeadlineExceeded", f"step {s.current_step} did not complete within {deadline} "
                                 f"({s.canary_weight} % of targets confirm the new version)")  # fmt: skip
@@ -543,7 +578,7 @@ class _Context:
         # The first measurement comes one interval after the analysis starts (the agents' new
         # series need a scrape or two to reach Prometheus), then every interval.
         since = run.last_measured_at or run.started_at or self.now
-        due = (self.now - since).total_seconds() >= interval - 0.5
+        due = (self.now - since).total_seconds() >= interval - 0.05
         error: list[analysis.Measurement] = []
         if due and run.measured < metric.count:
             if analysis.uses(metric.query, "cluster"):  # once per cluster; the worst one counts
@@ -560,6 +595,8 @@ class _Context:
                 run.no_data += 1
             else:
                 error.append(m)
+        if run.measured < metric.count:
+            self.wake_in(interval - (self.now - (run.last_measured_at or run.started_at or self.now)).total_seconds())
         measured = [analysis.Measurement("value", v) for v in run.values]
         measured += [analysis.Measurement("nodata")] * run.no_data
         verdict = analysis.evaluate(metric, measured + error)
