@@ -9,8 +9,8 @@ clusters), a real MLflow (with its S3 store) holding two versions, a real Promet
 operator as a process. The targets are pods whose agents are **simulated**: one thread per cluster
 watches its pods and answers every new assignment annotation with the report a real agent writes
 after a swap from memory (``state: Serving`` with the assigned digest), through the same
-apiserver, after ``--swap-ms``. The pods are never run (no node takes them), which the operator
-does not look at: it only reads assignments and reports.
+apiserver, after ``--swap-ms``. The pods sit on one kwok node per cluster (nothing runs them),
+which the operator does not look at: it only reads assignments and reports.
 
 1. Release A (no stable version before it): setWeight 10, pause 10s, setWeight 50, analysis
    (2 x 5 s, ``vector(1)``), setWeight 100 -> Promoted. ``release_wall_over_pauses_ratio`` is its
@@ -52,6 +52,7 @@ from edgetune_api.assignment import (
     parse_assignment,
 )
 from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.nodes import cpu_node
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 
@@ -59,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 NS = "bench"
 MODEL = "bench-sensor"
 SELECTOR = {"app": "sensor-model"}
+NODE = "site-node"  # one kwok node per cluster holds the pods (a pod bound to no node is garbage-collected)
 
 
 def now() -> str:
@@ -86,7 +88,7 @@ class SimulatedAgents:
             self.core.create_namespaced_pod(NS, {
                 "metadata": {"name": f"agent-{i}", "labels": SELECTOR,
                              "annotations": {REPORT_ANNOTATION: dumps(report)}},
-                "spec": {"nodeName": "simulated", "containers": [{"name": "agent", "image": "edgetune/agent"}]},
+                "spec": {"nodeName": NODE, "containers": [{"name": "agent", "image": "edgetune/agent"}]},
             })  # fmt: skip
 
         list(self.pool.map(make, range(count)))
@@ -149,6 +151,28 @@ def kube_calls(metrics_text: str) -> float:
     return sum(float(v) for v in re.findall(pattern, metrics_text, re.M))
 
 
+def reconcile_stats(metrics_text: str) -> dict[str, Any]:
+    """Release reconciles so far: how many and their mean duration (the operator's own histogram)."""
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf'^{name}\{{kind="AdapterRelease"\}} (\S+)$', metrics_text, re.M))
+
+    count = total("edgetune_operator_reconcile_duration_seconds_count")
+    mean_ms = 1000 * total("edgetune_operator_reconcile_duration_seconds_sum") / max(count, 1)
+    calls: dict[str, list[float]] = {}
+    for suffix, slot in (("sum", 0), ("count", 1)):
+        pattern = rf"^edgetune_operator_external_call_duration_seconds_{suffix}\{{([^}}]*)\}} (\S+)$"
+        for labels, v in re.findall(pattern, metrics_text, re.M):
+            verb = re.search(r'operation="(\w+)"', labels)
+            if 'system="kubernetes"' in labels and verb:
+                calls.setdefault(verb.group(1), [0.0, 0.0])[slot] += float(v)
+    return {
+        "reconciles": count,
+        "reconcile_mean_ms": round(mean_ms, 1),
+        "kube_call_mean_ms_and_count": {k: [round(1000 * t / max(n, 1), 1), int(n)] for k, (t, n) in calls.items()},
+    }
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -196,6 +220,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                 "metadata": {"name": f"site-{name}", "labels": {"bench": "yes"}},
                 "spec": {"kubeconfigSecretRef": {"name": f"{name}-kubeconfig", "namespace": "edgetune-system"}},
             }))  # fmt: skip
+            plane.add_nodes([cpu_node(NODE)])
             plane.kubectl("create", "namespace", NS)
             time.sleep(0.5)  # the namespace's default ServiceAccount
             agents[name] = SimulatedAgents(plane, name, args.swap_ms / 1000)
@@ -233,6 +258,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             result["release_wall_over_pauses_ratio"] = round(wall / pauses, 3)
             result["api_calls_per_target_step"] = round(calls / (total * 3), 2)
             result["serving_after_release"] = sum(a.count(versions[0]) for a in agents.values())
+            result["release_reconciles"] = reconcile_stats(operator.metrics())
 
             # Release B: fails its analysis with every target on it, rolls back.
             custom.create_namespaced_custom_object("edgetune.io", "v1alpha1", NS, "adapterreleases",
@@ -244,6 +270,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             back = max(a.last_report for a in agents.values())
             result["rollback_all_targets_s"] = round(back - breach, 2)
             result["serving_stable_after_rollback"] = sum(a.count(versions[0]) for a in agents.values())
+            result["status_targets_after_rollback"] = status.get("targetsByVersion")
             if operator.proc is not None:
                 result["operator_peak_rss_mb_release_1000"] = round(peak_rss_mb(operator.proc.pid), 1)
             api.close()

@@ -27,6 +27,9 @@ from edgetune_operator import metrics
 #: (connect, read) seconds: an unreachable edge cluster must fail fast, not hold a worker thread.
 TIMEOUT = (3.0, 20.0)
 FIELD_MANAGER = "edgetune-operator"
+POOL_SIZE = 40
+"""Connections kept per cluster: a release writes up to 32 pod annotations at once, plus watches
+and reconciles (beyond the pool, urllib3 would open and drop a TLS connection per request)."""
 
 
 class KubeError(RuntimeError):
@@ -92,16 +95,21 @@ class Kube:
 
     @classmethod
     def from_kubeconfig_dict(cls, kubeconfig: dict[str, Any], cluster: str) -> Kube:
-        return cls(k8s_config.new_client_from_config_dict(kubeconfig), cluster)
+        configuration = k8s.Configuration()
+        k8s_config.load_kube_config_from_dict(kubeconfig, client_configuration=configuration)
+        configuration.connection_pool_maxsize = POOL_SIZE
+        return cls(k8s.ApiClient(configuration), cluster)
 
     @classmethod
     def from_environment(cls) -> Kube:
         """In-cluster service account when running in a pod, else ``$KUBECONFIG``."""
+        configuration = k8s.Configuration()
         try:
-            k8s_config.load_incluster_config()
+            k8s_config.load_incluster_config(client_configuration=configuration)
         except k8s_config.ConfigException:
-            k8s_config.load_kube_config()
-        return cls(k8s.ApiClient(), "local")
+            k8s_config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = POOL_SIZE
+        return cls(k8s.ApiClient(configuration), "local")
 
     def close(self) -> None:
         self.api.close()

@@ -67,7 +67,7 @@ from edgetune_operator.settings import Settings
 log = logging.getLogger("edgetune.release")
 FINAL = ("Promoted", "RolledBack", "Failed", "Aborted")
 MAX_RUNS = 256
-WRITERS = 8
+WRITERS = 32
 """Assignment writes in flight at once (per operator): a 1000-target step is not 1000 round trips in a row."""
 
 
