@@ -59,15 +59,17 @@ class World:
         self.prometheus: Any = None
         self.fleet: dict[str, ControlPlane] = {}
 
-    def register(self, name: str, *, quality: float, scale: float = 0.05) -> dict[str, str]:
+    def register(self, name: str, *, quality: float, scale: float = 0.05,
+                 tags: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
         """A new signed package (random small weights), uploaded and registered as a new version,
         with the test's quality metric for it pushed to Prometheus (the analysis input that the
         test controls: 1 passes, 0 fails)."""
         sha = make_package(self.tmp / name, self.tmp / "base", self.base_sha, seed=len(self.versions) + 100,
                            scale=scale, key=self.private)  # fmt: skip
         uri = upload(self.s3, self.tmp / name, BUCKET, f"{self.ns}/{name}")
+        tags = {"edgetune.delta_sha256": sha, "edgetune.base_model_sha256": self.base_sha, **(tags or {})}
         version = mlflow(self.mlflow_url, "POST", "model-versions/create", {
-            "name": self.model, "source": uri, "tags": [{"key": "edgetune.delta_sha256", "value": sha}]})  # fmt: skip
+            "name": self.model, "source": uri, "tags": [{"key": k, "value": v} for k, v in tags.items()]})  # fmt: skip
         number = version["model_version"]["version"]
         self.prometheus.push("release-quality", f'edgetune_test_release_quality{{namespace="{self.ns}",'
                              f'version="{number}"}} {quality}\n', namespace=self.ns, version=number)  # fmt: skip
@@ -412,6 +414,21 @@ def test_prometheus_down_pauses_the_analysis_and_it_resumes_once_back(world: Wor
     s = wait_phase(w, "prom-down", "Promoted", "RolledBack", timeout=120)
     assert s["phase"] == "Promoted", json.dumps(s)[:2000]
     assert [r["phase"] for r in s["analysisRuns"]] == ["Inconclusive", "Successful"]
+
+
+def test_an_adapter_for_another_base_is_refused_before_any_agent_loads_it(world: World) -> None:
+    w = world
+    before = w.serving()
+    other = w.register("other-base", quality=1.0, tags={"edgetune.base_model_sha256": "f" * 64})
+    create(w, "other-base", other["version"], strategy=steps({"setWeight": 100}))
+    s = wait_phase(w, "other-base", "Failed", "Promoted", "RolledBack", timeout=60)
+    resolved = conditions(s)["Resolved"]
+    assert s["phase"] == "Failed" and resolved["reason"] == "IncompatibleBase", json.dumps(s)[:2000]
+    assert "trained on base model ffffffffffff" in resolved["message"] and "4 target agents" in resolved["message"]
+    assert w.serving() == before
+    for core in w.edges.values():
+        for pod in core.list_namespaced_pod(w.ns, label_selector="app=sensor-model").items:
+            assert json.loads(pod.metadata.annotations["edgetune.io/adapter"])["version"] != other["version"]
 
 
 def cut(w: World, cluster: str) -> str:

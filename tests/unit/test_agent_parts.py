@@ -68,6 +68,16 @@ def test_assignment_errors_name_the_field() -> None:
     assert parse_assignment('{"version": "base", "base": true}').base
 
 
+def test_messages_from_a_newer_side_still_parse() -> None:
+    """Operator and agents are upgraded separately: a field one side adds is ignored by the other."""
+    newer = parse_assignment(json.dumps({"version": "1", "uri": "s3://b/p", "sha256": SHA, "priority": 3}))
+    assert newer.sha256 == SHA
+    report = AdapterReport.model_validate_json(json.dumps({
+        "state": "Serving", "observed_at": "t", "gpu": "h200",
+        "active": {"version": "1", "sha256": SHA, "warm": True}}))  # fmt: skip
+    assert report.active is not None and report.active.sha256 == SHA
+
+
 @pytest.mark.parametrize(
     ("state", "active", "expected"),
     [

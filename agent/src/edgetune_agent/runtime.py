@@ -302,6 +302,7 @@ class AgentRuntime:
             shadow=self.shadow.served() if self.shadow else None,
             error=o.error,
             resident=[a.version for a in self.resident.values()],
+            base_sha256=self.backend.base.sha256,
             observed_at=now_rfc3339(),
         )
 

@@ -259,6 +259,8 @@ class ResolvedAdapter(ApiModel):
     """Where the package is (the model version's source)."""
     sha256: Annotated[str, StringConstraints(max_length=64)] = ""
     """Package digest the agents verify."""
+    base_sha256: Annotated[str, StringConstraints(max_length=64)] | None = None
+    """Digest of the base model it was trained on (the version's `edgetune.base_model_sha256` tag)."""
 
 
 class AnalysisRun(ApiModel):

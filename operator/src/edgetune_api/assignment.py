@@ -22,7 +22,7 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, ValidationError, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from edgetune_api.delta import Encoding
 from edgetune_api.meta import SHA256_PATTERN, ApiModel
@@ -31,6 +31,14 @@ ASSIGNMENT_ANNOTATION = "edgetune.io/adapter"
 REPORT_ANNOTATION = "edgetune.io/adapter-status"
 READY_CONDITION = "edgetune.io/AdapterReady"
 """Pod condition type set by the agent; list it in the pod's ``spec.readinessGates``."""
+
+
+class WireModel(ApiModel):
+    """A message between separately upgraded components (operator, agents): fields a newer side
+    adds are ignored by an older one instead of making the whole message unreadable."""
+
+    model_config = ConfigDict(extra="ignore")
+
 
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
 Text = Annotated[str, StringConstraints(max_length=1024)]
@@ -56,7 +64,7 @@ REFUSAL_REASONS = (
 RETRYABLE_REASONS = frozenset({"StorageUnavailable", "DiskFull", "BackendUnavailable"})
 
 
-class AdapterAssignment(ApiModel):
+class AdapterAssignment(WireModel):
     """What the operator wants the agent to run (annotation ``edgetune.io/adapter``): an adapter
     package, or (``base: true``) the bare base model — the rollback target when no adapter was
     stable before."""
@@ -101,7 +109,7 @@ _URI = re.compile(r"^(s3://|models:/|file://|/).+")
 _SHA256 = re.compile(SHA256_PATTERN)
 
 
-class ServedAdapter(ApiModel):
+class ServedAdapter(WireModel):
     """One adapter as the agent holds it."""
 
     version: Text
@@ -112,7 +120,7 @@ class ServedAdapter(ApiModel):
     """RFC 3339 time it became active (or, for a shadow, was loaded)."""
 
 
-class ReportError(ApiModel):
+class ReportError(WireModel):
     """Why the desired adapter is not (yet) served."""
 
     reason: Text
@@ -122,7 +130,7 @@ class ReportError(ApiModel):
     sha256: Text | None = None
 
 
-class AdapterReport(ApiModel):
+class AdapterReport(WireModel):
     """What the agent serves (annotation ``edgetune.io/adapter-status``)."""
 
     state: Literal["Serving", "Loading", "Refused", "Retrying", "NoAssignment"]
@@ -139,6 +147,9 @@ class AdapterReport(ApiModel):
     """Why the desired adapter is not active."""
     resident: list[str] = Field(default_factory=list)
     """Versions held in memory (a swap back to one of them needs no download)."""
+    base_sha256: Sha256 | None = None
+    """Digest of the base model the agent serves (none for a builtin base): a release refuses an
+    adapter trained on another base before telling any agent to load it."""
     observed_at: str
     """When the agent wrote this report."""
 
@@ -244,7 +255,7 @@ REVOCATION_PREFIX = ".edgetune/revoked/"
 """Where published revocations live in a package's bucket: ``<prefix><sha256>.json``."""
 
 
-class Revocation(ApiModel):
+class Revocation(WireModel):
     """A rolled-back package, published in S3 by the operator (``revocation_location``).
 
     Not signed, on purpose: a revocation can only take an adapter out of service (agents fall back

@@ -22,6 +22,7 @@ from edgetune_operator import metrics
 
 TIMEOUT = urllib3.Timeout(connect=3.0, read=30.0)
 DIGEST_TAG = "edgetune.delta_sha256"
+BASE_TAG = "edgetune.base_model_sha256"
 
 
 class MlflowError(RuntimeError):

@@ -43,7 +43,7 @@ from edgetune_api.meta import parse_duration
 from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS, Kube, KubeError, UnreachableError
-from edgetune_operator.clients.mlflow import DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
+from edgetune_operator.clients.mlflow import BASE_TAG, DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters, ClusterUnavailableError
 from edgetune_operator.controllers.locks import PerObjectLocks
@@ -277,10 +277,29 @@ class _Context:
             if not any(c.type == "Paused" and c.status == "True" for c in s.conditions):
                 self.condition("Paused", True, "PausedBySpec", "spec.paused is true; set it to false to resume")
             return
+        if self.wrong_base(targets):
+            return
         self.condition("Paused", False, "Running", "the release runs")
         self.advance(targets, unreachable)
         if self.status.phase == "RollingBack":  # the analysis failed, agents refused, a deadline passed: act now
             self.roll_back(targets, unreachable)
+
+    def wrong_base(self, targets: list[Target]) -> bool:
+        """Before any agent was told to load the canary: refuse it if agents report serving another
+        base model than the one it was trained on (they would all refuse it, one by one)."""
+        s = self.status
+        want = s.canary.base_sha256 if s.canary else None
+        if not want or any(t.assigned(s.canary.sha256) for t in targets if s.canary):
+            return False
+        other = sorted(t.key for t in targets if t.report and t.report.base_sha256 and t.report.base_sha256 != want)
+        if not other:
+            return False
+        s.phase = "Failed"
+        message = (f"version {s.canary_version} was trained on base model {want[:12]}, but {len(other)} target "
+                   f"agents serve another base (e.g. {other[0]}); nothing was assigned")  # fmt: skip
+        self.condition("Resolved", False, "IncompatibleBase", message)
+        self.event("IncompatibleBase", message, warning=True)
+        return True
 
     def resolve(self) -> None:
         mlflow = self.ctl.mlflow
@@ -312,7 +331,8 @@ class _Context:
         if len(digest) != 64:
             raise ResolveError("AdapterNotVerified", f"{what} carries no {DIGEST_TAG} tag: it was not registered by "
                                "edgetune after verification, so agents could not verify it")  # fmt: skip
-        canary = ResolvedAdapter(version=str(version["version"]), uri=str(version["source"]), sha256=digest)
+        canary = ResolvedAdapter(version=str(version["version"]), uri=str(version["source"]), sha256=digest,
+                                 base_sha256=tags.get(BASE_TAG) or None)  # fmt: skip
         stable_version = mlflow.alias_version(model, self.spec.promotion.alias)
         stable = ResolvedAdapter(version="base")
         if stable_version is not None:  # (releasing the current stable version again: it is its own fallback)
