@@ -132,6 +132,8 @@ INVALID: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], None], tuple
     ("failure-limit", MINIMAL_RELEASE, _analysis([{**METRIC, "count": 2, "failureLimit": 2}], [{"setWeight": 10}]), ("failureLimit", "smaller than count")),
     ("interval-words", MINIMAL_RELEASE, _analysis([{**METRIC, "interval": "soon"}], [{"setWeight": 10}]), ("interval", "must be a duration")),
     ("no-workload-selector", MINIMAL_RELEASE, _drop("spec.targets.workloadSelector"), ("spec.targets.workloadSelector: Required value",)),
+    ("revocation-endpoint", MINIMAL_RELEASE, _set("spec.rollback.s3", {"endpoint": "minio:9000"}), ("spec.rollback.s3.endpoint", "must be an http:// or https:// URL")),
+    ("progress-deadline-words", MINIMAL_RELEASE, _set("spec.strategy.canary.progressDeadline", "later"), ("progressDeadline", "must be a duration")),
     ("cluster-secret-namespace", MINIMAL_CLUSTER, _drop("spec.kubeconfigSecretRef.namespace"), ("spec.kubeconfigSecretRef.namespace: Required value",)),
     ("cluster-heartbeat", MINIMAL_CLUSTER, _set("spec.heartbeatInterval", "often"), ("spec.heartbeatInterval", "must be a duration")),
 ]  # fmt: skip

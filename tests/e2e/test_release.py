@@ -408,8 +408,8 @@ def test_prometheus_down_pauses_the_analysis_and_it_resumes_once_back(world: Wor
     paused = conditions(s)["Paused"]
     assert s["phase"] == "Paused" and paused["reason"] == "AnalysisInconclusive", json.dumps(s)[:2000]
     assert "could not be taken" in paused["message"] and "Prometheus" in paused["message"]
-    eventually(lambda: w.prometheus.query(f'edgetune_test_release_quality{{version="{canary["version"]}"}}'),
-               timeout=60, what="Prometheus has the data again")  # fmt: skip
+    query = f'edgetune_test_release_quality{{namespace="{w.ns}",version="{canary["version"]}"}}'
+    eventually(lambda: w.prometheus.query(query), timeout=60, what="Prometheus has the data again")
     patch(w, "prom-down", {"paused": False})
     s = wait_phase(w, "prom-down", "Promoted", "RolledBack", timeout=120)
     assert s["phase"] == "Promoted", json.dumps(s)[:2000]
