@@ -69,6 +69,8 @@ FINAL = ("Promoted", "RolledBack", "Failed", "Aborted")
 MAX_RUNS = 256
 WRITERS = 32
 """Assignment writes in flight at once (per operator): a 1000-target step is not 1000 round trips in a row."""
+PUBLISH_RETRY_SECONDS = 15.0
+"""A revocation S3 refused is written again at most this often."""
 
 
 class ResolveError(RuntimeError):
@@ -97,6 +99,7 @@ class ReleaseController:
         self.wake = threading.Event()
         self._next = math.inf
         self.watches = PodWatches(self.wake)
+        self.publish_tried: dict[str, float] = {}
 
     def resync_loop(self) -> None:
         """Reconcile every unfinished release when something it waits for happens: a target pod
@@ -703,6 +706,10 @@ class _Context:
                            "agents learn of the rollback from their assignment only")  # fmt: skip
             return
         bucket, key = where
+        uid = self.body["metadata"]["uid"]
+        if time.monotonic() - self.ctl.publish_tried.get(uid, -math.inf) < PUBLISH_RETRY_SECONDS:
+            return  # an S3 that times out must not slow every reconcile of the rollback down
+        self.ctl.publish_tried[uid] = time.monotonic()
         record = Revocation(sha256=s.canary.sha256, version=s.canary.version, release=self.release, reason=reason,
                             revoked_at=self.now.isoformat().replace("+00:00", "Z"))  # fmt: skip
         try:
