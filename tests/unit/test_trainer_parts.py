@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from edgetune_trainer import package
 from edgetune_trainer.energy import EstimateMeter, JetsonMeter, RaplMeter, battery_percent, best_meter, on_ac_power
 from edgetune_trainer.loop import causal_lm_loss
 from edgetune_trainer.report import Reporter, write_termination
+from tests.trainer_support import config
 
 # -- checkpoints -----------------------------------------------------------------------------
 
@@ -274,3 +276,46 @@ def test_metrics_are_served_and_the_termination_message_fits_4kib(tmp_path: Path
     written = json.loads(path.read_text())
     assert len(path.read_bytes()) <= 4096
     assert written["reason"] == "InvalidInput" and written["message"].startswith("xxx")
+
+
+def _run_cli(tmp_path: Path, cfg: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    from edgetune_trainer.__main__ import main  # noqa: PLC0415
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    code = main(["--config", str(path)])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(Path("/dev/termination-log").exists(), reason="inside a container the kubelet's file is used")
+def test_an_invalid_config_is_explained_on_stdout_never_in_dev(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.delenv("EDGETUNE_TERMINATION_LOG", raising=False)
+    cfg = config(tmp_path, tmp_path / "data")
+    cfg["spec"]["training"]["learningRate"] = -1
+    cfg["spec"]["budgets"]["colour"] = "red"
+    code, summary = _run_cli(tmp_path, cfg, capsys)
+    assert code != 0 and summary["status"] == "Failed" and summary["reason"] == "InvalidInput"
+    message = summary["message"]
+    assert message.startswith("invalid trainer configuration: ")
+    assert "spec.training.learningRate: must be greater than 0" in message
+    assert "spec.budgets.colour: is not a known field" in message
+    assert "pydantic" not in message and "errors.pydantic.dev" not in message
+    assert not Path("/dev/termination-log").exists()
+
+
+def test_the_trainer_refuses_an_unpinned_base_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Only the apiserver's rule stopped an unpinned base before; a config that bypasses it must
+    not train on unverified weights either."""
+    monkeypatch.setenv("EDGETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    cfg = config(tmp_path, tmp_path / "data")
+    cfg["spec"]["baseModel"] = {"uri": str(tmp_path / "some-base")}
+    from edgetune_trainer.__main__ import main  # noqa: PLC0415
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["--config", str(path)]) != 0
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["reason"] == "InvalidInput"
+    assert f"spec.baseModel.sha256 is required for {tmp_path / 'some-base'}" in summary["message"]

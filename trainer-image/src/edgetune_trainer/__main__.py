@@ -36,11 +36,36 @@ def trainer_version() -> str:
         return "0+unknown"
 
 
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the fields in plain words."""
+
+
+def plain(exc: ValidationError) -> str:
+    """``spec.training.learningRate: must be greater than 0; …`` instead of pydantic's dump."""
+    parts = []
+    for error in exc.errors()[:8]:
+        where = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-")) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        message = message.replace("Input should be", "must be").replace("Field required", "is required")
+        message = message.replace("Extra inputs are not permitted", "is not a known field")
+        parts.append(f"{where}: {message}")
+    more = f" (and {exc.error_count() - 8} more)" if exc.error_count() > 8 else ""
+    return "; ".join(parts) + more
+
+
 def load_config(path: str | None) -> TrainerConfig:
     raw = Path(path).read_text() if path else os.environ.get("EDGETUNE_TRAINER_CONFIG", "")
     if not raw:
-        raise ValueError("no configuration: pass --config FILE or set EDGETUNE_TRAINER_CONFIG to the JSON")
-    return TrainerConfig.model_validate_json(raw)
+        raise ConfigError("no configuration: pass --config FILE or set EDGETUNE_TRAINER_CONFIG to the JSON")
+    try:
+        config = TrainerConfig.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid trainer configuration: {plain(exc)}") from None
+    base = config.spec.base_model
+    if not base.uri.startswith("builtin:") and not base.sha256:
+        raise ConfigError(f"spec.baseModel.sha256 is required for {base.uri}: the trainer only trains on a base "
+                          "model whose weights it can verify (builtin:… bases need none)")  # fmt: skip
+    return config
 
 
 def _s3_client(endpoint: str | None) -> Any:
@@ -197,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", help="override runtime.workDir (checkpoints, package)")
     parser.add_argument("--termination-log", help="override runtime.terminationLog")
     args = parser.parse_args(argv)
-    termination = Path(args.termination_log or os.environ.get("EDGETUNE_TERMINATION_LOG", "/dev/termination-log"))
+    # Until the configuration says where, the summary goes where the command line or environment
+    # says, or to the container's termination log when there is one, else to stdout: a trainer run
+    # by hand never creates /dev/termination-log.
+    named = args.termination_log or os.environ.get("EDGETUNE_TERMINATION_LOG")
+    container_log = Path("/dev/termination-log")
+    termination: Path | None = Path(named) if named else (container_log if container_log.exists() else None)
     signal.signal(signal.SIGTERM, _terminate)  # every moment of the run ends with a termination message
     started = time.time()
     try:
@@ -222,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["wallSeconds"] = round(time.time() - started, 2)
     from edgetune_trainer.report import TERMINATION_LIMIT, write_termination  # noqa: PLC0415
 
-    write_termination(termination, summary, TERMINATION_LIMIT)
+    if termination is None:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        write_termination(termination, summary, TERMINATION_LIMIT)
     return EXIT.get(summary["reason"], 1)
 
 
