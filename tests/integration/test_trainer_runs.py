@@ -80,6 +80,29 @@ def test_stop_conditions_end_training_and_still_package(
     assert (tmp_path / "work" / "package" / "manifest.json").exists()
 
 
+def test_the_encoding_gate_never_ships_weights_worse_than_the_bound(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """int4 asked for with no loss allowed at all: whatever ships scores exactly as the adapter
+    trained did on the held-out split, and every coarser encoding refused on the way is reported."""
+    code, summary, log = run(tmp_path, capsys, output={"encoding": "int4-zstd", "maxMetricDrop": 0.0},
+                             training={"maxSteps": 30, "evalEvery": 30, "checkpointEvery": 30})  # fmt: skip
+    assert code == 0, summary
+    attempts = summary["encodingAttempts"]
+    assert isinstance(attempts, list) and summary["encodingRequested"] == "int4-zstd"
+    assert attempts[-1]["ok"] and attempts[-1]["encoding"] == summary["encoding"]
+    assert not any(a["ok"] for a in attempts[:-1])
+    assert [a["encoding"] for a in attempts] == ["int4-zstd", "int8-zstd", "fp16", "fp32"][: len(attempts)]
+    metrics = summary["metrics"]
+    assert isinstance(metrics, dict)
+    if summary["encoding"] != "fp32":
+        assert metrics["eval_accuracy_encoded"] >= metrics["eval_accuracy"]
+    refused = [e for e in log if e["event"] == "encoding_refused"]
+    assert [e["encoding"] for e in refused] == [a["encoding"] for a in attempts[:-1]]
+    manifest = verify_package(read_folder(tmp_path / "work" / "package"), expected_digest=str(summary["sha256"]))
+    assert manifest.encoding == summary["encoding"]
+
+
 def test_failures_exit_non_zero_with_a_clear_termination_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -319,3 +319,33 @@ def test_the_trainer_refuses_an_unpinned_base_model(tmp_path: Path, capsys: pyte
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["reason"] == "InvalidInput"
     assert f"spec.baseModel.sha256 is required for {tmp_path / 'some-base'}" in summary["message"]
+
+
+def test_the_encoding_gate_falls_back_until_the_bound_holds() -> None:
+    from edgetune_trainer import encoding_gate  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"a.lora_A.weight": torch.randn(8, 64, generator=generator),
+             "a.lora_B.weight": torch.randn(64, 8, generator=generator) * 0.01}  # fmt: skip
+    reference = {"eval_accuracy": 0.8, "eval_loss": 0.5}
+    scores = {"int4-zstd": 0.55, "int8-zstd": 0.79, "fp16": 0.8}
+    seen: list[float] = []
+
+    def score(decoded: dict[str, torch.Tensor]) -> dict[str, float]:
+        error = encoding_gate.weight_error(state, decoded)
+        seen.append(error)
+        name = "int4-zstd" if error > 0.02 else "int8-zstd" if error > 1e-3 else "fp16"
+        return {"eval_accuracy": scores[name], "eval_loss": 0.5}
+
+    choice = encoding_gate.choose("int4-zstd", state, reference, 0.02, score)
+    assert choice.encoding == "int8-zstd" and choice.fell_back
+    assert [(a.encoding, a.ok) for a in choice.attempts] == [("int4-zstd", False), ("int8-zstd", True)]
+    assert choice.attempts[0].degradation == pytest.approx(0.25) and choice.metrics["eval_accuracy"] == 0.79
+    assert seen[0] > 10 * seen[1]  # int4 is much coarser than int8
+    strict = encoding_gate.choose("int4-zstd", state, reference, 0.0, score)
+    assert strict.encoding == "fp16"
+    # No held-out data: the decoded weights' own error decides (int4 here is over 5 %).
+    blind = encoding_gate.choose("int4-zstd", state, {}, 0.02, score)
+    assert blind.attempts[0].weight_error > encoding_gate.MAX_WEIGHT_ERROR and blind.encoding == "int8-zstd"
+    # Loss-only tasks: loss may rise by the fraction.
+    assert encoding_gate.degradation({"eval_loss": 2.0}, {"eval_loss": 2.1}) == pytest.approx(0.05)

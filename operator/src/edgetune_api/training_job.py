@@ -298,6 +298,11 @@ class OutputSpec(ApiModel):
     encoding: Literal["fp32", "fp16", "int8-zstd", "int4-zstd"] = "fp16"
     """Encoding of the adapter weights in the package: fp32, fp16, or int8/int4 blockwise quantised and
     zstd-compressed (the trainer reports the evaluation metric of the decoded adapter)."""
+    max_metric_drop: Annotated[float, Field(ge=0, le=1)] = 0.02
+    """How much worse the decoded adapter may score on the held-out split than the adapter as trained:
+    accuracy by this much (absolute), or loss up by this fraction when the task has no accuracy. An
+    encoding that exceeds it falls back to the next finer one (int4-zstd, int8-zstd, fp16, fp32),
+    and the result says so; without held-out data, decoded weights may differ by at most 5 %."""
     signing_key_secret_ref: SecretKeyRef | None = None
     """Ed25519 private key (PEM) that signs the package manifest; unsigned when empty."""
 

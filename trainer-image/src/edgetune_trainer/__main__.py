@@ -84,9 +84,9 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     """One trainer run; returns the termination summary (raises on failure)."""
     import torch  # noqa: PLC0415 - heavy: imported only once the config is known to be valid
 
-    from edgetune_trainer import models, package  # noqa: PLC0415
+    from edgetune_trainer import encoding_gate, models, package  # noqa: PLC0415
     from edgetune_trainer.data import NodeDataset  # noqa: PLC0415
-    from edgetune_trainer.loop import train  # noqa: PLC0415
+    from edgetune_trainer.loop import evaluate, train  # noqa: PLC0415
     from edgetune_trainer.report import Reporter  # noqa: PLC0415
 
     spec, rt = config.spec, config.runtime
@@ -141,17 +141,22 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         outcome = train(config, base, dataset, report, device=device)
 
         state = models.adapter_state(outcome.model)
-        encoding = spec.output.encoding
         metrics = {k: round(v, 6) for k, v in outcome.eval.items()}
-        if encoding != "fp32":  # measure what ships: the adapter after encoding and decoding
-            decoded = package.decode(package.encode(state, encoding), encoding)
-            models.load_adapter_state(outcome.model, decoded)
-            from edgetune_trainer.loop import evaluate  # noqa: PLC0415
 
-            shipped = evaluate(
-                outcome.model, outcome.extra["task"], dataset, outcome.batch_size, spec.data.augmentation
-            )
-            metrics.update({f"{k}_encoded": round(v, 6) for k, v in shipped.items()})
+        def score(decoded: dict[str, Any]) -> dict[str, float]:
+            """Held-out metrics of the adapter as it will run at the edge (encoded, then decoded)."""
+            models.load_adapter_state(outcome.model, decoded)
+            return evaluate(outcome.model, outcome.extra["task"], dataset, outcome.batch_size, spec.data.augmentation)
+
+        choice = encoding_gate.choose(spec.output.encoding, state, outcome.eval, spec.output.max_metric_drop, score)
+        encoding = choice.encoding
+        refused = [a for a in choice.attempts if not a.ok]
+        for a in refused:
+            report("encoding_refused", encoding=a.encoding, degradation=a.degradation,
+                   weight_error=round(a.weight_error, 5), max_metric_drop=spec.output.max_metric_drop)  # fmt: skip
+        reporter.gauge("encoding_fallbacks", len(refused))
+        if encoding != "fp32":
+            metrics.update({f"{k}_encoded": round(v, 6) for k, v in choice.metrics.items()})
         metrics["train_loss"] = outcome.history[-1]["loss"] if outcome.history else float("nan")
         peft_config = outcome.model.peft_config["default"].to_dict()
         peft_config = json.loads(json.dumps(peft_config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
@@ -174,6 +179,10 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         return {
             "status": "Succeeded", "reason": "Succeeded", "stopReason": outcome.reason, "steps": outcome.steps,
             "deltaUri": delta_uri, "sha256": digest, "adapterBytes": manifest.adapter_bytes, "encoding": encoding,
+            "encodingRequested": choice.requested,
+            "encodingAttempts": [{"encoding": a.encoding, "weightError": round(a.weight_error, 5), "ok": a.ok,
+                                  "degradation": None if a.degradation is None else round(a.degradation, 5)}
+                                 for a in choice.attempts],
             "samples": info.samples, "metrics": metrics, "energyJoules": round(outcome.energy_j, 3),
             "energyMethod": outcome.energy_method, "peakMemoryBytes": outcome.peak_memory_bytes,
             "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from,

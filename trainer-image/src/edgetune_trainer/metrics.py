@@ -28,3 +28,7 @@ class TrainerMetrics:
         self.battery = gauge("edgetune_trainer_battery_percent", "Battery charge seen by the trainer.")
         self.paused = gauge("edgetune_trainer_paused", "1 while training is paused (low battery).")
         self.samples = gauge("edgetune_trainer_data_samples", "Samples available on the node.")
+        self.encoding_fallbacks = gauge(
+            "edgetune_trainer_encoding_fallbacks",
+            "Encodings refused by the quality gate before the shipped one (0: the requested one shipped).",
+        )
