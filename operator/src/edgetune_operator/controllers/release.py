@@ -46,8 +46,8 @@ from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS
 from edgetune_operator.clients.mlflow import BASE_TAG, DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters, ClusterUnavailableError
+from edgetune_operator.controllers.credentials import ConfigurationError, s3_credentials
 from edgetune_operator.controllers.locks import PerObjectLocks
-from edgetune_operator.controllers.secrets import ConfigurationError, s3_credentials
 from edgetune_operator.controllers.watches import PodWatches
 from edgetune_operator.reconcile import analysis
 from edgetune_operator.reconcile.release import (

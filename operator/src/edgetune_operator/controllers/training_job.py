@@ -35,8 +35,8 @@ from edgetune_operator.clients.kube import (
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
+from edgetune_operator.controllers.credentials import ConfigurationError, s3_credentials, secret_value
 from edgetune_operator.controllers.locks import PerObjectLocks
-from edgetune_operator.controllers.secrets import ConfigurationError, s3_credentials, secret_value
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
@@ -362,6 +362,11 @@ class TrainingJobController:
                 package = self._verify(s3, job, body, target, public)
                 if package is None:
                     continue
+                if package.manifest.encoding != spec.output.encoding:
+                    self.hub.event(body, reason="EncodingFallback", warning=True, message=(
+                        f"{target.cluster}/{target.node}: {spec.output.encoding} lost more than output.maxMetricDrop "
+                        f"({spec.output.max_metric_drop}) on the held-out split; the trainer shipped the finer "
+                        f"{package.manifest.encoding} instead"))  # fmt: skip
                 if fedavg:
                     target.phase = "Succeeded"  # its part is done; the aggregate is registered below
                     verified.append(package)
