@@ -103,6 +103,28 @@ def test_the_encoding_gate_never_ships_weights_worse_than_the_bound(
     assert manifest.encoding == summary["encoding"]
 
 
+def test_another_runs_checkpoints_are_set_aside_not_resumed(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A work dir holding another job's checkpoints (other data): resuming would ship that adapter
+    with this job's lineage. The run starts from step 0 and says why."""
+    first = tmp_path / "first"
+    sine_classes(first / "data", seed=1)
+    code, summary, _ = run(first, capsys, runtime={"workDir": str(tmp_path / "work")})
+    assert code == 0 and summary["resumedFrom"] is None
+    # Same work dir, same settings, the same data: resumes (nothing left to do but package).
+    code, summary, log = run(first, capsys, runtime={"workDir": str(tmp_path / "work")})
+    assert code == 0 and summary["resumedFrom"] == 12, summary
+    second = tmp_path / "second"
+    sine_classes(second / "data", seed=2)
+    code, summary, log = run(second, capsys, runtime={"workDir": str(tmp_path / "work")})
+    assert code == 0 and summary["resumedFrom"] is None, summary
+    aside = next(e for e in log if e["event"] == "checkpoints_set_aside")
+    assert aside["differ"] == ["data"] and aside["step"] == 12 and Path(str(aside["moved_to"])).is_dir()
+    data_event = next(e for e in log if e["event"] == "data")
+    manifest = verify_package(read_folder(tmp_path / "work" / "package"), expected_digest=str(summary["sha256"]))
+    assert manifest.lineage.data_sha256 == data_event["sha256"] and manifest.steps == 12
+
+
 def test_failures_exit_non_zero_with_a_clear_termination_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

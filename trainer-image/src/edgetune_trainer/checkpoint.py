@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class TrainState:
     history: list[dict[str, float]]
     elapsed_s: float
     energy_j: float
+    identity: dict[str, str] = field(default_factory=dict)
+    """What produced the checkpoint (digests of the base, the data and the settings that shape the
+    run): a run resumes only from checkpoints with its own identity."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,6 +121,7 @@ def save(
         "history": state.history,
         "elapsed_s": state.elapsed_s,
         "energy_j": state.energy_j,
+        "identity": state.identity,
     }
     _write(tmp / "state.json", json.dumps(meta).encode())
     digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -169,6 +173,7 @@ def load_latest(root: Path) -> tuple[Loaded | None, list[str]]:
             history=meta["history"],
             elapsed_s=meta["elapsed_s"],
             energy_j=meta["energy_j"],
+            identity=dict(meta.get("identity") or {}),
         )
 
         def load(name: str, folder: Path = folder) -> Any:

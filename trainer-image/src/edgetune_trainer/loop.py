@@ -7,6 +7,8 @@ you read here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import time
@@ -344,7 +346,8 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
         self.checkpoints = Path(self.rt.work_dir) / "checkpoints"
         self.writer = ckpt.BackgroundWriter(self.checkpoints)
-        self.state = ckpt.TrainState(0, ckpt.Cursor(), None, 0, [], 0.0, 0.0)
+        self.identity = run_identity(config, base, self.info)
+        self.state = ckpt.TrainState(0, ckpt.Cursor(), None, 0, [], 0.0, 0.0, identity=self.identity)
         self.resumed_from = self._resume()
         self.meter = meter or best_meter(Path(self.rt.powercap_root), self.rt.watts_estimate, device.type == "cuda")
         self.energy_offset = self.state.energy_j
@@ -375,6 +378,16 @@ class TrainingRun:
         if skipped:
             self.report("checkpoints_skipped", corrupt=skipped)
         if loaded is None:
+            return None
+        if loaded.state.identity != self.identity:
+            # Another run's checkpoints (another job, other data, another base or other settings):
+            # resuming would ship that adapter under this run's lineage. Start fresh; keep theirs aside.
+            theirs = loaded.state.identity
+            differ = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
+            aside = self.checkpoints.with_name(f"checkpoints-set-aside-{time.strftime('%Y%m%dT%H%M%S')}")
+            self.checkpoints.rename(aside)
+            self.report("checkpoints_set_aside", step=loaded.state.step, moved_to=str(aside), differ=differ,
+                        reason="written by a different run; training starts from step 0")  # fmt: skip
             return None
         load_adapter_state(self.model, loaded.adapter)
         self.optimizer.load_state_dict(loaded.optimizer)
@@ -498,6 +511,24 @@ class TrainingRun:
             if exhausted:
                 return "", last_eval
         return "MaxSteps", last_eval
+
+
+def run_identity(config: TrainerConfig, base: BaseModel, info: DataInfo) -> dict[str, str]:
+    """Digests of what shapes a run's checkpoints; resuming needs all of them equal."""
+
+    def digest(value: object) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    spec = config.spec
+    data = spec.data.model_dump(mode="json", exclude={"source"})  # where it is mounted does not matter
+    return {
+        "base": base.sha256 or f"{spec.base_model.uri}:{base.kind}",
+        "data": info.sha256,
+        "dataSettings": digest(data),
+        "peft": digest(spec.peft.model_dump(mode="json")),
+        "training": digest(spec.training.model_dump(mode="json")),
+        "job": config.runtime.job_uid or "",
+    }
 
 
 def train(
