@@ -18,7 +18,7 @@ from edgetune_api.training_job import DataSpec
 from edgetune_trainer.__main__ import main
 from edgetune_trainer.data import NodeDataset
 from edgetune_trainer.models import TimeSeriesCNN, load_base, save_builtin
-from tests.trainer_support import config, termination, write_config
+from tests.trainer_support import config, events, termination, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +105,27 @@ def test_lora_adapts_a_site_a_model_to_site_b(
     assert adapted >= frozen_accuracy + 0.2  # and the adapter recovers
     assert abs(shipped - adapted) <= 0.01  # quantising and compressing costs at most a point
     assert summary["adapterBytes"] < 20_000
+
+
+@pytest.mark.parametrize("policy", ["resample", "padZero"])
+def test_unequal_length_series_are_fitted_by_the_declared_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str
+) -> None:
+    """JapaneseVowels (UEA, in the sktime wheel): 12 channels, training series of 7 to 26 readings. The
+    policy is explicit, the data event says what it did, and training works on the result."""
+    spec = importlib.util.find_spec("sktime")
+    assert spec is not None and spec.submodule_search_locations
+    source = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "JapaneseVowels"
+    data = tmp_path / "vowels"
+    data.mkdir()
+    (data / "train.ts").write_bytes((source / "JapaneseVowels_TRAIN.ts").read_bytes())
+    cfg = config(
+        tmp_path, data, data={"format": "ts", "evalFraction": 0.2, "lengthPolicy": policy},
+        training={"maxSteps": 40, "batchSize": 32, "learningRate": 0.01, "evalEvery": 40, "checkpointEvery": 40},
+    )  # fmt: skip
+    assert main(["--config", str(write_config(tmp_path, cfg))]) == 0, termination(tmp_path)
+    event = next(e for e in events(capsys.readouterr().out.splitlines()) if e["event"] == "data")
+    assert (event["shortest"], event["longest"], event["length"]) == (7, 26, 26)
+    assert event["length_policy"] == policy and 0 < event["refitted"] < event["samples"] == 270
+    summary = termination(tmp_path)
+    assert summary["status"] == "Succeeded" and summary["metrics"]["eval_accuracy"] > 1 / 9

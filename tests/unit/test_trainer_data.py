@@ -154,3 +154,14 @@ def test_augmentation_keeps_shape_and_changes_values() -> None:
     assert np.array_equal(augment(x, Augmentation(), np.random.default_rng(0)), x)
     assert fit_length(x, 40).shape == (3, 40)
     assert fit_length(x, 60)[:, 50:].sum() == 0
+
+
+def test_series_of_other_lengths_follow_the_declared_policy() -> None:
+    from edgetune_trainer.data import fit_length  # noqa: PLC0415
+
+    x = np.array([[0.0, 1.0, 2.0]], dtype=np.float32)
+    assert fit_length(x, 5, "resample").tolist() == [[0.0, 0.5, 1.0, 1.5, 2.0]]  # shape kept
+    assert fit_length(x, 5, "padLast").tolist() == [[0.0, 1.0, 2.0, 2.0, 2.0]]
+    assert fit_length(x, 5, "padZero").tolist() == [[0.0, 1.0, 2.0, 0.0, 0.0]]
+    assert fit_length(x, 2, "padLast").tolist() == [[0.0, 1.0]]  # longer ones are cropped
+    assert fit_length(x, 2, "resample").tolist() == [[0.0, 2.0]]  # or resampled

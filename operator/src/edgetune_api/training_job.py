@@ -137,6 +137,13 @@ class DataSpec(ApiModel):
     """Fields dropped or hashed before anything else sees them."""
     augmentation: Augmentation = nested(Augmentation)
     """Time-series augmentation."""
+    series_length: Annotated[int, Field(ge=2, le=1_000_000)] | None = None
+    """Length (readings) every series is brought to before training; the longest series in the
+    node's data when absent."""
+    length_policy: Literal["resample", "padLast", "padZero"] = "resample"
+    """How a series of another length is brought to seriesLength: `resample` (linear interpolation
+    over the whole series: keeps its shape), `padLast` (repeat the last reading; longer series are
+    cropped) or `padZero` (zeros; longer series are cropped)."""
 
 
 class PeftSpec(ApiModel):

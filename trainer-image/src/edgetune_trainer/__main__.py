@@ -118,8 +118,19 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         dataset = NodeDataset(Path(rt.data_dir), spec.data, salt)
         info = dataset.scan()
         reporter.gauge("samples", info.samples)
+        lengths = (
+            {
+                "length": info.length,
+                "shortest": info.shortest,
+                "longest": info.longest,
+                "refitted": info.refitted,
+                "length_policy": spec.data.length_policy,
+            }
+            if info.length
+            else {}
+        )
         report("data", samples=info.samples, train=info.train_samples, eval=info.eval_samples, labels=len(info.labels),
-               kind=info.kind, sha256=info.sha256)  # fmt: skip
+               kind=info.kind, sha256=info.sha256, **lengths)  # fmt: skip
         work = Path(rt.work_dir)
         work.mkdir(parents=True, exist_ok=True)
         remote_model = spec.base_model.uri.startswith(("s3://", "models:/", "runs:/"))

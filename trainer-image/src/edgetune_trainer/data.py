@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,13 @@ class DataInfo:
     labels: list[str]
     channels: int | None
     length: int | None
+    """Readings every series is brought to (``seriesLength``, else the longest)."""
     kind: str  # "series" or "text"
     files: list[str] = field(default_factory=list)
+    shortest: int | None = None
+    longest: int | None = None
+    refitted: int = 0
+    """Series whose length differs from ``length`` (resampled, padded or cropped)."""
 
 
 class PrivacyFilter:
@@ -246,7 +252,8 @@ class NodeDataset:
         digest = hashlib.sha256()
         labels: set[str] = set()
         total = evals = 0
-        channels = length = None
+        channels = None
+        lengths: Counter[int] = Counter()
         kind = "text" if self.spec.format == "text" or self.spec.text_field else "series"
         for sample, content in self._stream():
             digest.update(content)
@@ -254,10 +261,14 @@ class NodeDataset:
             evals += is_eval(content, self.spec.eval_fraction)
             if sample.y is not None:
                 labels.add(sample.y)
-            if channels is None and not isinstance(sample.x, str):
-                channels, length = int(sample.x.shape[0]), int(sample.x.shape[1])
-            elif not isinstance(sample.x, str) and sample.x.shape[0] != channels:
+            if isinstance(sample.x, str):
+                continue
+            if channels is None:
+                channels = int(sample.x.shape[0])
+            elif sample.x.shape[0] != channels:
                 raise DataError(f"samples disagree on the channel count ({sample.x.shape[0]} vs {channels})")
+            lengths[int(sample.x.shape[1])] += 1
+        length = (self.spec.series_length or max(lengths)) if lengths else None
         self._info = DataInfo(
             samples=total,
             train_samples=total - evals,
@@ -268,6 +279,9 @@ class NodeDataset:
             length=length,
             kind=kind,
             files=[str(p.relative_to(self.root)) if p != self.root else p.name for p in self.files],
+            shortest=min(lengths) if lengths else None,
+            longest=max(lengths) if lengths else None,
+            refitted=sum(n for size, n in lengths.items() if size != length),
         )
         return self._info
 
@@ -297,13 +311,21 @@ def _label_key(label: str) -> tuple[int, float | str]:
         return (1, label)
 
 
-def fit_length(x: np.ndarray, length: int) -> np.ndarray:
-    """Crop or zero-pad a (channels, L) series to ``length``."""
-    if x.shape[1] == length:
+def fit_length(x: np.ndarray, length: int, policy: str = "resample") -> np.ndarray:
+    """Bring a (channels, L) series to ``length`` readings (``DataSpec.length_policy``)."""
+    current = x.shape[1]
+    if current == length:
         return x
-    if x.shape[1] > length:
+    if policy == "resample":
+        if current == 1:
+            return np.repeat(x, length, axis=1).astype(np.float32, copy=False)
+        grid = np.linspace(0.0, current - 1.0, length)
+        return np.stack([np.interp(grid, np.arange(current), ch) for ch in x]).astype(np.float32)
+    if current > length:
         return x[:, :length]
-    return np.pad(x, ((0, 0), (0, length - x.shape[1])))
+    if policy == "padLast":
+        return np.pad(x, ((0, 0), (0, length - current)), mode="edge")
+    return np.pad(x, ((0, 0), (0, length - current)))
 
 
 def augment(x: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:

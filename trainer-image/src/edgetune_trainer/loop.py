@@ -72,10 +72,11 @@ class Outcome:
 class Task:
     """Turns samples into tensors and computes the loss for the model's kind."""
 
-    def __init__(self, base: BaseModel, info: DataInfo, device: torch.device) -> None:
+    def __init__(self, base: BaseModel, info: DataInfo, device: torch.device, length_policy: str = "resample") -> None:
         self.device = device
         self.text = info.kind == "text"
         self.length = info.length or 0
+        self.length_policy = length_policy
         self.tokenizer = base.tokenizer
         labels = base.labels or info.labels
         self.label_index = {label: i for i, label in enumerate(labels)}
@@ -88,7 +89,7 @@ class Task:
             return self._text_batch([str(s.x) for s in samples])
         xs = []
         for s in samples:
-            x = fit_length(np.asarray(s.x, dtype=np.float32), self.length)
+            x = fit_length(np.asarray(s.x, dtype=np.float32), self.length, self.length_policy)
             xs.append(augment(x, spec_aug, rng) if rng is not None else x)
         ys = [self.label_index[str(s.y)] for s in samples]
         return {
@@ -329,7 +330,7 @@ class TrainingRun:
             )
         torch.manual_seed(self.tr.seed)
         np.random.seed(self.tr.seed)  # legacy global state that libraries may use
-        self.task = Task(base, self.info, device)
+        self.task = Task(base, self.info, device, self.spec.data.length_policy)
         self.model = attach_lora(base, self.spec.peft).to(device)
         if self.tr.gradient_checkpointing:
             enable = getattr(base.model, "gradient_checkpointing_enable", None)
