@@ -286,3 +286,31 @@ def test_memory_and_precision_options_train(
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     if event is not None:
         assert any(e["event"] == event for e in log), f"expected a {event} event"
+
+
+def test_evaluate_scores_a_package_or_the_base_on_a_data_set(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from tests.agent_support import make_base, train  # noqa: PLC0415
+
+    base_sha = make_base(tmp_path / "base", seed=0)
+    trained = train(tmp_path / "run", tmp_path / "base", base_sha, data_seed=4, gain=1.0, key=None, steps=60)
+    data = tmp_path / "run" / "data"
+    common = ["evaluate", "--base", str(tmp_path / "base"), "--base-sha256", base_sha, "--data", str(data),
+              "--format", "npy"]  # fmt: skip
+    capsys.readouterr()
+    assert main(common) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main([*common, "--package", str(trained.folder)]) == 0
+    adapted = json.loads(capsys.readouterr().out)
+    assert alone["samples"] == adapted["samples"] == 240 and "package_sha256" not in alone
+    assert adapted["package_sha256"] == trained.sha256 and adapted["encoding"] == "int8-zstd"
+    assert adapted["eval_accuracy"] > alone["eval_accuracy"] + 0.2
+    # The trainer's own held-out split gives the figure the summary reported.
+    assert main([*common, "--package", str(trained.folder), "--split", "eval", "--eval-fraction", "0.2"]) == 0
+    held_out = json.loads(capsys.readouterr().out)
+    assert held_out["eval_accuracy"] == pytest.approx(trained.metrics["eval_accuracy_encoded"], abs=1e-6)
+    # A package that does not verify is refused with the reason.
+    weights = next(p for p in trained.folder.iterdir() if p.name.startswith("adapter"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert main([*common, "--package", str(trained.folder)]) == 2
+    assert "SHA-256" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """``python -m edgetune_trainer --config job.json``: train, package, sign, upload, report.
+(``python -m edgetune_trainer evaluate …`` scores a base or a package on a data set: ``evaluate.py``.)
 
 Exit codes (also in the termination message's ``reason``):
 0 Succeeded · 2 InvalidInput (data, model, config) · 3 InsufficientData · 4 BudgetTooSmall ·
@@ -236,7 +237,15 @@ def classify(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgetune_trainer", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        from edgetune_trainer import evaluate  # noqa: PLC0415
+
+        return evaluate.main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m edgetune_trainer", description=__doc__,
+        epilog="python -m edgetune_trainer evaluate --help: score a base or a package on a data set",
+    )  # fmt: skip
     parser.add_argument("--config", help="trainer configuration (JSON); default: $EDGETUNE_TRAINER_CONFIG")
     parser.add_argument("--data-dir", help="override runtime.dataDir (where the data is mounted)")
     parser.add_argument("--work-dir", help="override runtime.workDir (checkpoints, package)")

@@ -286,10 +286,10 @@ class NodeDataset:
         return self._info
 
     def iterate(self, split: str) -> Iterator[Sample]:
-        """Samples of the ``train`` or ``eval`` split, in file order."""
+        """Samples of the ``train`` or ``eval`` split (or ``all``), in file order."""
         want_eval = split == "eval"
         for sample, content in self._stream():
-            if is_eval(content, self.spec.eval_fraction) == want_eval:
+            if split == "all" or is_eval(content, self.spec.eval_fraction) == want_eval:
                 yield sample
 
     def shuffled(self, seed: int, epoch: int, buffer: int = 1024) -> Iterator[Sample]:

@@ -187,8 +187,9 @@ def causal_lm_loss(
     return loss
 
 
-def evaluate(model: nn.Module, task: Task, dataset: NodeDataset, batch_size: int, aug: Any) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) over the held-out split."""
+def evaluate(model: nn.Module, task: Task, dataset: NodeDataset, batch_size: int, aug: Any, *,
+             split: str = "eval") -> dict[str, float]:  # fmt: skip
+    """Mean loss (and accuracy for classification) over the held-out split (or ``all`` samples)."""
     model.eval()
     total_loss = total = correct = 0.0
     batch: list[Sample] = []
@@ -202,7 +203,7 @@ def evaluate(model: nn.Module, task: Task, dataset: NodeDataset, batch_size: int
         batch.clear()
 
     with torch.no_grad():
-        for sample in dataset.iterate("eval"):
+        for sample in dataset.iterate(split):
             batch.append(sample)
             if len(batch) == batch_size:
                 flush()

@@ -301,7 +301,7 @@ class TorchBackend:
         dataset, task, spec = self.eval_data
         net = self._net(adapter)
         try:
-            return evaluate(net, task, dataset, 64, spec.augmentation)
+            return evaluate(net, task, dataset, 64, spec.augmentation, split="all")  # all of the node's labelled data
         finally:
             net.eval()  # the trainer's evaluate() leaves the model in training mode
 
