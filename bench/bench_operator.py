@@ -45,7 +45,7 @@ def manifest(name: str) -> dict[str, Any]:
         "spec": {
             "baseModel": {"uri": "builtin:timeseries-cnn"},
             "data": {"source": {"hostPath": "/var/lib/edgetune/data"}, "format": "npy"},
-            "budgets": {"memory": "512Mi"},
+            "budgets": {"memory": "1Gi"},
             "placement": {"accelerator": "any"},
             "output": {"s3": {"bucket": "adapters"}, "mlflow": {"registeredModel": "bench"}},
         },

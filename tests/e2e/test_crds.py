@@ -96,7 +96,7 @@ INVALID: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], None], tuple
     ("no-target-modules", MINIMAL_JOB, _set("spec.peft.targetModules", []), ("spec.peft.targetModules", "at least 1 items")),
     ("unknown-field", MINIMAL_JOB, _set("spec.peft.rank", 8), ('unknown field "spec.peft.rank"',)),
     ("memory-not-quantity", MINIMAL_JOB, _set("spec.budgets.memory", "lots"), ("spec.budgets.memory", "must be a Kubernetes quantity such as 512Mi")),
-    ("memory-below-floor", MINIMAL_JOB, _set("spec.budgets.memory", "128Mi"), ("spec.budgets.memory", "at least 256Mi (the trainer cannot run in less)")),
+    ("memory-below-floor", MINIMAL_JOB, _set("spec.budgets.memory", "768Mi"), ("spec.budgets.memory", "at least 1Gi (the trainer cannot run in less)")),
     ("deadline-words", MINIMAL_JOB, _set("spec.budgets.deadline", "45 minutes"), ("spec.budgets.deadline", "must be a duration such as 90s, 15m or 1h30m")),
     ("battery-150", MINIMAL_JOB, _set("spec.budgets.minBatteryPercent", 150), ("spec.budgets.minBatteryPercent", "less than or equal to 100")),
     ("batch-zero", MINIMAL_JOB, _set("spec.training.batchSize", 0), ("spec.training.batchSize", "whole number from 1 to 65536, or the string auto")),
@@ -222,7 +222,7 @@ def test_kubectl_explain_teaches_the_api(hub_crds: ControlPlane) -> None:
     assert "The adapter to train." in out
     assert "r <integer> LoRA rank: the inner dimension of the low-rank update (1-256)." in out
     budgets = " ".join(hub_crds.kubectl("explain", "etj.spec.budgets.memory").stdout.split())
-    assert "Memory the trainer may use (becomes the pod's memory limit), e.g. `2Gi`; at least 256Mi." in budgets
+    assert "Memory the trainer may use (becomes the pod's memory limit), e.g. `2Gi`; at least 1Gi." in budgets
 
 
 def test_status_is_written_only_through_the_status_subresource(hub_crds: ControlPlane, api: tuple[Any, str]) -> None:

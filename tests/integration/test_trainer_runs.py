@@ -140,7 +140,7 @@ def test_failures_exit_non_zero_with_a_clear_termination_message(
             {"budgets": {"memory": "256Mi"}, "training": {"batchSize": "auto"}},
             4,
             "BudgetTooSmall",
-            "more than 90% of the memory budget",
+            "the trainer's runtime alone (Python, torch, peft and the base model) takes",
         ),
         (
             {"baseModel": {"uri": str(tmp_path / "no-model"), "sha256": "0" * 64}},
@@ -154,6 +154,26 @@ def test_failures_exit_non_zero_with_a_clear_termination_message(
         got, summary, _ = run(tmp_path, capsys, **overrides)
         assert (got, summary["reason"], summary["status"]) == (code, reason, "Failed"), summary
         assert text in str(summary["message"])
+
+
+def test_a_fixed_batch_size_is_held_to_the_memory_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fixed batchSize whose pass does not fit is refused up front, saying what takes the memory
+    (it used to train on regardless, past the budget a real pod would be killed at)."""
+    from edgetune_trainer.energy import current_rss_bytes  # noqa: PLC0415
+
+    budget_mib = int(current_rss_bytes() / 0.9 / 2**20) + 48  # room for the runtime, not for 4096 samples at once
+    code, summary, _ = run(tmp_path, capsys, budgets={"memory": f"{budget_mib}Mi"}, training={"batchSize": 4096})
+    assert (code, summary["reason"]) == (4, "BudgetTooSmall"), summary
+    message = str(summary["message"])
+    assert message.startswith("batchSize 4096 needs ")
+    assert "of it is the trainer's runtime before any training" in message
+    assert "use batchSize: auto" in message
+    # The same budget with a batch that fits trains, and the summary's peak covers packaging too.
+    code, summary, log = run(tmp_path, capsys, budgets={"memory": f"{budget_mib + 512}Mi"}, training={"batchSize": 8})
+    assert code == 0, summary
+    checked = next(e for e in log if e["event"] == "batch_size_checked")
+    assert checked["peak_bytes"] <= (budget_mib + 512) * 2**20 * 0.9
+    assert int(summary["peakMemoryBytes"]) >= checked["peak_bytes"]  # type: ignore[call-overload]
 
 
 def test_wrong_base_model_hash_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

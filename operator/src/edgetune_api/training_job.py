@@ -21,9 +21,12 @@ from edgetune_api.meta import (
     validations,
 )
 
-#: The least memory a trainer pod can run in (interpreter, torch, a tiny model). Budgets below it
-#: are rejected by the apiserver instead of failing on the node.
-TRAINER_MEMORY_FLOOR = "256Mi"
+#: The least memory a trainer pod can run in, from measurement: the trainer's process takes 782 MiB
+#: after importing torch (PyPI's build), peft and its own modules, before any data or model
+#: (docs/trainer.md); with the 10 % headroom the trainer keeps, 1Gi is the smallest budget that can
+#: train at all. Budgets below it are rejected by the apiserver instead of failing on the node; above
+#: it the trainer measures its own runtime and refuses, saying so, when the budget cannot hold it.
+TRAINER_MEMORY_FLOOR = "1Gi"
 
 Phase = Literal[
     "Pending", "WaitingForData", "Scheduled", "Training", "Packaging", "Registering", "Succeeded", "Failed", "Suspended"
@@ -219,7 +222,7 @@ class Budgets(ApiModel):
     """Limits the trainer must respect on the node."""
 
     memory: Quantity
-    """Memory the trainer may use (becomes the pod's memory limit), e.g. `2Gi`; at least 256Mi."""
+    """Memory the trainer may use (becomes the pod's memory limit), e.g. `2Gi`; at least 1Gi."""
     energy_joules: Annotated[float, Field(gt=0)] | None = None
     """Stop training (and package what was learned) once this much energy has been used."""
     deadline: Duration | None = None

@@ -29,6 +29,7 @@ from edgetune_trainer.energy import (
     EnergyMeter,
     battery_percent,
     best_meter,
+    current_rss_bytes,
     on_ac_power,
     peak_rss_bytes,
     reset_peak_rss,
@@ -267,9 +268,32 @@ def _micro_batches(
         yield batch, position
 
 
+def probe_peak(model: nn.Module, task: Task, samples: list[Sample], size: int, *, aug: Any,
+               device: torch.device) -> int:  # fmt: skip
+    """Peak memory of one forward/backward pass over a micro-batch of ``size``."""
+    batch = [samples[i % len(samples)] for i in range(size)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    loss, _ = task.loss(model, task.batch(batch, None, aug))
+    loss.backward()  # type: ignore[no-untyped-call]
+    model.zero_grad(set_to_none=True)
+    return int(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes())
+
+
+def too_big(what: str, peak: int, runtime: int, budget: int) -> str:
+    """Why a budget is too small, saying what takes the memory."""
+    mib = 2**20
+    return (f"{what} needs {peak / mib:.0f} MiB, more than {MEMORY_HEADROOM:.0%} of budgets.memory "
+            f"({budget / mib:.0f} MiB); {runtime / mib:.0f} MiB of it is the trainer's runtime before any "
+            "training (Python, torch, peft and the base model), the rest the batch's activations and "
+            "gradients")  # fmt: skip
+
+
 def find_batch_size(
-    model: nn.Module, task: Task, dataset: NodeDataset, *, budget_bytes: int, aug: Any, device: torch.device, limit: int
-) -> tuple[int, list[dict[str, int]]]:
+    model: nn.Module, task: Task, dataset: NodeDataset, *, budget_bytes: int, aug: Any, device: torch.device,
+    limit: int, runtime_bytes: int = 0,
+) -> tuple[int, list[dict[str, int]]]:  # fmt: skip
     """Largest micro-batch (powers of two up to ``limit``) whose measured fwd/bwd peak fits the budget."""
     samples = [s for _, s in zip(range(limit), dataset.iterate("train"), strict=False)]
     if not samples:
@@ -278,24 +302,14 @@ def find_batch_size(
     best = 0
     size = 1
     while size <= limit:
-        batch = [samples[i % len(samples)] for i in range(size)]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        reset_peak_rss()
-        loss, _ = task.loss(model, task.batch(batch, None, aug))
-        loss.backward()  # type: ignore[no-untyped-call]
-        model.zero_grad(set_to_none=True)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
-        probes.append({"batch": size, "peak_bytes": int(peak)})
+        peak = probe_peak(model, task, samples, size, aug=aug, device=device)
+        probes.append({"batch": size, "peak_bytes": peak})
         if peak > budget_bytes * MEMORY_HEADROOM:
             break
         best = size
         size *= 2
     if best == 0:
-        raise BudgetTooSmallError(
-            f"a micro-batch of 1 needs {probes[0]['peak_bytes'] / 2**20:.0f} MiB, more than "
-            f"{MEMORY_HEADROOM:.0%} of the memory budget ({budget_bytes / 2**20:.0f} MiB)"
-        )
+        raise BudgetTooSmallError(too_big("a micro-batch of 1", probes[0]["peak_bytes"], runtime_bytes, budget_bytes))
     return best, probes
 
 
@@ -357,15 +371,36 @@ class TrainingRun:
         self.deadline_s = parse_duration(self.spec.budgets.deadline) if self.spec.budgets.deadline else None
 
     def _batch_size(self) -> int:
-        if self.tr.batch_size != "auto":
-            return int(self.tr.batch_size)
+        """The micro-batch: measured against the memory budget whether fitted (``auto``) or fixed,
+        so a run never exceeds its budget silently (a real pod would be OOM-killed)."""
         budget = int(parse_quantity(self.spec.budgets.memory))
+        runtime = current_rss_bytes() if self.device.type == "cpu" else 0
+        if runtime > budget * MEMORY_HEADROOM:
+            need = math.ceil(runtime / MEMORY_HEADROOM / 2**20 / 64) * 64 + 64
+            raise BudgetTooSmallError(
+                f"the trainer's runtime alone (Python, torch, peft and the base model) takes {runtime / 2**20:.0f} MiB "
+                f"before any training, more than {MEMORY_HEADROOM:.0%} of budgets.memory ({budget / 2**20:.0f} MiB); "
+                f"give the job at least {need}Mi"
+            )
+        aug = self.spec.data.augmentation
+        if self.tr.batch_size != "auto":
+            size = int(self.tr.batch_size)
+            samples = [s for _, s in zip(range(size), self.dataset.iterate("train"), strict=False)]
+            if not samples:
+                raise DataError("no training samples (all went to the evaluation split)")
+            peak = probe_peak(self.model, self.task, samples, size, aug=aug, device=self.device)
+            if peak > budget * MEMORY_HEADROOM:
+                advice = "; lower batchSize, enable gradientCheckpointing, or use batchSize: auto"
+                raise BudgetTooSmallError(too_big(f"batchSize {size}", peak, runtime, budget) + advice)
+            self.report("batch_size_checked", batch_size=size, peak_bytes=peak, runtime_bytes=runtime,
+                        budget_bytes=budget)  # fmt: skip
+            return size
         limit = min(512, max(1, self.info.train_samples))
         size, probes = find_batch_size(
-            self.model, self.task, self.dataset, budget_bytes=budget, aug=self.spec.data.augmentation,
-            device=self.device, limit=limit,
+            self.model, self.task, self.dataset, budget_bytes=budget, aug=aug, device=self.device, limit=limit,
+            runtime_bytes=runtime,
         )  # fmt: skip
-        self.report("batch_size_fitted", batch_size=size, probes=probes, budget_bytes=budget)
+        self.report("batch_size_fitted", batch_size=size, probes=probes, budget_bytes=budget, runtime_bytes=runtime)
         return size
 
     def _autocast_dtype(self) -> torch.dtype | None:
