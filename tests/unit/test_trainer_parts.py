@@ -349,3 +349,28 @@ def test_the_encoding_gate_falls_back_until_the_bound_holds() -> None:
     assert blind.attempts[0].weight_error > encoding_gate.MAX_WEIGHT_ERROR and blind.encoding == "int8-zstd"
     # Loss-only tasks: loss may rise by the fraction.
     assert encoding_gate.degradation({"eval_loss": 2.0}, {"eval_loss": 2.1}) == pytest.approx(0.05)
+
+
+def test_text_sequences_have_the_declared_length_and_can_be_packed() -> None:
+    from edgetune_api.training_job import DataSpec  # noqa: PLC0415
+    from edgetune_trainer.data import DataInfo  # noqa: PLC0415
+    from edgetune_trainer.loop import Task  # noqa: PLC0415
+    from edgetune_trainer.models import BaseModel  # noqa: PLC0415
+
+    base = BaseModel(nn.Linear(1, 1), "transformers", None, [])  # no tokenizer: byte-level ids
+    info = DataInfo(samples=2, train_samples=2, eval_samples=0, sha256="0" * 64, labels=[], channels=None,
+                    length=None, kind="text")  # fmt: skip
+    texts = ["abc", "defghij"]
+
+    def task(**data: Any) -> Task:
+        spec = DataSpec.model_validate({"source": {"hostPath": "/d"}, "format": "text", **data})
+        return Task(base, info, torch.device("cpu"), spec)
+
+    plain = task(sequenceLength=8)._text_batch(texts)
+    assert plain["input_ids"].tolist() == [[97, 98, 99, 0, 0, 0, 0], [100, 101, 102, 103, 104, 105, 106]]
+    assert plain["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7]
+    cut = task(sequenceLength=8)._text_batch(["x" * 300])
+    assert cut["input_ids"].shape == (1, 8)  # truncated at the declared length (it was fixed at 128)
+    packed = task(sequenceLength=8, packing=True)._text_batch(texts)
+    assert packed["input_ids"].tolist() == [[97, 98, 99, 0, 100, 101, 102, 103], [104, 105, 106, 0, 0, 0, 0, 0]]
+    assert packed["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]

@@ -147,6 +147,11 @@ class DataSpec(ApiModel):
     """How a series of another length is brought to seriesLength: `resample` (linear interpolation
     over the whole series: keeps its shape), `padLast` (repeat the last reading; longer series are
     cropped) or `padZero` (zeros; longer series are cropped)."""
+    sequence_length: Annotated[int, Field(ge=8, le=131_072)] = 128
+    """Text: tokens per training sequence (longer samples are truncated, unless packed)."""
+    packing: bool = False
+    """Text: concatenate the samples of a micro-batch (separated by the end-of-text token) and cut
+    them into full sequences of sequenceLength tokens, instead of one padded sequence per sample."""
 
 
 class PeftSpec(ApiModel):

@@ -68,7 +68,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         set_peft_model_state_dict(model, package.decode(weights, manifest.encoding))
         digest = sha256_bytes((Path(args.package) / MANIFEST).read_bytes())
         result.update(package_sha256=digest, encoding=manifest.encoding, steps=manifest.steps)
-    task = Task(base, info, torch.device("cpu"))
+    task = Task(base, info, torch.device("cpu"), spec)
     scores = evaluate(model, task, dataset, args.batch_size, spec.augmentation, split=args.split)
     if not scores:
         raise ValueError(f"no samples in the {args.split!r} split of {args.data}")

@@ -23,6 +23,7 @@ from torch import nn
 
 from edgetune_api.meta import parse_duration, parse_quantity
 from edgetune_api.trainer_config import TrainerConfig
+from edgetune_api.training_job import DataSpec
 from edgetune_trainer import checkpoint as ckpt
 from edgetune_trainer.data import DataError, DataInfo, NodeDataset, Sample, augment, fit_length
 from edgetune_trainer.energy import (
@@ -36,7 +37,7 @@ from edgetune_trainer.energy import (
 )
 from edgetune_trainer.models import BaseModel, ModelError, adapter_state, attach_lora, load_adapter_state
 
-TEXT_MAX_TOKENS = 128
+DEFAULT_SEQUENCE_LENGTH = 128  # DataSpec.sequence_length's default, for tasks built without a spec
 LOSS_CHUNK_TOKENS = 32  # sequence positions per chunk of logits in the LM loss
 MEMORY_HEADROOM = 0.9  # auto batch size keeps the measured peak under 90 % of the budget
 
@@ -73,11 +74,13 @@ class Outcome:
 class Task:
     """Turns samples into tensors and computes the loss for the model's kind."""
 
-    def __init__(self, base: BaseModel, info: DataInfo, device: torch.device, length_policy: str = "resample") -> None:
+    def __init__(self, base: BaseModel, info: DataInfo, device: torch.device, data: DataSpec | None = None) -> None:
         self.device = device
         self.text = info.kind == "text"
         self.length = info.length or 0
-        self.length_policy = length_policy
+        self.length_policy = data.length_policy if data else "resample"
+        self.sequence_length = data.sequence_length if data else DEFAULT_SEQUENCE_LENGTH
+        self.packing = bool(data and data.packing)
         self.tokenizer = base.tokenizer
         labels = base.labels or info.labels
         self.label_index = {label: i for i, label in enumerate(labels)}
@@ -98,15 +101,28 @@ class Task:
             "y": torch.tensor(ys, dtype=torch.long, device=self.device),
         }
 
-    def _text_batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _tokens(self, texts: list[str]) -> tuple[list[list[int]], int, int]:
+        """Token ids per text (untruncated), the separator (end of text) and the padding id."""
         if self.tokenizer is not None:
-            enc = self.tokenizer(texts, truncation=True, max_length=TEXT_MAX_TOKENS, padding=True, return_tensors="pt")
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-        else:  # byte-level fallback for models shipped without a tokenizer (vocab >= 256)
-            rows = [list(t.encode()[:TEXT_MAX_TOKENS]) or [0] for t in texts]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+            eos = self.tokenizer.eos_token_id
+            pad = self.tokenizer.pad_token_id
+            eos = 0 if eos is None else int(eos)
+            return [list(r) for r in ids], eos, eos if pad is None else int(pad)
+        # byte-level fallback for models shipped without a tokenizer (vocabulary >= 256)
+        return [list(t.encode()) for t in texts], 0, 0
+
+    def _text_batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        tokens, eos, pad = self._tokens(texts)
+        size = self.sequence_length
+        if self.packing:  # one stream, cut into full rows; only the last row is padded
+            stream = [t for row in tokens for t in [*row, eos]]
+            rows = [stream[i : i + size] for i in range(0, len(stream), size)] or [[pad]]
+        else:
+            rows = [r[:size] or [pad] for r in tokens]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -345,7 +361,7 @@ class TrainingRun:
             )
         torch.manual_seed(self.tr.seed)
         np.random.seed(self.tr.seed)  # legacy global state that libraries may use
-        self.task = Task(base, self.info, device, self.spec.data.length_policy)
+        self.task = Task(base, self.info, device, self.spec.data)
         self.model = attach_lora(base, self.spec.peft).to(device)
         if self.tr.gradient_checkpointing:
             enable = getattr(base.model, "gradient_checkpointing_enable", None)

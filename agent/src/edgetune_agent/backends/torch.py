@@ -291,7 +291,7 @@ class TorchBackend:
                                         "format": settings.eval_format})  # fmt: skip
         dataset = NodeDataset(Path(settings.eval_data_dir), spec, None)
         info = dataset.scan()
-        return dataset, Task(self.base_model, info, self.device), spec
+        return dataset, Task(self.base_model, info, self.device, spec), spec
 
     def evaluate(self, adapter: str | None) -> dict[str, float] | None:
         if self.eval_data is None:
