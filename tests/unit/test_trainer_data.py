@@ -153,7 +153,7 @@ def test_augmentation_keeps_shape_and_changes_values() -> None:
     assert not np.allclose(out, x)
     assert np.array_equal(augment(x, Augmentation(), np.random.default_rng(0)), x)
     assert fit_length(x, 40).shape == (3, 40)
-    assert fit_length(x, 60)[:, 50:].sum() == 0
+    assert fit_length(x, 60, "padZero")[:, 50:].sum() == 0
 
 
 def test_series_of_other_lengths_follow_the_declared_policy() -> None:

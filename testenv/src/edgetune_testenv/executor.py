@@ -703,10 +703,14 @@ class _PodRun:
         return False
 
     def _termination_message(self, container: dict[str, Any], run: _ContainerRun, code: int) -> str:
-        message = run.termination_path.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode(errors="replace")
-        if not message.strip() and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            lines = run.log_path.read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
-            message = b"\n".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
+        try:  # the pod's folder goes when the pod is deleted while its container ends
+            message = run.termination_path.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode(errors="replace")
+            fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+            if not message.strip() and code != 0 and fallback:
+                lines = run.log_path.read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
+                message = b"\n".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
+        except FileNotFoundError:
+            return ""
         return message
 
     # -- status --------------------------------------------------------------------------
