@@ -176,6 +176,18 @@ def test_a_fixed_batch_size_is_held_to_the_memory_budget(tmp_path: Path, capsys:
     assert int(summary["peakMemoryBytes"]) >= checked["peak_bytes"]  # type: ignore[call-overload]
 
 
+def test_a_held_out_split_too_small_to_decide_anything_is_said_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, summary, log = run(tmp_path, capsys, data={"evalFraction": 0.05})
+    assert code == 0, summary
+    warning = next(e for e in log if e["event"] == "held_out_split_small")
+    assert 0 < warning["eval"] < 30 and warning["recommended"] == 30
+    assert summary["warnings"] and "decide on that few" in str(summary["warnings"])
+    code, summary, log = run(tmp_path / "more", capsys, data={"evalFraction": 0.3})
+    assert code == 0 and summary["warnings"] == [] and not [e for e in log if e["event"] == "held_out_split_small"]
+
+
 def test_wrong_base_model_hash_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     digest = save_builtin(TimeSeriesCNN(3, 3), tmp_path / "base", ["0", "1", "2"])
     code, summary, _ = run(tmp_path, capsys, baseModel={"uri": str(tmp_path / "base"), "sha256": "a" * 64})

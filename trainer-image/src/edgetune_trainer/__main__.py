@@ -37,6 +37,10 @@ def trainer_version() -> str:
         return "0+unknown"
 
 
+SMALL_HELD_OUT = 30
+"""Fewer held-out samples than this and the run warns that its evaluation is mostly noise."""
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the fields in plain words."""
 
@@ -133,6 +137,15 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         )
         report("data", samples=info.samples, train=info.train_samples, eval=info.eval_samples, labels=len(info.labels),
                kind=info.kind, sha256=info.sha256, **lengths)  # fmt: skip
+        warnings: list[str] = []
+        if info.eval_samples < SMALL_HELD_OUT:
+            warnings.append(
+                f"the held-out split has {info.eval_samples} samples (evalFraction {spec.data.eval_fraction} of "
+                f"{info.samples}): early stopping, targetLoss, the reported eval metrics and the encoding gate decide "
+                f"on that few, where one sample moves accuracy by {1 / max(info.eval_samples, 1):.0%}; score the "
+                "result on more data with `python -m edgetune_trainer evaluate`"
+            )
+            report("held_out_split_small", eval=info.eval_samples, recommended=SMALL_HELD_OUT, message=warnings[-1])
         work = Path(rt.work_dir)
         work.mkdir(parents=True, exist_ok=True)
         remote_model = spec.base_model.uri.startswith(("s3://", "models:/", "runs:/"))
@@ -203,7 +216,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             "samples": info.samples, "metrics": metrics, "energyJoules": round(outcome.energy_j, 3),
             "energyMethod": outcome.energy_method, "peakMemoryBytes": whole_run_peak(),
             "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from,
-            "durationSeconds": round(outcome.duration_s, 2),
+            "durationSeconds": round(outcome.duration_s, 2), "warnings": warnings,
         }  # fmt: skip
     finally:
         reporter.push()
