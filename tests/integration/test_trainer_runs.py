@@ -346,3 +346,24 @@ def test_evaluate_scores_a_package_or_the_base_on_a_data_set(tmp_path: Path,
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     assert main([*common, "--package", str(trained.folder)]) == 2
     assert "SHA-256" in capsys.readouterr().err
+
+
+def test_pretrain_builds_a_pinned_base_that_a_job_then_adapts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No internals needed to make a base: `pretrain` on one site's data, then a normal run adapts
+    that base (pinned by the digest pretrain printed) to another site's data."""
+    site_a = sine_classes(tmp_path / "site-a", seed=1)
+    capsys.readouterr()
+    argv = ["pretrain", "--data", str(site_a), "--format", "npy", "--out", str(tmp_path / "base"), "--steps", "150"]
+    assert main(argv) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["labels"] == ["0", "1", "2"] and built["channels"] == 3 and built["length"] == 48
+    assert built["eval_accuracy"] > 0.8  # it learned site A
+    base = {"uri": str(tmp_path / "base"), "sha256": built["sha256"]}
+    sine_classes(tmp_path / "site-b" / "data", seed=2, gain=1.7)
+    code, summary, log = run(tmp_path / "site-b", capsys, baseModel=base, training={"maxSteps": 30, "evalEvery": 30})
+    assert code == 0, summary
+    assert next(e for e in log if e["event"] == "base_model")["sha256"] == built["sha256"]
+    assert main(["pretrain", "--data", str(tmp_path / "nothing"), "--format", "npy", "--out", str(tmp_path / "x")]) == 2
+    assert "pretrain:" in capsys.readouterr().err

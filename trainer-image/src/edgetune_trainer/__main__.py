@@ -1,5 +1,6 @@
 """``python -m edgetune_trainer --config job.json``: train, package, sign, upload, report.
-(``python -m edgetune_trainer evaluate …`` scores a base or a package on a data set: ``evaluate.py``.)
+(``python -m edgetune_trainer evaluate …`` scores a base or a package on a data set: ``evaluate.py``;
+``python -m edgetune_trainer pretrain …`` builds a base model folder from labelled series: ``pretrain.py``.)
 
 Exit codes (also in the termination message's ``reason``):
 0 Succeeded · 2 InvalidInput (data, model, config) · 3 InsufficientData · 4 BudgetTooSmall ·
@@ -260,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         from edgetune_trainer import evaluate  # noqa: PLC0415
 
         return evaluate.main(argv[1:])
+    if argv[:1] == ["pretrain"]:
+        from edgetune_trainer import pretrain  # noqa: PLC0415
+
+        return pretrain.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m edgetune_trainer", description=__doc__,
-        epilog="python -m edgetune_trainer evaluate --help: score a base or a package on a data set",
+        epilog="subcommands: `evaluate --help` (score a base or a package on a data set), "
+        "`pretrain --help` (build a base model folder from labelled series)",
     )  # fmt: skip
     parser.add_argument("--config", help="trainer configuration (JSON); default: $EDGETUNE_TRAINER_CONFIG")
     parser.add_argument("--data-dir", help="override runtime.dataDir (where the data is mounted)")
