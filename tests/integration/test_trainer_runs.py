@@ -188,6 +188,19 @@ def test_a_held_out_split_too_small_to_decide_anything_is_said_so(
     assert code == 0 and summary["warnings"] == [] and not [e for e in log if e["event"] == "held_out_split_small"]
 
 
+def test_a_separate_evaluation_set_is_the_held_out_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sine_classes(tmp_path / "data", n=240, seed=3)
+    sine_classes(tmp_path / "labelled", n=90, seed=4)
+    code, summary, log = run(tmp_path, capsys, runtime={"evalDataDir": str(tmp_path / "labelled")})
+    assert code == 0, summary
+    data = next(e for e in log if e["event"] == "data")
+    assert (data["train"], data["eval"], data["samples"]) == (240, 90, 330)  # every node sample trains
+    assert data["eval_source_sha256"] != data["sha256"]
+    manifest = verify_package(read_folder(tmp_path / "work" / "package"), expected_digest=str(summary["sha256"]))
+    assert manifest.lineage.data_sha256 == data["sha256"]  # lineage: the node's training data
+    assert summary["warnings"] == []
+
+
 def test_wrong_base_model_hash_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     digest = save_builtin(TimeSeriesCNN(3, 3), tmp_path / "base", ["0", "1", "2"])
     code, summary, _ = run(tmp_path, capsys, baseModel={"uri": str(tmp_path / "base"), "sha256": "a" * 64})

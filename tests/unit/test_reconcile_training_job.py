@@ -79,6 +79,31 @@ def test_config_map_carries_the_validated_spec_and_runtime() -> None:
     assert config.runtime.signing_key_path == "/etc/edgetune/signing/key.pem"
 
 
+def test_a_separate_evaluation_set_is_mounted_read_only_and_named_to_the_trainer() -> None:
+    spec = _spec("trainingjob-gpu.yaml")
+    assert spec.data.eval_source is None
+    assert config_map(spec, JOB, Target("local"), Settings())["data"]["config.json"].count("evalDataDir") == 0
+    spec = spec.model_copy(
+        update={
+            "data": spec.data.model_copy(
+                update={
+                    "eval_source": spec.data.source.model_copy(
+                        update={"host_path": "/var/lib/edgetune/vibration-labelled"}
+                    )
+                }
+            )
+        }
+    )
+    pod = trainer_job(spec, JOB, Target("local"), Settings(), default_profiles()["gpu"][0])["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "eval-data")
+    assert volume["hostPath"] == {"path": "/var/lib/edgetune/vibration-labelled", "type": "Directory"}
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "eval-data")
+    assert mount == {"name": "eval-data", "mountPath": "/data-eval", "readOnly": True}
+    config = TrainerConfig.model_validate(json.loads(config_map(spec, JOB, Target("local"), Settings())["data"][
+        "config.json"]))  # fmt: skip
+    assert config.runtime.eval_data_dir == "/data-eval"
+
+
 def test_settings_from_environment() -> None:
     settings = Settings.from_env({
         "EDGETUNE_TRAINER_IMAGE": "registry.local/edgetune/trainer:1.2",

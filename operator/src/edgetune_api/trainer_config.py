@@ -20,6 +20,8 @@ class TrainerRuntime(ApiModel):
 
     data_dir: str = "/data"
     """Where the node-local data is mounted (read-only)."""
+    eval_data_dir: str | None = None
+    """Where spec.data.evalSource is mounted (none without one)."""
     work_dir: str = "/work"
     """Checkpoints and the package under construction; survives pod retries (a PVC or hostPath)."""
     termination_log: str = "/dev/termination-log"

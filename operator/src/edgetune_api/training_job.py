@@ -135,7 +135,11 @@ class DataSpec(ApiModel):
     text_field: ShortString | None = None
     """Column/key holding the text (csv, jsonl) for language-model fine-tuning."""
     eval_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.1
-    """Share of samples held out for evaluation."""
+    """Share of samples held out for evaluation (unless evalSource names a separate set)."""
+    eval_source: DataSource | None = None
+    """A separate labelled evaluation set on the node, in the same format: it is the held-out data
+    (early stopping, targetLoss, reported metrics, the encoding gate), and every sample of source
+    trains. Worth it when a hash split of a few node samples would be noise."""
     privacy: PrivacyFilters = nested(PrivacyFilters)
     """Fields dropped or hashed before anything else sees them."""
     augmentation: Augmentation = nested(Augmentation)

@@ -122,7 +122,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     report = _Report()
     try:
         salt = Path(rt.salt_path).read_bytes().strip() if rt.salt_path else None
-        dataset = NodeDataset(Path(rt.data_dir), spec.data, salt)
+        dataset = NodeDataset(Path(rt.data_dir), spec.data, salt,
+                              eval_root=Path(rt.eval_data_dir) if rt.eval_data_dir else None)  # fmt: skip
         info = dataset.scan()
         reporter.gauge("samples", info.samples)
         lengths = (
@@ -136,14 +137,15 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             if info.length
             else {}
         )
+        held = {"eval_source_sha256": info.eval_sha256} if info.eval_sha256 else {}
         report("data", samples=info.samples, train=info.train_samples, eval=info.eval_samples, labels=len(info.labels),
-               kind=info.kind, sha256=info.sha256, **lengths)  # fmt: skip
+               kind=info.kind, sha256=info.sha256, **lengths, **held)  # fmt: skip
         warnings: list[str] = []
         if info.eval_samples < SMALL_HELD_OUT:
             warnings.append(
-                f"the held-out split has {info.eval_samples} samples (evalFraction {spec.data.eval_fraction} of "
-                f"{info.samples}): early stopping, targetLoss, the reported eval metrics and the encoding gate decide "
-                f"on that few, where one sample moves accuracy by {1 / max(info.eval_samples, 1):.0%}; score the "
+                f"the held-out data has {info.eval_samples} samples: early stopping, targetLoss, the reported eval "
+                f"metrics and the encoding gate decide on that few, where one sample moves accuracy by "
+                f"{1 / max(info.eval_samples, 1):.0%}; name a separate evaluation set (data.evalSource) or score the "
                 "result on more data with `python -m edgetune_trainer evaluate`"
             )
             report("held_out_split_small", eval=info.eval_samples, recommended=SMALL_HELD_OUT, message=warnings[-1])

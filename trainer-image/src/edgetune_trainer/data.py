@@ -60,6 +60,8 @@ class DataInfo:
     longest: int | None = None
     refitted: int = 0
     """Series whose length differs from ``length`` (resampled, padded or cropped)."""
+    eval_sha256: str | None = None
+    """Digest of a separate evaluation set (``data.evalSource``); its samples are not in ``sha256``."""
 
 
 class PrivacyFilter:
@@ -233,32 +235,42 @@ def is_eval(digest: bytes, fraction: float) -> bool:
 class NodeDataset:
     """The data set on this node, as a re-iterable stream."""
 
-    def __init__(self, root: Path, spec: DataSpec, salt: bytes | None = None) -> None:
+    def __init__(self, root: Path, spec: DataSpec, salt: bytes | None = None, eval_root: Path | None = None) -> None:
+        """``eval_root``: a separate labelled evaluation set (``data.evalSource``); then every sample
+        under ``root`` trains and every one under ``eval_root`` is held out (no hash split)."""
         self.root = root
         self.spec = spec
         self.privacy = PrivacyFilter(spec.privacy.drop_fields, spec.privacy.hash_fields, salt)
         self.files = _files(root, spec.format)
+        self.eval_files = _files(eval_root, spec.format) if eval_root is not None else None
         self._info: DataInfo | None = None
 
-    def _stream(self) -> Iterator[tuple[Sample, bytes]]:
+    def _stream(self) -> Iterator[tuple[Sample, bytes, bool]]:
+        """Every sample with its content digest and whether it is held out."""
         for path in self.files:
             for sample in _read(path, self.spec, self.privacy):
-                yield sample, _content_digest(sample)
+                content = _content_digest(sample)
+                yield sample, content, self.eval_files is None and is_eval(content, self.spec.eval_fraction)
+        for path in self.eval_files or []:
+            for sample in _read(path, self.spec, self.privacy):
+                yield sample, _content_digest(sample), True
 
     def scan(self) -> DataInfo:
         """Count, hash and shape the data in one streaming pass."""
         if self._info is not None:
             return self._info
         digest = hashlib.sha256()
+        held_digest = hashlib.sha256()
         labels: set[str] = set()
         total = evals = 0
         channels = None
         lengths: Counter[int] = Counter()
         kind = "text" if self.spec.format == "text" or self.spec.text_field else "series"
-        for sample, content in self._stream():
-            digest.update(content)
+        for sample, content, held_out in self._stream():
+            separate = held_out and self.eval_files is not None
+            (held_digest if separate else digest).update(content)  # lineage: the node's own data
             total += 1
-            evals += is_eval(content, self.spec.eval_fraction)
+            evals += held_out
             if sample.y is not None:
                 labels.add(sample.y)
             if isinstance(sample.x, str):
@@ -282,14 +294,15 @@ class NodeDataset:
             shortest=min(lengths) if lengths else None,
             longest=max(lengths) if lengths else None,
             refitted=sum(n for size, n in lengths.items() if size != length),
+            eval_sha256=held_digest.hexdigest() if self.eval_files is not None else None,
         )
         return self._info
 
     def iterate(self, split: str) -> Iterator[Sample]:
         """Samples of the ``train`` or ``eval`` split (or ``all``), in file order."""
         want_eval = split == "eval"
-        for sample, content in self._stream():
-            if split == "all" or is_eval(content, self.spec.eval_fraction) == want_eval:
+        for sample, _, held_out in self._stream():
+            if split == "all" or held_out == want_eval:
                 yield sample
 
     def shuffled(self, seed: int, epoch: int, buffer: int = 1024) -> Iterator[Sample]:

@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from edgetune_api.meta import API_VERSION, Condition, parse_duration
 from edgetune_api.trainer_config import TrainerConfig, TrainerRuntime
-from edgetune_api.training_job import EdgeTrainingJobSpec, TargetStatus
+from edgetune_api.training_job import DataSource, EdgeTrainingJobSpec, TargetStatus
 from edgetune_operator.settings import AcceleratorProfile, Settings
 
 DATA_DIR = "/data"
+EVAL_DATA_DIR = "/data-eval"
 WORK_DIR = "/work"
 CONFIG_DIR = "/etc/edgetune"
 TERMINATION_LOG = "/dev/termination-log"
@@ -69,6 +70,7 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
         spec=spec,
         runtime=TrainerRuntime(
             data_dir=DATA_DIR,
+            eval_data_dir=EVAL_DATA_DIR if spec.data.eval_source else None,
             work_dir=WORK_DIR,
             termination_log=TERMINATION_LOG,
             s3_endpoint=spec.output.s3.endpoint or settings.s3_endpoint,
@@ -124,18 +126,21 @@ def config_map(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings:
     }
 
 
-def _volumes(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings) -> list[dict[str, Any]]:
-    source = spec.data.source
+def _data_volume(name: str, source: DataSource) -> dict[str, Any]:
     if source.host_path:
-        data: dict[str, Any] = {"name": "data", "hostPath": {"path": source.host_path, "type": "Directory"}}
-    else:
-        pvc = source.persistent_volume_claim
-        if pvc is None:  # the CRD's CEL rule makes this unreachable for applied objects
-            raise ValueError("data.source needs hostPath or persistentVolumeClaim")
-        data = {"name": "data", "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}}
+        return {"name": name, "hostPath": {"path": source.host_path, "type": "Directory"}}
+    pvc = source.persistent_volume_claim
+    if pvc is None:  # the CRD's CEL rule makes this unreachable for applied objects
+        raise ValueError("a data source needs hostPath or persistentVolumeClaim")
+    return {"name": name, "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}}
+
+
+def _volumes(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings) -> list[dict[str, Any]]:
+    data = _data_volume("data", spec.data.source)
     work = f"{settings.work_host_path.rstrip('/')}/{job.namespace}/{job.name}-{job.uid[:8]}/{target.key}"
     volumes = [
         data,
+        *([_data_volume("eval-data", spec.data.eval_source)] if spec.data.eval_source else []),
         {"name": "work", "hostPath": {"path": work, "type": "DirectoryOrCreate"}},
         {"name": "config", "configMap": {"name": child_name(job, target)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
@@ -165,6 +170,10 @@ def _mounts(spec: EdgeTrainingJobSpec) -> list[dict[str, Any]]:
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the container's own scratch space
     ]
+    if (held := spec.data.eval_source) is not None:
+        pvc = held.persistent_volume_claim
+        mounts.append({"name": "eval-data", "mountPath": EVAL_DATA_DIR, "readOnly": True,
+                       **({"subPath": pvc.sub_path} if pvc and pvc.sub_path else {})})  # fmt: skip
     if spec.output.signing_key_secret_ref:
         mounts.append({"name": "signing", "mountPath": f"{CONFIG_DIR}/signing", "readOnly": True})
     if spec.data.privacy.salt_secret_ref:
