@@ -100,11 +100,13 @@ class ReleaseController:
         self._next = math.inf
         self.watches = PodWatches(self.wake)
         self.publish_tried: dict[str, float] = {}
+        self._loop_thread: int | None = None
 
     def resync_loop(self) -> None:
         """Reconcile every unfinished release when something it waits for happens: a target pod
         changed (an agent's report; ``PodWatches``), a pause ends or a measurement is due (the
         time its last reconcile asked for), and at least every ``release_resync_seconds``."""
+        self._loop_thread = threading.get_ident()
         while not self.stop.is_set():
             timeout = min(self.settings.release_resync_seconds, max(0.0, self._next - time.monotonic()))
             if self.wake.wait(timeout):
@@ -130,7 +132,10 @@ class ReleaseController:
                     log.debug("release resync of %s failed", body["metadata"]["name"], exc_info=True)
 
     def _wake_at(self, when: float) -> None:
+        earlier = when < self._next
         self._next = min(self._next, when)
+        if earlier and threading.get_ident() != self._loop_thread:
+            self.wake.set()  # a kopf handler's reconcile: the sleeping loop must learn the new time
 
     def close(self) -> None:
         self.stop.set()
