@@ -280,12 +280,30 @@ def test_helm_chart_installs_the_crds(edge_b: ControlPlane) -> None:
     chart = str(REPO / "charts" / "edgetune")
     lint = subprocess.run([helm, "lint", chart], capture_output=True, text=True, check=False)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+    for namespace in ("team-a", "team-b"):
+        edge_b.kubectl("create", "namespace", namespace)
     install = subprocess.run(
         [helm, "install", "edgetune", chart, f"--kubeconfig={edge_b.kubeconfig}", "--namespace=edgetune-system",
-         "--create-namespace", "--wait", "--timeout=60s"],
+         "--create-namespace", "--wait", "--timeout=60s", "--set=operator.secretNamespaces={team-a}"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert install.returncode == 0, install.stdout + install.stderr
+    # Least privilege, asked of the apiserver: the operator reads Secrets by name where jobs and
+    # EdgeClusters name them, nowhere else, and can list or write none.
+    operator = "--as=system:serviceaccount:edgetune-system:edgetune-operator"
+
+    def can(*args: str) -> str:
+        done = edge_b.kubectl("auth", "can-i", operator, *args, check=False)
+        return str(done.stdout).strip()
+
+    assert can("get", "secrets", "-n", "edgetune-system") == "yes"
+    assert can("get", "secrets", "-n", "team-a") == "yes"
+    assert can("get", "secrets", "-n", "team-b") == "no"
+    assert can("get", "secrets", "-n", "kube-system") == "no"
+    assert can("list", "secrets", "-n", "team-a") == "no"
+    assert can("list", "secrets", "--all-namespaces") == "no"
+    assert can("create", "secrets", "-n", "team-a") == "no"
+    assert can("get", "pods", "-n", "team-b") == "yes"  # what it needs elsewhere still works
     crds = edge_b.kubectl("get", "crd", "-l", "app.kubernetes.io/name=edgetune", "-o", "name").stdout.split()
     assert sorted(crds) == [
         "customresourcedefinition.apiextensions.k8s.io/adapterreleases.edgetune.io",
@@ -307,6 +325,8 @@ def test_plain_manifests_are_the_rendered_chart_and_apply(edge_a: ControlPlane) 
     assert committed == render_manifests(), "deploy/edgetune.yaml is stale: run `make manifests`"
     edge_a.kubectl("apply", "--server-side", "-f", str(REPO / "deploy" / "edgetune.yaml"))
     role = json.loads(edge_a.kubectl("get", "clusterrole", "edgetune-operator", "-o", "json").stdout)
-    secrets = next(r for r in role["rules"] if "secrets" in r["resources"])
-    assert sorted(secrets["verbs"]) == ["get", "list"]  # least privilege: the operator never writes hub Secrets
+    assert not [r for r in role["rules"] if "secrets" in r["resources"]]  # Secrets: per namespace only
+    secrets = json.loads(edge_a.kubectl("-n", "edgetune-system", "get", "role", "edgetune-operator-secrets",
+                                        "-o", "json").stdout)["rules"]  # fmt: skip
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
     edge_a.kubectl("-n", "edgetune-system", "rollout", "status", "deploy/edgetune-operator", "--timeout=60s")

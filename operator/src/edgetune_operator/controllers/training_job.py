@@ -480,7 +480,8 @@ class TrainingJobController:
         for cluster in sorted(names):
             try:
                 kube = self.clusters.get(cluster)
-                for resource in (JOBS, CONFIG_MAPS, SECRETS):
+                # Secrets are copied to edge clusters only; on the hub the operator may not list them.
+                for resource in (JOBS, CONFIG_MAPS) if cluster == LOCAL else (JOBS, CONFIG_MAPS, SECRETS):
                     for child in kube.list(resource, meta["namespace"], labels={LABEL_JOB_UID: meta["uid"]}):
                         kube.delete(resource, child["metadata"]["name"], meta["namespace"])
             except ClusterUnavailableError:
