@@ -35,7 +35,7 @@ from edgetune_operator.clients.kube import (
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
-from edgetune_operator.controllers.credentials import ConfigurationError, s3_credentials, secret_value
+from edgetune_operator.controllers.credentials import ConfigurationError, read_secret, s3_credentials, secret_value
 from edgetune_operator.controllers.locks import PerObjectLocks
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
@@ -314,7 +314,10 @@ class TrainingJobController:
         if spec.output.s3.credentials_secret_ref:
             names.add(spec.output.s3.credentials_secret_ref)
         for name in sorted(names):
-            secret = self.hub.get_or_none(SECRETS, name, job.namespace)
+            try:
+                secret = read_secret(self.hub, job.namespace, name)
+            except ConfigurationError as exc:  # reported like a missing Secret: on the job, retried
+                raise ClusterUnavailableError(str(exc)) from None
             if secret is None:
                 raise ClusterUnavailableError(f"Secret {job.namespace}/{name} named by the job does not exist")
             kube.create({
