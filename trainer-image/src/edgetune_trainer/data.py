@@ -317,6 +317,14 @@ class NodeDataset:
             yield pool.pop(rng.randrange(len(pool)))
 
 
+def local_dataset(folder: Path, data_format: str, *, label_field: str | None = None,
+                  eval_fraction: float = 0.1) -> NodeDataset:  # fmt: skip
+    """A labelled folder read the way a job reads its node's data (tools, the agent's eval data)."""
+    spec = DataSpec.model_validate({"source": {"hostPath": str(folder)}, "format": data_format,
+                                    "labelField": label_field, "evalFraction": eval_fraction})  # fmt: skip
+    return NodeDataset(folder, spec, None)
+
+
 def _label_key(label: str) -> tuple[int, float | str]:
     try:
         return (0, float(label))

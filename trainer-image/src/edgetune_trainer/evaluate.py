@@ -13,10 +13,10 @@ this base. Exit 0 on success, 2 when something given is unusable (with the reaso
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from edgetune_trainer import tool
 
 SPLITS = ("all", "eval", "train")
 
@@ -28,12 +28,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--base-sha256", required=True, help="the base's digest (as in spec.baseModel.sha256)")
     p.add_argument("--package", help="adapter package folder (manifest.json, weights, signature)")
     p.add_argument("--trusted-key", help="Ed25519 public key (PEM) the package must be signed with")
-    p.add_argument("--data", required=True, help="folder with the labelled data")
-    p.add_argument("--format", required=True, choices=["csv", "jsonl", "npy", "text", "ts"])
-    p.add_argument("--label-field", help="label column/key (csv, jsonl)")
+    tool.data_arguments(p, ["csv", "jsonl", "npy", "text", "ts"])
     p.add_argument("--split", choices=SPLITS, default="all",
                    help="all samples (default), or the trainer's own held-out/training split")  # fmt: skip
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share, as in the job (for --split)")
     p.add_argument("--batch-size", type=int, default=64)
     return p.parse_args(argv)
 
@@ -42,15 +39,11 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     import torch  # noqa: PLC0415 - heavy
 
     from edgetune_api.delta import MANIFEST, read_folder, sha256_bytes, verify_package  # noqa: PLC0415
-    from edgetune_api.training_job import DataSpec  # noqa: PLC0415
     from edgetune_trainer import models, package  # noqa: PLC0415
-    from edgetune_trainer.data import NodeDataset  # noqa: PLC0415
     from edgetune_trainer.loop import Task, evaluate  # noqa: PLC0415
 
-    spec = DataSpec.model_validate({"source": {"hostPath": args.data}, "format": args.format,
-                                    "labelField": args.label_field, "evalFraction": args.eval_fraction})  # fmt: skip
-    dataset = NodeDataset(Path(args.data), spec, None)
-    info = dataset.scan()
+    dataset = tool.dataset(args)
+    spec, info = dataset.spec, dataset.scan()
     base = models.load_base(Path(args.base), args.base_sha256,
                             num_labels=len(info.labels) if info.kind == "series" and info.labels else None)  # fmt: skip
     model: torch.nn.Module = base.model
@@ -77,11 +70,4 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    args = parse(argv)
-    try:
-        result = score(args)
-    except Exception as exc:  # a tool for people: one clear line, not a traceback
-        sys.stderr.write(f"evaluate: {type(exc).__name__}: {exc}\n")
-        return 2
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0
+    return tool.run("evaluate", score, parse(argv))

@@ -13,23 +13,20 @@ held-out accuracy. Exit 0 on success, 2 when the data is unusable (reason on std
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from edgetune_trainer import tool
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m edgetune_trainer pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--data", required=True, help="folder with the labelled series")
-    p.add_argument("--format", required=True, choices=["csv", "jsonl", "npy", "ts"])
-    p.add_argument("--label-field", help="label column/key (csv, jsonl)")
+    tool.data_arguments(p, ["csv", "jsonl", "npy", "ts"])
     p.add_argument("--out", required=True, help="where to write the base model folder")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3)
-    p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--hidden", type=int, default=64)
@@ -41,14 +38,11 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from edgetune_api.training_job import DataSpec  # noqa: PLC0415
-    from edgetune_trainer.data import DataError, NodeDataset, fit_length  # noqa: PLC0415
+    from edgetune_trainer.data import DataError, fit_length  # noqa: PLC0415
     from edgetune_trainer.models import TimeSeriesCNN, load_base, save_builtin  # noqa: PLC0415
 
-    spec = DataSpec.model_validate({"source": {"hostPath": args.data}, "format": args.format,
-                                    "labelField": args.label_field, "evalFraction": args.eval_fraction})  # fmt: skip
-    dataset = NodeDataset(Path(args.data), spec, None)
-    info = dataset.scan()
+    dataset = tool.dataset(args)
+    spec, info = dataset.spec, dataset.scan()
     if info.kind != "series" or not info.length or not info.channels:
         raise DataError("pretrain builds the built-in sensor model: it needs labelled series")
     if len(info.labels) < 2:
@@ -93,11 +87,4 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    args = parse(argv)
-    try:
-        result = pretrain(args)
-    except Exception as exc:  # a tool for people: one clear line, not a traceback
-        sys.stderr.write(f"pretrain: {type(exc).__name__}: {exc}\n")
-        return 2
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0
+    return tool.run("pretrain", pretrain, parse(argv))

@@ -283,15 +283,11 @@ class TorchBackend:
     def _eval_data(self, settings: AgentSettings) -> Any:
         if settings.eval_data_dir is None:
             return None
-        from edgetune_api.training_job import DataSpec  # noqa: PLC0415
-        from edgetune_trainer.data import NodeDataset  # noqa: PLC0415
+        from edgetune_trainer.data import local_dataset  # noqa: PLC0415
         from edgetune_trainer.loop import Task  # noqa: PLC0415
 
-        spec = DataSpec.model_validate({"source": {"hostPath": str(settings.eval_data_dir)},
-                                        "format": settings.eval_format})  # fmt: skip
-        dataset = NodeDataset(Path(settings.eval_data_dir), spec, None)
-        info = dataset.scan()
-        return dataset, Task(self.base_model, info, self.device, spec), spec
+        dataset = local_dataset(Path(settings.eval_data_dir), settings.eval_format)
+        return dataset, Task(self.base_model, dataset.scan(), self.device, dataset.spec), dataset.spec
 
     def evaluate(self, adapter: str | None) -> dict[str, float] | None:
         if self.eval_data is None:
