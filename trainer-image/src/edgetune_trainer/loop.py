@@ -284,6 +284,14 @@ def _micro_batches(
         yield batch, position
 
 
+def probe_samples(dataset: NodeDataset, limit: int) -> list[Sample]:
+    """Up to ``limit`` training samples to measure a batch with (reused cyclically when fewer)."""
+    samples = [s for _, s in zip(range(limit), dataset.iterate("train"), strict=False)]
+    if not samples:
+        raise DataError("no training samples (all went to the evaluation split)")
+    return samples
+
+
 def probe_peak(model: nn.Module, task: Task, samples: list[Sample], size: int, *, aug: Any,
                device: torch.device) -> int:  # fmt: skip
     """Peak memory of one forward/backward pass over a micro-batch of ``size``."""
@@ -311,9 +319,7 @@ def find_batch_size(
     limit: int, runtime_bytes: int = 0,
 ) -> tuple[int, list[dict[str, int]]]:  # fmt: skip
     """Largest micro-batch (powers of two up to ``limit``) whose measured fwd/bwd peak fits the budget."""
-    samples = [s for _, s in zip(range(limit), dataset.iterate("train"), strict=False)]
-    if not samples:
-        raise DataError("no training samples (all went to the evaluation split)")
+    samples = probe_samples(dataset, limit)
     probes: list[dict[str, int]] = []
     best = 0
     size = 1
@@ -401,9 +407,7 @@ class TrainingRun:
         aug = self.spec.data.augmentation
         if self.tr.batch_size != "auto":
             size = int(self.tr.batch_size)
-            samples = [s for _, s in zip(range(size), self.dataset.iterate("train"), strict=False)]
-            if not samples:
-                raise DataError("no training samples (all went to the evaluation split)")
+            samples = probe_samples(self.dataset, size)
             peak = probe_peak(self.model, self.task, samples, size, aug=aug, device=self.device)
             if peak > budget * MEMORY_HEADROOM:
                 advice = "; lower batchSize, enable gradientCheckpointing, or use batchSize: auto"
