@@ -186,6 +186,7 @@ class ReleaseController:
         """A deleted release leaves no series behind."""
         meta = body["metadata"]
         self._phases.pop(meta["uid"], None)
+        self.publish_tried.pop(meta["uid"], None)
         self._publish_metrics(f"{meta['namespace']}/{meta['name']}", {})
 
     def _publish_metrics(self, release: str, by_version: dict[str, int]) -> None:
@@ -233,11 +234,11 @@ class _Context:
 
     # -- the state machine -----------------------------------------------------------------------
 
-    def start(self) -> bool:
+    def start(self, targets: list[Target]) -> bool:
         """Before the first write: refuse pods another release drives, resolve the adapters.
         False when the release cannot start (now or ever)."""
         s = self.status
-        rival = self.rival()
+        rival = self.rival(targets)
         if rival is not None:
             s.phase = "Failed"
             self.condition("Progressing", False, "TargetsInUse", rival)
@@ -257,9 +258,9 @@ class _Context:
 
     def run(self) -> None:
         s = self.status
-        if s.canary is None and not self.start():
-            return
         targets, unreachable = self.targets()
+        if s.canary is None and not self.start(targets):
+            return
         self.observe(targets)
         if unreachable:
             self.condition("ClustersReachable", False, "ClusterUnreachable",
@@ -295,9 +296,9 @@ class _Context:
     def wrong_base(self, targets: list[Target]) -> bool:
         """Before any agent was told to load the canary: refuse it if agents report serving another
         base model than the one it was trained on (they would all refuse it, one by one)."""
-        s = self.status
-        want = s.canary.base_sha256 if s.canary else None
-        if not want or any(t.assigned(s.canary.sha256) for t in targets if s.canary):
+        s, canary = self.status, self.status.canary
+        want = canary.base_sha256 if canary else None
+        if canary is None or not want or any(t.assigned(canary.sha256) for t in targets):
             return False
         other = sorted(t.key for t in targets if t.report and t.report.base_sha256 and t.report.base_sha256 != want)
         if not other:
@@ -392,7 +393,7 @@ class _Context:
                 self.labels[target.key] = dict(meta.get("labels") or {})
         return targets, unreachable
 
-    def rival(self) -> str | None:
+    def rival(self, targets: list[Target]) -> str | None:
         """Why this release may not start: another unfinished release in the namespace that started
         (or was created) before it selects some of the same pods. None when it may start."""
         mine = self.body["metadata"]
@@ -417,7 +418,6 @@ class _Context:
                                        spec.targets.workload_selector))  # fmt: skip
         if not rivals:
             return None
-        targets, _ = self.targets()
         hit = conflicts(targets, self.labels, rivals)
         if hit is None:
             return None
@@ -603,10 +603,13 @@ class _Context:
                     variables: dict[str, str]) -> analysis.MetricVerdict:  # fmt: skip
         """Take the measurement of ``metric`` that is due (if one is) and judge what ``run`` holds."""
         interval = parse_duration(metric.interval)
+
         # The first measurement comes one interval after the analysis starts (the agents' new
         # series need a scrape or two to reach Prometheus), then every interval.
-        since = run.last_measured_at or run.started_at or self.now
-        due = (self.now - since).total_seconds() >= interval - 0.05
+        def since() -> float:
+            return (self.now - (run.last_measured_at or run.started_at or self.now)).total_seconds()
+
+        due = since() >= interval - 0.05
         error: list[analysis.Measurement] = []
         if due and run.measured < metric.count:
             if analysis.uses(metric.query, "cluster"):  # once per cluster; the worst one counts
@@ -624,7 +627,7 @@ class _Context:
             else:
                 error.append(m)
         if run.measured < metric.count:
-            self.wake_in(interval - (self.now - (run.last_measured_at or run.started_at or self.now)).total_seconds())
+            self.wake_in(interval - since())  # the next measurement
         measured = [analysis.Measurement("value", v) for v in run.values]
         measured += [analysis.Measurement("nodata")] * run.no_data
         verdict = analysis.evaluate(metric, measured + error)
@@ -724,7 +727,8 @@ class _Context:
             client = self.ctl.s3_factory(opts.s3.endpoint or self.ctl.settings.s3_endpoint, creds)
             object_store.put_json(client, bucket, key, record.model_dump_json(by_alias=True).encode())
         except Exception as exc:  # botocore's errors, a missing Secret: all reported the same way
-            message = f"writing s3://{bucket}/{key} failed (retried every reconcile): {type(exc).__name__}: {exc}"
+            message = (f"writing s3://{bucket}/{key} failed (retried every {PUBLISH_RETRY_SECONDS:.0f} s): "
+                       f"{type(exc).__name__}: {exc}")  # fmt: skip
             first = not any(c.type == "RevocationPublished" and c.reason == "PublishFailed" for c in s.conditions)
             self.condition("RevocationPublished", False, "PublishFailed", message[:2000])
             if first:
