@@ -8,7 +8,8 @@ bash scripts/bootstrap.sh
 echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; .venv/bin/mypy operator/src trainer-image/src agent/src testenv/src
 echo "== import contracts"; .venv/bin/lint-imports
-echo "== CRDs in sync with the models"; .venv/bin/python -m edgetune_api check
+echo "== CRDs and the chart's values schema in sync with the models"; .venv/bin/python -m edgetune_api check
+echo "== Grafana dashboards in sync with their code"; .venv/bin/python -m edgetune_dashboards check
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest -m "not bench" "$@"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from edgetune_trainer import package
 from edgetune_trainer.energy import EstimateMeter, JetsonMeter, RaplMeter, battery_percent, best_meter, on_ac_power
 from edgetune_trainer.loop import causal_lm_loss
 from edgetune_trainer.report import Reporter, write_termination
+from tests.support import eventually
 from tests.trainer_support import config
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -276,6 +280,38 @@ def test_metrics_are_served_and_the_termination_message_fits_4kib(tmp_path: Path
     written = json.loads(path.read_text())
     assert len(path.read_bytes()) <= 4096
     assert written["reason"] == "InvalidInput" and written["message"].startswith("xxx")
+
+
+def test_metrics_are_pushed_while_training_not_only_at_the_end() -> None:
+    """A trainer on an edge cluster cannot be scraped: the Pushgateway must see its progress as it
+    happens, so Prometheus (and the live views built on it) follow the run."""
+    bodies: list[str] = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    reporter = Reporter(job="j", namespace="ns", cluster="edge-a", node="n1", pushgateway_url=url, push_interval=0.1)
+    try:
+        reporter.gauge("step", 3)
+        eventually(lambda: any('edgetune_trainer_step{cluster="edge-a"' in b and "} 3.0" in b for b in bodies),
+                   timeout=5, what="a push with step 3")  # fmt: skip
+        reporter.gauge("step", 7)
+        eventually(lambda: any("} 7.0" in b for b in bodies), timeout=5, what="a later push with step 7")
+    finally:
+        reporter.close()
+        server.shutdown()
+    pushed = len(bodies)
+    time.sleep(0.3)
+    assert len(bodies) == pushed  # closed: no more pushes
 
 
 def _run_cli(tmp_path: Path, cfg: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:

@@ -1,6 +1,8 @@
-"""``python -m edgetune_api write|check``: regenerate the CRDs, or fail when the files are stale.
+"""``python -m edgetune_api write|check``: regenerate the CRDs and the chart's values schema, or fail
+when the files are stale.
 
-The CRDs live in ``crds/`` and, as a copy, in ``charts/edgetune/crds/``.
+The CRDs live in ``crds/`` and, as a copy, in ``charts/edgetune/crds/``; the values schema
+(``edgetune_api.chart_values``) in ``charts/edgetune/values.schema.json``.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from edgetune_api import chart_values
 from edgetune_api.crd import rendered
 
 REPO = Path(__file__).resolve().parents[3]
 TARGETS = (REPO / "crds", REPO / "charts" / "edgetune" / "crds")
+VALUES_SCHEMA = REPO / "charts" / "edgetune" / "values.schema.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(text)
             elif not path.exists() or path.read_text() != text:
                 stale.append(str(path.relative_to(REPO)))
+    schema = chart_values.render()
+    if args.command == "write":
+        VALUES_SCHEMA.write_text(schema)
+    elif not VALUES_SCHEMA.exists() or VALUES_SCHEMA.read_text() != schema:
+        stale.append(str(VALUES_SCHEMA.relative_to(REPO)))
     if stale:
-        sys.stderr.write(f"stale CRDs (run `python -m edgetune_api write`): {', '.join(stale)}\n")
+        sys.stderr.write(f"stale generated files (run `python -m edgetune_api write`): {', '.join(stale)}\n")
         return 1
     return 0
 

@@ -9,6 +9,7 @@ local trainer Jobs (so a finished trainer is noticed at once), and one operator-
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 from typing import Any
@@ -17,7 +18,7 @@ import kopf
 
 from edgetune_api.meta import GROUP, VERSION
 from edgetune_operator import metrics
-from edgetune_operator.clients.kube import EDGE_CLUSTERS, Kube
+from edgetune_operator.clients.kube import EDGE_CLUSTERS, InCluster, Kube
 from edgetune_operator.clients.mlflow import Mlflow
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters
@@ -66,6 +67,21 @@ def build_runtime(settings: Settings, local: Kube) -> None:
     RUNTIME.releases = ReleaseController(
         settings, RUNTIME.clusters, mlflow=mlflow, prometheus=prometheus, s3_factory=_s3_factory
     )
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's own connection: the pod's service account (``InCluster``, which honours
+    ``EDGETUNE_SERVICE_ACCOUNT_DIR``), else whatever the kubernetes client finds ($KUBECONFIG).
+
+    The token is projected and rotated by the kubelet; marking it expired after a few minutes makes
+    kopf read the file again instead of holding an old token until the API server refuses it."""
+    pod = InCluster.detect()
+    if pod is None:
+        return kopf.login_via_client(**kwargs)
+    expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+    return kopf.ConnectionInfo(server=pod.server, ca_path=pod.ca_path, scheme="Bearer", token=pod.token(),
+                               default_namespace=pod.namespace, expiration=expires)  # fmt: skip
 
 
 @kopf.on.startup()

@@ -29,6 +29,8 @@ CALL_ERRORS = Counter(
 )  # fmt: skip
 CLUSTER_REACHABLE = Gauge(f"{PREFIX}_cluster_reachable", "1 when the edge cluster answered its last heartbeat.",
                           ["cluster"])  # fmt: skip
+CLUSTER_NODES = Gauge(f"{PREFIX}_cluster_nodes", "Nodes of an edge cluster by accelerator, from its last heartbeat.",
+                      ["cluster", "accelerator"])  # fmt: skip
 REGISTRATIONS = Counter(f"{PREFIX}_registrations", "Adapter versions registered in MLflow.", ["model"])
 VERIFICATION_FAILURES = Counter(
     f"{PREFIX}_verification_failures", "Adapter packages refused by verification.", ["namespace"]

@@ -2,9 +2,12 @@
 
 binaries        build (once) and verify every Go-built binary; print where they are
 manifests       print deploy/edgetune.yaml (CRDs + the chart rendered with default values)
-demo [--hold]   start a hub and two edge clusters with simulated GPU/NPU/CPU nodes plus the
-                S3, MLflow and Prometheus servers; print what is running; with --hold keep it
-                up until Ctrl-C (kubeconfigs are printed so kubectl can be pointed at them)
+demo            the product's story, end to end (edgetune_testenv.demo.story): the operator
+                installed with Helm, training on the edge nodes, a good and a bad release;
+                a summary table and PNG plots under --results (default ./demo-results/<time>);
+                --hold keeps everything up afterwards, --headless prints plain lines
+env [--hold]    only the environment: a hub and two edge clusters with simulated GPU/NPU/CPU
+                nodes plus S3, MLflow and Prometheus; print what is running
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _binaries() -> int:
     return 0
 
 
-def _demo(hold: bool, workdir: Path | None) -> int:
+def _env(hold: bool, workdir: Path | None) -> int:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         clusters = []
@@ -87,6 +90,18 @@ def _demo(hold: bool, workdir: Path | None) -> int:
     return 0
 
 
+def _story(args: argparse.Namespace) -> int:
+    from edgetune_testenv.demo.live import Display  # noqa: PLC0415
+    from edgetune_testenv.demo.story import Demo, results_folder, workdir  # noqa: PLC0415
+
+    display = Display(live=False if args.headless else None)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with workdir(args.workdir) as folder:
+        demo = Demo(workdir=folder, results=results_folder(args.results).resolve(), display=display,
+                    canary_seconds=5 if args.headless else 15)  # fmt: skip
+        return demo.run(args.hold)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edgetune_testenv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("binaries", help="build and verify the Go-built binaries")
     sub.add_parser("manifests", help="print the plain kubectl-apply manifests rendered from the chart")
-    demo = sub.add_parser("demo", help="bring up the local demo environment")
-    demo.add_argument("--hold", action="store_true", help="keep it running until Ctrl-C")
+    demo = sub.add_parser("demo", help="run the product demo end to end")
+    demo.add_argument("--hold", action="store_true", help="keep everything up after the story, until Ctrl-C")
+    demo.add_argument("--headless", action="store_true", help="plain lines instead of live tables")
     demo.add_argument("--workdir", type=Path, help="keep state and logs here instead of a temp dir")
+    demo.add_argument("--results", type=Path, help="where the summary and plots go (default ./demo-results/<time>)")
+    env = sub.add_parser("env", help="bring up the environment only")
+    env.add_argument("--hold", action="store_true", help="keep it running until Ctrl-C")
+    env.add_argument("--workdir", type=Path, help="keep state and logs here instead of a temp dir")
     args = parser.parse_args(argv)
     try:
         if args.command == "binaries":
@@ -104,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "manifests":
             sys.stdout.write(render_manifests())
             return 0
-        return _demo(args.hold, args.workdir)
+        if args.command == "demo":
+            return _story(args)
+        return _env(args.hold, args.workdir)
     except EnvironmentSetupError as exc:
         print(f"edgetune: {exc}", file=sys.stderr)
         return 2

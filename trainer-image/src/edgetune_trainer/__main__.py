@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="override runtime.dataDir (where the data is mounted)")
     parser.add_argument("--work-dir", help="override runtime.workDir (checkpoints, package)")
     parser.add_argument("--termination-log", help="override runtime.terminationLog")
+    parser.add_argument("--eval-data-dir", help="override runtime.evalDataDir (a separate held-out set)")
+    parser.add_argument("--signing-key", help="override runtime.signingKeyPath (Ed25519 private key, PEM)")
+    parser.add_argument("--salt-file", help="override runtime.saltPath (salt for privacy.hashFields)")
     args = parser.parse_args(argv)
     # Until the configuration says where, the summary goes where the command line or environment
     # says, or to the container's termination log when there is one, else to stdout: a trainer run
@@ -287,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         config = load_config(args.config)
-        overrides = {"data_dir": args.data_dir, "work_dir": args.work_dir, "termination_log": args.termination_log}
+        overrides = {"data_dir": args.data_dir, "work_dir": args.work_dir, "termination_log": args.termination_log,
+                     "eval_data_dir": args.eval_data_dir, "signing_key_path": args.signing_key,
+                     "salt_path": args.salt_file}  # fmt: skip
         runtime = config.runtime.model_copy(update={k: v for k, v in overrides.items() if v})
         config = config.model_copy(update={"runtime": runtime})
         termination = Path(config.runtime.termination_log)

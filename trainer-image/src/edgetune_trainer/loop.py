@@ -391,6 +391,10 @@ class TrainingRun:
         self.energy_offset = self.state.energy_j
         self.started = time.monotonic() - self.state.elapsed_s
         self.deadline_s = parse_duration(self.spec.budgets.deadline) if self.spec.budgets.deadline else None
+        # Budgets beside usage, so an alert can compare them (edgetune_trainer_*_budget_*).
+        self.report.gauge("memory_budget", parse_quantity(self.spec.budgets.memory))
+        if self.spec.budgets.energy_joules is not None:
+            self.report.gauge("energy_budget", self.spec.budgets.energy_joules)
 
     def _batch_size(self) -> int:
         """The micro-batch: measured against the memory budget whether fitted (``auto``) or fixed,

@@ -25,6 +25,8 @@ class TrainerMetrics:
         self.samples_per_second = gauge("edgetune_trainer_samples_per_second", "Training throughput.")
         self.peak_memory = gauge("edgetune_trainer_peak_memory_bytes", "Peak memory of the trainer.", ("device",))
         self.energy = gauge("edgetune_trainer_energy_joules", "Energy used by training so far.", ("method",))
+        self.memory_budget = gauge("edgetune_trainer_memory_budget_bytes", "The job's budgets.memory.")
+        self.energy_budget = gauge("edgetune_trainer_energy_budget_joules", "The job's budgets.energyJoules (if set).")
         self.battery = gauge("edgetune_trainer_battery_percent", "Battery charge seen by the trainer.")
         self.paused = gauge("edgetune_trainer_paused", "1 while training is paused (low battery).")
         self.samples = gauge("edgetune_trainer_data_samples", "Samples available on the node.")

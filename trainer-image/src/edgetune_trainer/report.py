@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from prometheus_client import push_to_gateway, start_http_server
 from edgetune_trainer.metrics import TrainerMetrics
 
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+PUSH_INTERVAL_SECONDS = 5.0
+"""While training, metrics are pushed this often (and once more at the end): a trainer on a remote
+edge cluster cannot be scraped, so without it Prometheus would see nothing until the run is over."""
 
 
 class Reporter:
@@ -26,6 +30,7 @@ class Reporter:
         node: str,
         metrics_port: int = 0,
         pushgateway_url: str | None = None,
+        push_interval: float = PUSH_INTERVAL_SECONDS,
     ) -> None:
         self.metrics = TrainerMetrics()
         self.labels = {"job": job, "namespace": namespace, "cluster": cluster, "node": node}
@@ -33,6 +38,16 @@ class Reporter:
         self._server: Any = None
         if metrics_port:
             self._server = start_http_server(metrics_port, addr="0.0.0.0", registry=self.metrics.registry)  # noqa: S104
+        self._stop = threading.Event()
+        self._pusher: threading.Thread | None = None
+        if pushgateway_url and push_interval > 0:
+            self._pusher = threading.Thread(target=self._push_every, args=(push_interval,), name="metrics-push",
+                                            daemon=True)  # fmt: skip
+            self._pusher.start()
+
+    def _push_every(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.push()
 
     def event(self, name: str, **fields: Any) -> None:
         """One JSON line on stdout (what `kubectl logs` shows)."""
@@ -55,6 +70,9 @@ class Reporter:
             self.event("pushgateway_unreachable", error=str(exc))
 
     def close(self) -> None:
+        self._stop.set()
+        if self._pusher is not None:
+            self._pusher.join(timeout=10)
         if self._server is not None:
             server, thread = self._server if isinstance(self._server, tuple) else (self._server, None)
             server.shutdown()

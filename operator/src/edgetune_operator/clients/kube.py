@@ -9,17 +9,20 @@ synchronous: kopf runs our handlers in its thread pool.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
+from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from edgetune_api.meta import GROUP, VERSION
 from edgetune_operator import metrics
@@ -30,6 +33,38 @@ FIELD_MANAGER = "edgetune-operator"
 POOL_SIZE = 40
 """Connections kept per cluster: a release writes up to 32 pod annotations at once, plus watches
 and reconciles (beyond the pool, urllib3 would open and drop a TLS connection per request)."""
+
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@dataclass(frozen=True)
+class InCluster:
+    """The pod's own identity: API server URL, service-account token file, CA and namespace.
+
+    The folder is the standard mount unless ``EDGETUNE_SERVICE_ACCOUNT_DIR`` names another (a pod
+    that turns the automatic mount off and projects its own, audience-bound token elsewhere)."""
+
+    server: str
+    token_path: str
+    ca_path: str
+    namespace: str | None
+
+    @classmethod
+    def detect(cls, environ: dict[str, str] | None = None) -> InCluster | None:
+        env = dict(os.environ) if environ is None else environ
+        folder = env.get("EDGETUNE_SERVICE_ACCOUNT_DIR", SERVICE_ACCOUNT_DIR).rstrip("/")
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host or not Path(folder, "token").exists():
+            return None
+        namespace = None
+        with suppress(OSError):
+            namespace = Path(folder, "namespace").read_text(encoding="utf-8").strip() or None
+        server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        return cls(server, f"{folder}/token", f"{folder}/ca.crt", namespace)
+
+    def token(self) -> str:
+        return Path(self.token_path).read_text(encoding="utf-8").strip()
 
 
 class KubeError(RuntimeError):
@@ -102,11 +137,13 @@ class Kube:
 
     @classmethod
     def from_environment(cls) -> Kube:
-        """In-cluster service account when running in a pod, else ``$KUBECONFIG``."""
+        """The pod's service account when running in a pod (``InCluster``; the token is re-read as the
+        kubelet rotates it), else ``$KUBECONFIG``."""
         configuration = k8s.Configuration()
-        try:
-            k8s_config.load_incluster_config(client_configuration=configuration)
-        except k8s_config.ConfigException:
+        pod = InCluster.detect()
+        if pod is not None:
+            InClusterConfigLoader(token_filename=pod.token_path, cert_filename=pod.ca_path).load_and_set(configuration)
+        else:
             k8s_config.load_kube_config(client_configuration=configuration)
         configuration.connection_pool_maxsize = POOL_SIZE
         return cls(k8s.ApiClient(configuration), "local")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -113,6 +114,11 @@ class Clusters:
             entry = self._cache.pop(name, None)
         if entry:
             entry.kube.close()
+        with suppress(KeyError):  # a deleted EdgeCluster leaves no stale series behind
+            metrics.CLUSTER_REACHABLE.remove(name)
+        for accelerator in ("gpu", "npu", "cpu"):
+            with suppress(KeyError):
+                metrics.CLUSTER_NODES.remove(name, accelerator)
 
     # -- EdgeCluster heartbeat ----------------------------------------------------------------------
 
@@ -148,6 +154,8 @@ class Clusters:
             return status
         metrics.CLUSTER_REACHABLE.labels(name).set(1)
         counts = count_nodes(nodes, self.settings)
+        for accelerator in ("gpu", "npu", "cpu"):
+            metrics.CLUSTER_NODES.labels(name, accelerator).set(getattr(counts, accelerator))
         status.reachable = True
         status.kubernetes_version = version
         status.nodes = len(nodes)

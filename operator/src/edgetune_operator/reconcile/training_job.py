@@ -21,6 +21,8 @@ EVAL_DATA_DIR = "/data-eval"
 WORK_DIR = "/work"
 CONFIG_DIR = "/etc/edgetune"
 TERMINATION_LOG = "/dev/termination-log"
+SIGNING_KEY_PATH = f"{CONFIG_DIR}/signing/key.pem"
+SALT_PATH = f"{CONFIG_DIR}/salt/salt"
 TRAINER_UID = 10001
 LABEL_JOB = "edgetune.io/training-job"
 LABEL_TARGET = "edgetune.io/target"
@@ -76,8 +78,8 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
             s3_endpoint=spec.output.s3.endpoint or settings.s3_endpoint,
             s3_bucket=spec.output.s3.bucket,
             s3_prefix=s3_prefix(spec, job, target),
-            signing_key_path=f"{CONFIG_DIR}/signing/key.pem" if spec.output.signing_key_secret_ref else None,
-            salt_path=f"{CONFIG_DIR}/salt/salt" if spec.data.privacy.salt_secret_ref else None,
+            signing_key_path=SIGNING_KEY_PATH if spec.output.signing_key_secret_ref else None,
+            salt_path=SALT_PATH if spec.data.privacy.salt_secret_ref else None,
             pushgateway_url=settings.pushgateway_url,
             job_namespace=job.namespace,
             job_name=job.name,
@@ -181,6 +183,20 @@ def _mounts(spec: EdgeTrainingJobSpec) -> list[dict[str, Any]]:
     return mounts
 
 
+def _args(spec: EdgeTrainingJobSpec) -> list[str]:
+    """Every mounted path the trainer reads, on its command line (the config file holds the same
+    paths; arguments are what ``kubectl describe`` shows and what a runtime may remap)."""
+    args = ["--config", f"{CONFIG_DIR}/config.json", "--data-dir", DATA_DIR, "--work-dir", WORK_DIR,
+            "--termination-log", TERMINATION_LOG]  # fmt: skip
+    if spec.data.eval_source:
+        args += ["--eval-data-dir", EVAL_DATA_DIR]
+    if spec.output.signing_key_secret_ref:
+        args += ["--signing-key", SIGNING_KEY_PATH]
+    if spec.data.privacy.salt_secret_ref:
+        args += ["--salt-file", SALT_PATH]
+    return args
+
+
 def trainer_job(
     spec: EdgeTrainingJobSpec,
     job: JobRef,
@@ -241,10 +257,7 @@ def trainer_job(
                 "name": "trainer",
                 "image": settings.trainer_image,
                 "imagePullPolicy": settings.trainer_image_pull_policy,
-                "args": [
-                    "--config", f"{CONFIG_DIR}/config.json", "--data-dir", DATA_DIR, "--work-dir", WORK_DIR,
-                    "--termination-log", TERMINATION_LOG,
-                ],
+                "args": _args(spec),
                 "env": env,
                 "resources": resources,
                 "securityContext": {
