@@ -330,3 +330,39 @@ def test_plain_manifests_are_the_rendered_chart_and_apply(edge_a: ControlPlane) 
                                         "-o", "json").stdout)["rules"]  # fmt: skip
     assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
     edge_a.kubectl("-n", "edgetune-system", "rollout", "status", "deploy/edgetune-operator", "--timeout=60s")
+
+
+def test_helm_upgrade_with_changed_crds_follows_the_documented_path(edge_b: ControlPlane) -> None:
+    """docs/operator.md: helm never upgrades CRDs, so they are applied first, then `helm upgrade`.
+    A cluster whose AdapterRelease CRD lacks a field (as from an older chart) gets it back, and the
+    release's new values reach the Deployment."""
+    helm = str(binaries.binary(binaries.HELM, "helm"))
+    chart = str(REPO / "charts" / "edgetune")
+    kubeconfig = f"--kubeconfig={edge_b.kubeconfig}"
+    if subprocess.run([helm, "status", "edgetune", kubeconfig, "-n", "edgetune-system"], capture_output=True,
+                      check=False).returncode != 0:  # fmt: skip
+        edge_b.kubectl("create", "namespace", "team-a", check=False)
+        subprocess.run([helm, "install", "edgetune", chart, kubeconfig, "-n", "edgetune-system", "--create-namespace",
+                        "--set=operator.secretNamespaces={team-a}", "--wait", "--timeout=60s"], check=True)  # fmt: skip
+    crd = json.loads(edge_b.kubectl("get", "crd", "adapterreleases.edgetune.io", "-o", "json").stdout)
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    del spec["promote"]  # an older chart's CRD
+    for key in ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"):
+        crd["metadata"].pop(key, None)
+    crd.pop("status", None)
+    edge_b.kubectl("replace", "-f", "-", input_text=json.dumps(crd))
+    assert edge_b.kubectl("explain", "adapterrelease.spec.promote", check=False).returncode != 0
+
+    edge_b.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts/edgetune/crds"))
+    upgrade = subprocess.run([helm, "upgrade", "edgetune", chart, kubeconfig, "-n", "edgetune-system", "--reuse-values",
+                              "--set=operator.workers=4", "--wait", "--timeout=60s"],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert "Skip the remaining steps" in edge_b.kubectl("explain", "adapterrelease.spec.promote").stdout
+    deployment = json.loads(edge_b.kubectl("-n", "edgetune-system", "get", "deploy", "edgetune-operator", "-o",
+                                           "json").stdout)  # fmt: skip
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["EDGETUNE_WORKERS"] == "4"
+    bad = subprocess.run([helm, "upgrade", "edgetune", chart, kubeconfig, "-n", "edgetune-system", "--reuse-values",
+                          "--set=operator.workers=many"], capture_output=True, text=True, check=False)  # fmt: skip
+    assert bad.returncode != 0 and "at '/operator/workers': got string, want integer" in bad.stderr

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -541,3 +543,45 @@ def test_the_operator_killed_at_random_points_ends_every_release_right(
         watcher.join(5)
     assert kills == 10
     assert moves[1:] == expected  # one move per promotion, in order; never a bad version
+
+
+def plugin(plane: ControlPlane, *args: str, kubectl: bool = False) -> subprocess.CompletedProcess[str]:
+    """``kubectl edgetune …`` as a user runs it: through kubectl's plugin lookup on PATH, or directly."""
+    venv_bin = str(Path(sys.executable).parent)
+    if kubectl:
+        command = [str(binaries.binary(binaries.KUBE, "kubectl")), "edgetune", f"--kubeconfig={plane.kubeconfig}"]
+    else:
+        command = [f"{venv_bin}/kubectl-edgetune", f"--kubeconfig={plane.kubeconfig}"]
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=180, check=False, env=env)
+
+
+def test_the_kubectl_plugin_shows_waits_for_and_steers_a_release(world: World) -> None:
+    w = world
+    canary = w.register("plugin", quality=1.0)
+    create(w, "plugin", canary["version"], analysis=QUALITY,
+           strategy=steps({"setWeight": 50}, {"pause": {}}, {"setWeight": 100}))  # fmt: skip
+    waiting = plugin(w.hub, "-n", w.ns, "status", "release/plugin", "--timeout=2s", "-o", "json")
+    assert waiting.returncode == 2 and json.loads(waiting.stdout)["phase"] != "Promoted", waiting.stdout
+    wait_phase(w, "plugin", "Paused", timeout=120)
+    tree = plugin(w.hub, "-n", w.ns, "get", "plugin", kubectl=True)  # found by kubectl on PATH
+    assert tree.returncode == 0, tree.stderr
+    assert f"AdapterRelease plugin  Paused  {w.model} v{canary['version']}" in tree.stdout, tree.stdout
+    assert "cluster edge-a: " in tree.stdout and "cluster edge-b: " in tree.stdout and "\x1b[" not in tree.stdout
+    listed = json.loads(plugin(w.hub, "-n", w.ns, "get", "-o", "json").stdout)
+    assert "plugin" in {r["metadata"]["name"] for r in listed["adapterReleases"]}
+    resumed = plugin(w.hub, "-n", w.ns, "promote", "plugin")  # past the pause, not every step
+    assert resumed.returncode == 0 and "spec.paused=false" in resumed.stdout, resumed.stdout + resumed.stderr
+    done = plugin(w.hub, "-n", w.ns, "status", "release/plugin", "--timeout=120s")
+    assert done.returncode == 0 and "Promoted" in done.stdout, done.stdout + done.stderr
+    assert set(w.serving().values()) == {canary["version"]}
+    again = plugin(w.hub, "-n", w.ns, "abort", "plugin")
+    assert again.returncode == 1 and "already Promoted" in again.stderr
+    pod = next(iter(w.reports())).split("/", 1)[1]
+    logs = plugin(w.hub, "-n", w.ns, "logs", "release/plugin", pod, "--cluster=edge-a", "--tail=20")
+    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+    # Plain errors and exit codes for scripts.
+    missing = plugin(w.hub, "-n", w.ns, "status", "release/nope")
+    assert missing.returncode == 3 and f"AdapterRelease {w.ns}/nope not found" in missing.stderr
+    bare = plugin(w.fleet["edge-a"], "get")  # a cluster without edgetune's CRDs
+    assert bare.returncode == 3 and "edgetune is not installed on this cluster" in bare.stderr

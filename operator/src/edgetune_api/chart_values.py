@@ -96,8 +96,11 @@ class Prometheus(Values):
     """What AdapterRelease analyses query."""
 
 
-class Enabled(Values):
+class EdgeAccess(Values):
     enabled: bool = False
+    pod_logs: bool = True
+    """Let the hub's identity read pod logs on this cluster (`kubectl edgetune logs` reads trainers'
+    and agents' logs through it). False keeps logs on site; use the cluster's own credentials then."""
 
 
 class Agent(Values):
@@ -129,7 +132,7 @@ class ChartValues(Values):
     mlflow: Mlflow = Field(default_factory=Mlflow)
     s3: S3 = Field(default_factory=S3)
     prometheus: Prometheus = Field(default_factory=Prometheus)
-    edge_access: Enabled = Field(default_factory=Enabled)
+    edge_access: EdgeAccess = Field(default_factory=EdgeAccess)
     """On an edge cluster: a ServiceAccount + least-privilege role for the hub operator's kubeconfig."""
     agent: Agent = Field(default_factory=Agent)
     prometheus_rule: Rules = Field(default_factory=Rules)
@@ -142,7 +145,8 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
             target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
             target.update({k: v for k, v in node.items() if k != "$ref"})
             return _inline(target, defs)
-        return {k: _inline(v, defs) for k, v in node.items() if k not in ("title", "$defs")}
+        return {k: " ".join(v.split()) if k == "description" else _inline(v, defs)
+                for k, v in node.items() if k not in ("title", "$defs")}  # fmt: skip
     if isinstance(node, list):
         return [_inline(v, defs) for v in node]
     return node

@@ -49,10 +49,20 @@ ANALYSIS_MEASUREMENTS = Counter(
     ["metric", "kind"],
 )  # fmt: skip
 ROLLBACKS = Counter(f"{PREFIX}_rollbacks", "Releases rolled back, by reason.", ["reason"])
+ROLLBACK_REASONS = ("AnalysisFailed", "AgentsRefused", "ProgressDeadlineExceeded", "Aborted")
 ROLLBACK_SECONDS = Histogram(
     f"{PREFIX}_rollback_duration_seconds", "From the decision to roll back to every target confirming stable.",
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
 )  # fmt: skip
+
+
+# Counters an alert takes increase() of exist at 0 from the start: a series born at 1 would hide its
+# first increment (increase() needs two samples), and the first rollback would never alert.
+for _kind in ("EdgeTrainingJob", "AdapterRelease"):
+    for _result in ("ok", "error"):
+        RECONCILES.labels(_kind, _result)
+for _reason in ROLLBACK_REASONS:
+    ROLLBACKS.labels(_reason)
 
 
 def observe_call(system: str, operation: str, outcome: str, seconds: float) -> None:

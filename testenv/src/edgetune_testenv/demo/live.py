@@ -46,6 +46,10 @@ class Display:
         mark = "[green]PASS[/]" if passed else "[red]FAIL[/]"
         self.console.print(f"{mark} {name}: {detail}", highlight=False)
 
+    def text(self, text: str) -> None:
+        self._end_live()
+        self.console.print(text, markup=False, highlight=False, end="")
+
     def failure(self, message: str, operator_log: str) -> None:
         self._end_live()
         self.console.print(f"[red bold]The demo stopped:[/] {message}", highlight=False)

@@ -561,6 +561,26 @@ class Demo:
                        f"{after if after is None else f'{after:.3f}'}; miswired v{bad}: "
                        f"{acc.get(bad, float('nan')):.3f}")  # fmt: skip
 
+    def plugin(self) -> None:
+        """What a person does next: ``kubectl edgetune`` on the hub (the plugin the set-up installs)."""
+        self.display.stage("kubectl edgetune get -n demo  (the kubectl plugin, on the hub)")
+        hub = self.planes["hub"].kubeconfig
+        binary = str(Path(sys.executable).parent / "kubectl-edgetune")
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([binary, f"--kubeconfig={hub}", "-n", NS, *args], capture_output=True, text=True,
+                                  timeout=60, check=False)  # fmt: skip
+
+        tree = run("get")
+        self.display.text(tree.stdout)
+        codes = {name: run("status", f"release/{name}", "--timeout=10s").returncode
+                 for name in ("meters-rollout", "meters-miswired")}  # fmt: skip
+        logs = run("logs", "job/meters-npu", "--cluster=edge-farm", f"--node={sensor.MISWIRED_NODE}", "--tail=5")
+        self.check("kubectl edgetune get / status / logs", tree.returncode == 0 and "meters-gpu-fedavg" in tree.stdout
+                   and codes == {"meters-rollout": 0, "meters-miswired": 1} and '"packaged"' in logs.stdout,
+                   f"status exit codes {codes} (0 promoted, 1 rolled back); the miswired trainer's log read on "
+                   f"edge-farm: {len(logs.stdout.splitlines())} lines {logs.stderr.strip()}", fatal=False)  # fmt: skip
+
     def dashboards(self) -> None:
         """Every panel of every Grafana dashboard (edgetune_dashboards), queried over the demo's time
         range as Grafana would: each must show data after this scenario."""
@@ -590,6 +610,7 @@ class Demo:
                 self.release("meters-miswired", "miswired", self.record.versions["good"])
                 self.measure()
                 self.dashboards()
+                self.plugin()
             except DemoFailedError as exc:
                 if not self.checks or self.checks[-1].passed:  # a wait that timed out, not a failed check
                     self.checks.append(Check("demo stopped", False, str(exc)))
