@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
 
+from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
 from tests.support import eventually
 
@@ -76,3 +81,14 @@ def events(plane: ControlPlane, namespace: str, name: str) -> list[tuple[str, st
     out = plane.kubectl("-n", namespace, "get", "events", "-o", "json",
                         f"--field-selector=involvedObject.name={name}").stdout  # fmt: skip
     return [(e["type"], e["reason"], e.get("message", "")) for e in json.loads(out)["items"]]
+
+
+def plugin(plane: ControlPlane, *args: str, kubectl: bool = False) -> subprocess.CompletedProcess[str]:
+    """``kubectl edgetune …`` as a user runs it: through kubectl's plugin lookup on PATH, or directly."""
+    venv_bin = str(Path(sys.executable).parent)
+    if kubectl:
+        command = [str(binaries.binary(binaries.KUBE, "kubectl")), "edgetune", f"--kubeconfig={plane.kubeconfig}"]
+    else:
+        command = [f"{venv_bin}/kubectl-edgetune", f"--kubeconfig={plane.kubeconfig}"]
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=180, check=False, env=env)

@@ -43,6 +43,9 @@ class ServiceMonitor(Values):
 class Operator(Values):
     enabled: bool = True
     """Install the operator (the hub). False on a pure edge cluster (enable edgeAccess there)."""
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    """More than one: standby replicas take over within ~15 s when the leader dies; a Lease elects the
+    one that reconciles (docs/operator.md)."""
     image: Image = Field(default_factory=Image)
     resources: dict[str, Any] = Field(
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "160Mi"}, "limits": {"memory": "256Mi"}}

@@ -88,6 +88,11 @@ class Settings(BaseModel):
     """Threads running reconciles (calls to Kubernetes, S3 and MLflow block)."""
     prometheus_url: str | None = None
     """Prometheus that AdapterRelease analyses query (e.g. http://prometheus.monitoring:9090)."""
+    leader_election: bool = False
+    """Take part in leader election over a Lease before reconciling (more than one replica: the chart
+    turns it on); standbys wait, answering their liveness probe."""
+    leader_election_namespace: str | None = None
+    """Namespace of the Lease ``edgetune-operator`` (default: the pod's own namespace)."""
     release_resync_seconds: Annotated[float, Field(gt=0)] = 2.0
     """Every running AdapterRelease is reconciled at least this often (analysis intervals, agents'
     confirmations on edge clusters, pause durations)."""

@@ -118,7 +118,8 @@ JOBS = Resource("batch/v1", "jobs")
 TRAINING_JOBS = Resource(f"{GROUP}/{VERSION}", "edgetrainingjobs")
 EDGE_CLUSTERS = Resource(f"{GROUP}/{VERSION}", "edgeclusters", namespaced=False)
 ADAPTER_RELEASES = Resource(f"{GROUP}/{VERSION}", "adapterreleases")
-KIND_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Secret": SECRETS, "Job": JOBS, "Namespace": NAMESPACES}
+LEASES = Resource("coordination.k8s.io/v1", "leases")
+KIND_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Secret": SECRETS, "Job": JOBS, "Namespace": NAMESPACES, "Lease": LEASES}
 
 
 class Kube:
