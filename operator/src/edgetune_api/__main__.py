@@ -1,8 +1,9 @@
-"""``python -m edgetune_api write|check``: regenerate the CRDs and the chart's values schema, or fail
-when the files are stale.
+"""``python -m edgetune_api write|check``: regenerate every file generated from the models, or fail
+when one is stale.
 
 The CRDs live in ``crds/`` and, as a copy, in ``charts/edgetune/crds/``; the values schema
-(``edgetune_api.chart_values``) in ``charts/edgetune/values.schema.json``.
+(``edgetune_api.chart_values``) in ``charts/edgetune/values.schema.json``; a reference page per CRD
+(``edgetune_api.reference``) in ``docs/reference/``.
 """
 
 from __future__ import annotations
@@ -11,37 +12,35 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgetune_api import chart_values
+from edgetune_api import chart_values, reference
 from edgetune_api.crd import rendered
 
 REPO = Path(__file__).resolve().parents[3]
-TARGETS = (REPO / "crds", REPO / "charts" / "edgetune" / "crds")
-VALUES_SCHEMA = REPO / "charts" / "edgetune" / "values.schema.json"
+CHART = REPO / "charts" / "edgetune"
+
+
+def _sync(folder: Path, files: dict[str, str], pattern: str, write: bool) -> list[str]:
+    """Write ``files`` into ``folder`` (removing others matching ``pattern``), or list the stale ones."""
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(pattern):
+            if old.name not in files:
+                old.unlink()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        return []
+    return [str((folder / n).relative_to(REPO)) for n, t in files.items()
+            if not (folder / n).exists() or (folder / n).read_text() != t]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgetune_api")
     parser.add_argument("command", choices=["write", "check"])
-    args = parser.parse_args(argv)
-    files = rendered()
-    stale = []
-    for target in TARGETS:
-        if args.command == "write":
-            target.mkdir(parents=True, exist_ok=True)
-            for old in target.glob("*.yaml"):
-                if old.name not in files:
-                    old.unlink()
-        for name, text in files.items():
-            path = target / name
-            if args.command == "write":
-                path.write_text(text)
-            elif not path.exists() or path.read_text() != text:
-                stale.append(str(path.relative_to(REPO)))
-    schema = chart_values.render()
-    if args.command == "write":
-        VALUES_SCHEMA.write_text(schema)
-    elif not VALUES_SCHEMA.exists() or VALUES_SCHEMA.read_text() != schema:
-        stale.append(str(VALUES_SCHEMA.relative_to(REPO)))
+    write = parser.parse_args(argv).command == "write"
+    crds = rendered()
+    stale = _sync(REPO / "crds", crds, "*.yaml", write) + _sync(CHART / "crds", crds, "*.yaml", write)
+    stale += _sync(REPO / "docs" / "reference", reference.pages(), "*.md", write)
+    stale += _sync(CHART, {"values.schema.json": chart_values.render()}, "values.schema.json", write)
     if stale:
         sys.stderr.write(f"stale generated files (run `python -m edgetune_api write`): {', '.join(stale)}\n")
         return 1
