@@ -14,23 +14,10 @@ from pathlib import Path
 
 from edgetune_api import chart_values, reference
 from edgetune_api.crd import rendered
+from edgetune_api.generated import sync
 
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "edgetune"
-
-
-def _sync(folder: Path, files: dict[str, str], pattern: str, write: bool) -> list[str]:
-    """Write ``files`` into ``folder`` (removing others matching ``pattern``), or list the stale ones."""
-    if write:
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob(pattern):
-            if old.name not in files:
-                old.unlink()
-        for name, text in files.items():
-            (folder / name).write_text(text)
-        return []
-    return [str((folder / n).relative_to(REPO)) for n, t in files.items()
-            if not (folder / n).exists() or (folder / n).read_text() != t]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["write", "check"])
     write = parser.parse_args(argv).command == "write"
     crds = rendered()
-    stale = _sync(REPO / "crds", crds, "*.yaml", write) + _sync(CHART / "crds", crds, "*.yaml", write)
-    stale += _sync(REPO / "docs" / "reference", reference.pages(), "*.md", write)
-    stale += _sync(CHART, {"values.schema.json": chart_values.render()}, "values.schema.json", write)
+    stale = sync(REPO / "crds", crds, "*.yaml", write=write, root=REPO)
+    stale += sync(CHART / "crds", crds, "*.yaml", write=write, root=REPO)
+    stale += sync(REPO / "docs" / "reference", reference.pages(), "*.md", write=write, root=REPO)
+    stale += sync(CHART, {"values.schema.json": chart_values.render()}, "values.schema.json", write=write, root=REPO)
     if stale:
         sys.stderr.write(f"stale generated files (run `python -m edgetune_api write`): {', '.join(stale)}\n")
         return 1

@@ -242,13 +242,13 @@ class Demo:
         ready = [c for c in items if (c.get("status") or {}).get("reachable") is True]
         return len(ready) == len(SITES)
 
-    def _wait(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    def _wait(self, condition: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = condition()
             if result:
                 return result
-            time.sleep(0.5)
+            time.sleep(every)
         raise DemoFailedError(f"timed out after {timeout:.0f} s waiting for {what}")
 
     # -- 3. data, base model, credentials --------------------------------------------------------
@@ -406,7 +406,7 @@ class Demo:
             done = all((o.get("status") or {}).get("phase") in ("Succeeded", "Failed") for o in objs.values())
             return objs if done else None
 
-        objs = self._wait_ticking(finished, 900, "both EdgeTrainingJobs to finish")
+        objs = self._wait(finished, 900, "both EdgeTrainingJobs to finish", every=1.0)
         self.record.windows["training"] = (start, time.time())
         self.mark("training", "jobs finished")
         self.record.jobs = objs
@@ -461,15 +461,6 @@ class Demo:
                     out.setdefault(where, {})[key] = float(row["value"][1])
         return out
 
-    def _wait_ticking(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = condition()
-            if result:
-                return result
-            time.sleep(1.0)
-        raise DemoFailedError(f"timed out after {timeout:.0f} s waiting for {what}")
-
     # -- 6. releases -----------------------------------------------------------------------------------
 
     def _release(self, name: str, version: str) -> dict[str, Any]:
@@ -514,7 +505,7 @@ class Demo:
             self.display.release(name, obj, self._serving())
             return obj if phase in ("Promoted", "RolledBack", "Failed", "Aborted") else None
 
-        obj = self._wait_ticking(done, 300, f"AdapterRelease {name} to finish")
+        obj = self._wait(done, 300, f"AdapterRelease {name} to finish", every=1.0)
         self.record.releases[name] = obj
         phase = obj["status"]["phase"]
         serving = self._wait(lambda: self._serving_settled(expect if phase == "Promoted" else None), 60,
