@@ -223,3 +223,28 @@ def test_node_counts_by_accelerator() -> None:
     counts = count_nodes([node("g", GPU), node("n", {"rockchip.com/npu": "2"}), node("c"), node("x", ready=False)],
                          Settings())  # fmt: skip
     assert (counts.gpu, counts.npu, counts.cpu) == (1, 1, 1)
+
+
+# -- bounded decompression ----------------------------------------------------------------------
+
+
+def test_a_zstd_frame_declaring_a_huge_size_is_refused_before_any_allocation() -> None:
+    # A frame header: magic, descriptor (single segment, 8-byte content size), content size 1 TiB.
+    bomb = (0xFD2FB528).to_bytes(4, "little") + bytes([0xE0]) + (1 << 40).to_bytes(8, "little") + b"\x01\x00\x00"
+    with pytest.raises(codec.DecodeError, match="declare 1099511627776 bytes"):
+        codec.decode(bomb, "int8-zstd")
+
+
+def test_weights_that_decompress_past_the_limit_are_refused_even_without_a_declared_size() -> None:
+    import zstandard  # noqa: PLC0415
+
+    stream = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 200_000)  # ~100 bytes
+    assert zstandard.frame_content_size(stream) == -1
+    with pytest.raises(codec.DecodeError, match="more than the limit of 100000 bytes"):
+        codec.decode(stream, "int8-zstd", limit=100_000)
+    with pytest.raises(codec.DecodeError, match="not a zstd frame"):
+        codec.decode(b"definitely not zstd", "int4-zstd")
+    state = {"w": np.linspace(-1, 1, 4096, dtype=np.float32).reshape(64, 64)}
+    for encoding in ("int8-zstd", "int4-zstd"):  # real weights still decode within a tight bound
+        decoded = codec.decode(codec.encode(state, encoding), encoding, limit=10_000)
+        assert np.abs(decoded["w"] - state["w"]).max() < 0.15

@@ -11,6 +11,7 @@ operator (which averages per-node adapters without torch) and the edge agent (wh
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 
@@ -25,6 +26,9 @@ Array = npt.NDArray[np.float32]
 SCALE_SUFFIX = ".__scale__"
 BLOCK = 64  # values per int8 scale: 6 % overhead, error bounded by each block's own range
 BLOCK4 = 128  # values per int4 scale (fp16), the usual 4-bit group size: 4.125 bits per value before zstd
+MAX_DECODED_BYTES = 1 << 30
+"""Decompressed weights are refused beyond this (1 GiB: far above any adapter, KB to MB, far below
+what a small zstd frame declaring a huge size would make a reader allocate)."""
 WEIGHTS = {
     "fp32": "adapter.safetensors",
     "fp16": "adapter.safetensors",
@@ -91,13 +95,38 @@ def encode(state: Mapping[str, Array], encoding: str) -> bytes:
     return bytes(zstandard.ZstdCompressor(level=19).compress(raw))
 
 
-def decode(data: bytes, encoding: str) -> dict[str, Array]:
-    """The inverse of ``encode`` (fp32 arrays out)."""
+class DecodeError(ValueError):
+    """The weights cannot be decoded safely (too large once decompressed, or not a zstd frame)."""
+
+
+def decompress(data: bytes, limit: int = MAX_DECODED_BYTES) -> bytes:
+    """zstd-decompress with a bound: a frame that declares (or turns out) larger than ``limit`` is
+    refused before the memory is spent, however small the frame itself is."""
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"not a zstd frame: {exc}") from None
+    if declared > limit:
+        raise DecodeError(f"the weights declare {declared} bytes once decompressed, more than the limit {limit}")
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+            while chunk := reader.read(min(1 << 20, limit + 1 - len(out))):
+                out += chunk
+                if len(out) > limit:
+                    raise DecodeError(f"the weights decompress to more than the limit of {limit} bytes")
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"corrupt zstd data: {exc}") from None
+    return bytes(out)
+
+
+def decode(data: bytes, encoding: str, limit: int = MAX_DECODED_BYTES) -> dict[str, Array]:
+    """The inverse of ``encode`` (fp32 arrays out); compressed encodings are bounded by ``limit``."""
     if encoding in ("fp32", "fp16"):
         return {k: v.astype(np.float32) for k, v in st_load(data).items()}
     if encoding not in ("int8-zstd", "int4-zstd"):
         raise ValueError(f"unknown encoding {encoding!r}")
-    raw_bytes = zstandard.ZstdDecompressor().decompress(data)
+    raw_bytes = decompress(data, limit)
     raw = st_load(raw_bytes)
     names = [k for k in raw if not k.endswith(SCALE_SUFFIX)]
     if encoding == "int8-zstd":

@@ -37,7 +37,12 @@ def aggregate(
             raise AggregationError(f"{p.uri} was trained with a different adapter configuration than {packages[0].uri}")
         if p.manifest.lineage.base_model_sha256 != first.lineage.base_model_sha256:
             raise AggregationError(f"{p.uri} was trained on a different base model than {packages[0].uri}")
-    adapters = [codec.decode(p.files[codec.WEIGHTS[p.manifest.encoding]], p.manifest.encoding) for p in packages]
+    adapters = []
+    for p in packages:
+        try:
+            adapters.append(codec.decode(p.files[codec.WEIGHTS[p.manifest.encoding]], p.manifest.encoding))
+        except codec.DecodeError as exc:  # a verified, signed package that is still not sane weights
+            raise AggregationError(f"{p.uri}: {exc}") from None
     samples = [p.manifest.lineage.samples for p in packages]
     merged = fedavg(adapters, samples)
     encoding = first.encoding
