@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from edgetune_api.delta import DeltaVerificationError, Lineage, read_folder, verify_package
+from edgetune_api.delta import sign as package_sign
 from edgetune_testenv.procs import free_port
 from edgetune_trainer import checkpoint as ckpt
 from edgetune_trainer import package
@@ -229,6 +230,32 @@ def test_unsigned_package_fails_when_a_key_is_required(tmp_path: Path) -> None:
     _, public = _key()
     with pytest.raises(DeltaVerificationError, match="unsigned"):
         verify_package(files, public)
+
+
+@pytest.mark.parametrize("name", ["../escape.bin", "sub/dir.bin", ".hidden", "/abs.bin", "a" * 200])
+def test_a_manifest_naming_files_outside_a_flat_package_is_refused(tmp_path: Path, name: str) -> None:
+    """Even correctly signed: names are plain files (no separators, no `..`, nothing hidden), so no
+    reader can be led to write or read outside the package folder."""
+    private, public = _key()
+    _build(tmp_path, private)
+    files = read_folder(tmp_path)
+    forged = json.loads(files["manifest.json"])
+    forged["files"][name] = forged["files"].pop("adapter_config.json")
+    raw = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
+    signed = {**files, "manifest.json": raw, "manifest.sig": package_sign(raw, private)}
+    signed[name] = signed.pop("adapter_config.json")
+    with pytest.raises(DeltaVerificationError, match=r"not a valid edgetune\.delta/v1 manifest") as refused:
+        verify_package(signed, public)
+    assert refused.value.reason == "InvalidManifest"
+
+
+def test_a_manifest_declaring_an_oversized_file_is_refused(tmp_path: Path) -> None:
+    _build(tmp_path, None)
+    files = read_folder(tmp_path)
+    forged = json.loads(files["manifest.json"])
+    forged["files"]["adapter_config.json"]["bytes"] = 2**31
+    with pytest.raises(DeltaVerificationError, match="less than or equal to 1073741824"):
+        verify_package({**files, "manifest.json": json.dumps(forged).encode()})
 
 
 # -- chunked language-model loss -------------------------------------------------------------

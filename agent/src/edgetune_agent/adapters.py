@@ -33,7 +33,7 @@ from edgetune_api.assignment import (
     key_fingerprint,
     revocation_location,
 )
-from edgetune_api.delta import DeltaManifest, DeltaVerificationError, read_folder, verify_package
+from edgetune_api.delta import MAX_PACKAGE_BYTES, DeltaManifest, DeltaVerificationError, read_folder, verify_package
 
 COMPLETE = ".complete"  # marker of a fully downloaded cache entry (not part of the package)
 ORIGIN = ".origin"  # the s3:// URI a cache entry came from (where its revocation would be published)
@@ -303,6 +303,9 @@ class PackageStore:
                 keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
             if not keys:
                 raise AdapterRefused("NotFound", f"no package under {uri}")
+            if (size := sum(int(s) for _, s in keys)) > MAX_PACKAGE_BYTES:  # before any byte lands on disk
+                raise AdapterRefused("InvalidManifest", f"{uri} holds {size} bytes, more than a package may "
+                                     f"({MAX_PACKAGE_BYTES})")  # fmt: skip
             for key, size in keys:
                 name = key[len(prefix) :]
                 if "/" in name or name.startswith("."):

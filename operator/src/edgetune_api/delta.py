@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 FORMAT: Final = "edgetune.delta/v1"
 MANIFEST = "manifest.json"
@@ -37,9 +37,15 @@ class DeltaVerificationError(ValueError):
         self.reason = reason
 
 
+MAX_PACKAGE_BYTES = 1 << 30
+"""A package (every file together) larger than this is refused: adapters are KB to MB."""
+FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+"""A plain file name: packages are flat, so no separators, no `..`, nothing hidden."""
+
+
 class FileEntry(BaseModel):
     sha256: Annotated[str, Field(pattern=r"^[a-f0-9]{64}$")]
-    bytes: Annotated[int, Field(ge=0)]
+    bytes: Annotated[int, Field(ge=0, le=MAX_PACKAGE_BYTES)]
 
 
 class Lineage(BaseModel):
@@ -66,7 +72,7 @@ class DeltaManifest(BaseModel):
 
     format: Literal["edgetune.delta/v1"] = FORMAT
     encoding: Encoding
-    files: dict[str, FileEntry]
+    files: Annotated[dict[FileName, FileEntry], Field(max_length=32)]
     peft: dict[str, Any]
     lineage: Lineage
     steps: int
