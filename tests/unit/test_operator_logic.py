@@ -248,3 +248,25 @@ def test_weights_that_decompress_past_the_limit_are_refused_even_without_a_decla
     for encoding in ("int8-zstd", "int4-zstd"):  # real weights still decode within a tight bound
         decoded = codec.decode(codec.encode(state, encoding), encoding, limit=10_000)
         assert np.abs(decoded["w"] - state["w"]).max() < 0.15
+
+
+# -- endpoints a spec names ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("named", [
+    "http://169.254.169.254",  # the cloud metadata service (link-local)
+    "http://kubernetes.default.svc:443",  # in-cluster
+    "http://10.96.0.10:9000",
+    "https://minio.storage.svc:9000.evil.example",
+])  # fmt: skip
+def test_the_operator_calls_no_s3_endpoint_outside_its_allow_list(named: str) -> None:
+    from edgetune_operator.controllers.credentials import ConfigurationError, s3_endpoint  # noqa: PLC0415
+    from edgetune_operator.settings import Settings  # noqa: PLC0415
+
+    settings = Settings.from_env({"EDGETUNE_S3_ENDPOINT": "http://minio.storage:9000",
+                                  "EDGETUNE_S3_ENDPOINTS_ALLOWED": '["https://*.s3.amazonaws.com"]'})  # fmt: skip
+    with pytest.raises(ConfigurationError, match=f"S3 endpoint {named} is not one the operator may call"):
+        s3_endpoint(settings, named)
+    assert s3_endpoint(settings, None) == "http://minio.storage:9000"  # the job names none: the operator's own
+    assert s3_endpoint(settings, "http://minio.storage:9000/") == "http://minio.storage:9000"
+    assert s3_endpoint(settings, "https://eu-west-1.s3.amazonaws.com") == "https://eu-west-1.s3.amazonaws.com"

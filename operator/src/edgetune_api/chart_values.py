@@ -90,6 +90,9 @@ class Mlflow(Values):
 class S3(Values):
     endpoint: Url = ""
     """Empty: AWS."""
+    allowed_endpoints: list[str] = Field(default_factory=list)
+    """Other S3 endpoints (glob patterns) that jobs and releases may name for the operator to call;
+    any other is refused (the operator is no proxy into the cluster network or a metadata service)."""
 
 
 class Prometheus(Values):

@@ -65,6 +65,9 @@ class Settings(BaseModel):
     """MLflow tracking server the operator registers adapters in (and trainers may read base models from)."""
     s3_endpoint: str | None = None
     """Default S3 endpoint for jobs that name none (AWS when empty too)."""
+    s3_endpoints_allowed: list[str] = Field(default_factory=list)
+    """Other S3 endpoints (glob patterns, JSON list) jobs and releases may name for the operator to
+    call; any other is refused with a clear condition."""
     pushgateway_url: str | None = None
     """Where trainers push their metrics (Prometheus cannot scrape pods on remote edge clusters)."""
     resync_seconds: Annotated[float, Field(gt=0)] = 10.0

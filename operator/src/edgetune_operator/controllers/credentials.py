@@ -1,11 +1,14 @@
-"""Secrets a custom resource names, read on the hub in the resource's own namespace."""
+"""Secrets and endpoints a custom resource names: Secrets read on the hub in the resource's own
+namespace; endpoints only from the operator's allow-list (it must not become a proxy)."""
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 from typing import Any
 
 from edgetune_operator.clients.kube import SECRETS, Kube, KubeError
+from edgetune_operator.settings import Settings
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -39,3 +42,18 @@ def s3_credentials(hub: Kube, namespace: str, name: str | None) -> dict[str, str
     if not name:
         return {}
     return {key: secret_value(hub, namespace, name, key).decode() for key in S3_KEYS}
+
+
+def s3_endpoint(settings: Settings, named: str | None) -> str | None:
+    """The S3 endpoint the operator may call for a resource that names ``named``: its own
+    (``s3_endpoint``), or one matching ``s3_endpoints_allowed``. Anything else — an in-cluster
+    service, the cloud metadata address — is refused: the operator's ambient credentials and
+    network position must not serve whatever endpoint a namespace user writes into a spec."""
+    if not named or named.rstrip("/") == (settings.s3_endpoint or "").rstrip("/"):
+        return settings.s3_endpoint
+    if any(fnmatch.fnmatchcase(named, pattern) for pattern in settings.s3_endpoints_allowed):
+        return named
+    raise ConfigurationError(
+        f"S3 endpoint {named} is not one the operator may call (its own is "
+        f"{settings.s3_endpoint or 'AWS'}; others must match the chart's s3.allowedEndpoints)"
+    )

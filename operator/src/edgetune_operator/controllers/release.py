@@ -46,7 +46,7 @@ from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS
 from edgetune_operator.clients.mlflow import BASE_TAG, DIGEST_TAG, Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters, ClusterUnavailableError
-from edgetune_operator.controllers.credentials import ConfigurationError, s3_credentials
+from edgetune_operator.controllers.credentials import ConfigurationError, s3_credentials, s3_endpoint
 from edgetune_operator.controllers.locks import PerObjectLocks
 from edgetune_operator.controllers.watches import PodWatches
 from edgetune_operator.reconcile import analysis
@@ -724,7 +724,7 @@ class _Context:
             if self.ctl.s3_factory is None:
                 raise ConfigurationError("the operator has no S3 client")  # noqa: TRY301 - reported like the rest
             creds = s3_credentials(self.ctl.hub, self.namespace, opts.s3.credentials_secret_ref)
-            client = self.ctl.s3_factory(opts.s3.endpoint or self.ctl.settings.s3_endpoint, creds)
+            client = self.ctl.s3_factory(s3_endpoint(self.ctl.settings, opts.s3.endpoint), creds)
             object_store.put_json(client, bucket, key, record.model_dump_json(by_alias=True).encode())
         except Exception as exc:  # botocore's errors, a missing Secret: all reported the same way
             message = (f"writing s3://{bucket}/{key} failed (retried every {PUBLISH_RETRY_SECONDS:.0f} s): "

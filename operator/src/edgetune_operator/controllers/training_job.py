@@ -35,7 +35,13 @@ from edgetune_operator.clients.kube import (
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
-from edgetune_operator.controllers.credentials import ConfigurationError, read_secret, s3_credentials, secret_value
+from edgetune_operator.controllers.credentials import (
+    ConfigurationError,
+    read_secret,
+    s3_credentials,
+    s3_endpoint,
+    secret_value,
+)
 from edgetune_operator.controllers.locks import PerObjectLocks
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
@@ -330,7 +336,7 @@ class TrainingJobController:
 
     def _s3(self, spec: EdgeTrainingJobSpec, namespace: str) -> Any:
         creds = s3_credentials(self.hub, namespace, spec.output.s3.credentials_secret_ref)
-        return self.s3_factory(spec.output.s3.endpoint or self.settings.s3_endpoint, creds)
+        return self.s3_factory(s3_endpoint(self.settings, spec.output.s3.endpoint), creds)
 
     def _keys(self, spec: EdgeTrainingJobSpec, namespace: str) -> tuple[bytes | None, bytes | None]:
         """(private, public) PEM of the job's signing key, when it has one."""
