@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 import zstandard
+from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -121,18 +122,24 @@ def decompress(data: bytes, limit: int = MAX_DECODED_BYTES) -> bytes:
 
 
 def decode(data: bytes, encoding: str, limit: int = MAX_DECODED_BYTES) -> dict[str, Array]:
-    """The inverse of ``encode`` (fp32 arrays out); compressed encodings are bounded by ``limit``."""
-    if encoding in ("fp32", "fp16"):
-        return {k: v.astype(np.float32) for k, v in st_load(data).items()}
-    if encoding not in ("int8-zstd", "int4-zstd"):
+    """The inverse of ``encode`` (fp32 arrays out); compressed encodings are bounded by ``limit``.
+    Bytes that are not what ``encoding`` says raise ``DecodeError``, whatever the parser's complaint."""
+    if encoding not in WEIGHTS:
         raise ValueError(f"unknown encoding {encoding!r}")
-    raw_bytes = decompress(data, limit)
-    raw = st_load(raw_bytes)
-    names = [k for k in raw if not k.endswith(SCALE_SUFFIX)]
-    if encoding == "int8-zstd":
-        return {k: dequantize_int8(raw[k], raw[k + SCALE_SUFFIX]) for k in names}
-    shapes = _metadata(raw_bytes)
-    return {k: dequantize_int4(raw[k], raw[k + SCALE_SUFFIX], tuple(json.loads(shapes[k]))) for k in names}
+    try:
+        if encoding in ("fp32", "fp16"):
+            return {k: v.astype(np.float32) for k, v in st_load(data).items()}
+        raw_bytes = decompress(data, limit)
+        raw = st_load(raw_bytes)
+        names = [k for k in raw if not k.endswith(SCALE_SUFFIX)]
+        if encoding == "int8-zstd":
+            return {k: dequantize_int8(raw[k], raw[k + SCALE_SUFFIX]) for k in names}
+        shapes = _metadata(raw_bytes)
+        return {k: dequantize_int4(raw[k], raw[k + SCALE_SUFFIX], tuple(json.loads(shapes[k]))) for k in names}
+    except DecodeError:
+        raise
+    except (SafetensorError, ValueError, KeyError, IndexError, TypeError) as exc:  # malformed content
+        raise DecodeError(f"not {encoding} adapter weights: {type(exc).__name__}: {exc}") from None
 
 
 def _metadata(safetensors_bytes: bytes) -> dict[str, str]:
