@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,34 @@ def test_helm_upgrade_with_changed_crds_follows_the_documented_path(edge_b: Cont
     bad = subprocess.run([helm, "upgrade", "edgetune", chart, kubeconfig, "-n", "edgetune-system", "--reuse-values",
                           "--set=operator.workers=many"], capture_output=True, text=True, check=False)  # fmt: skip
     assert bad.returncode != 0 and "at '/operator/workers': got string, want integer" in bad.stderr
+
+
+def test_a_cluster_that_requires_signed_adapters_refuses_an_unsigned_job(edge_b: ControlPlane) -> None:
+    """operator.requireSignedAdapters: the API server itself refuses a job without a signing key."""
+    helm = str(binaries.binary(binaries.HELM, "helm"))
+    chart = str(REPO / "charts" / "edgetune")
+    kubeconfig = f"--kubeconfig={edge_b.kubeconfig}"
+    upgrade = subprocess.run([helm, "upgrade", "--install", "edgetune", chart, kubeconfig, "-n", "edgetune-system",
+                              "--create-namespace", "--reuse-values", "--set=operator.requireSignedAdapters=true"],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+    assert upgrade.returncode == 0, upgrade.stderr
+    edge_b.kubectl("create", "namespace", "signed-only", check=False)
+    unsigned = copy.deepcopy(MINIMAL_JOB) | {"metadata": {"name": "unsigned", "namespace": "signed-only"}}
+    signed = copy.deepcopy(unsigned) | {"metadata": {"name": "signed", "namespace": "signed-only"}}
+    signed["spec"]["output"]["signingKeySecretRef"] = {"name": "adapter-signing", "key": "key.pem"}
+
+    def apply(manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return edge_b.kubectl("apply", "-f", "-", input_text=json.dumps(manifest), check=False)
+
+    deadline = time.monotonic() + 30  # the policy takes effect once the apiserver has loaded it
+    refused = apply(unsigned)
+    while refused.returncode == 0 and time.monotonic() < deadline:
+        edge_b.kubectl("-n", "signed-only", "delete", "edgetrainingjob", "unsigned", check=False)
+        time.sleep(1)
+        refused = apply(unsigned)
+    assert refused.returncode != 0
+    assert "this cluster requires signed adapters" in refused.stderr and "signingKeySecretRef" in refused.stderr
+    accepted = apply(signed)
+    assert accepted.returncode == 0, accepted.stderr
+    subprocess.run([helm, "upgrade", "edgetune", chart, kubeconfig, "-n", "edgetune-system", "--reuse-values",
+                    "--set=operator.requireSignedAdapters=false"], capture_output=True, check=True)  # fmt: skip

@@ -152,6 +152,28 @@ def test_a_signed_package_from_a_trusted_key_loads(
     assert len(load_trusted_keys(keys["dir"])) == 1
 
 
+def test_key_rotation_trusts_old_and_new_signers_at_once_then_only_the_new(
+    tmp_path: Path, base: tuple[Path, str], keys: dict[str, Path]
+) -> None:
+    """Rotation: add the new public key beside the old one (both trusted: packages of either load),
+    re-sign or retire the old packages, then remove the old key (its packages are refused)."""
+    new, new_pub = keypair(tmp_path / "rotated", "new")
+    both = tmp_path / "both"
+    shutil.copytree(keys["dir"], both)
+    shutil.copy(new_pub, both / "new.pem")
+    old_sha = make_package(tmp_path / "old", *base, seed=1, key=keys["trusted"])
+    new_sha = make_package(tmp_path / "new", *base, seed=2, key=new)
+    during = PackageStore(tmp_path / "c1", trusted_keys=load_trusted_keys(both), require_signature=True)
+    assert len(load_trusted_keys(both)) == 2
+    assert load(during, tmp_path / "old", old_sha, base).manifest and load(during, tmp_path / "new", new_sha, base)
+    only_new = tmp_path / "only-new"
+    only_new.mkdir()
+    shutil.copy(new_pub, only_new / "new.pem")
+    after = PackageStore(tmp_path / "c2", trusted_keys=load_trusted_keys(only_new), require_signature=True)
+    assert load(after, tmp_path / "new", new_sha, base).manifest
+    assert refusal(lambda: load(after, tmp_path / "old", old_sha, base)).reason == "SignatureInvalid"
+
+
 @pytest.mark.parametrize(
     ("case", "reason", "words"),
     [

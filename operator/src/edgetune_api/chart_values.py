@@ -68,6 +68,9 @@ class Operator(Values):
     """Namespaces whose Secrets the operator may read by name (jobs' and releases' S3 credentials,
     signing keys, salts). The release namespace is always included; they must exist before install."""
     service_monitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
+    require_signed_adapters: bool = False
+    """The API server refuses an EdgeTrainingJob without output.signingKeySecretRef (a
+    ValidatingAdmissionPolicy), so no unsigned adapter is trained here."""
 
 
 class Trainer(Values):
