@@ -3,6 +3,9 @@ the stale ones so a check can fail."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -20,3 +23,15 @@ def sync(folder: Path, files: dict[str, str], pattern: str, *, write: bool, root
     stale = [n for n, t in files.items() if not (folder / n).exists() or (folder / n).read_text() != t]
     stale += sorted(p.name for p in folder.glob(pattern) if p.name not in files)
     return [str((folder / n).relative_to(root)) for n in stale]
+
+
+def command(prog: str, argv: list[str] | None, syncs: Callable[[bool], list[str]]) -> int:
+    """``prog write|check``: ``syncs(write)`` writes every file (or lists the stale ones); exit 1
+    with the list when something is stale."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("command", choices=["write", "check"])
+    stale = syncs(parser.parse_args(argv).command == "write")
+    if stale:
+        sys.stderr.write(f"stale generated files (run `{prog} write`): {', '.join(stale)}\n")
+        return 1
+    return 0

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+from edgetune_api.meta import parse_duration
 from edgetune_cli import view
 from edgetune_cli.client import Hub, NotFoundError, NotInstalledError
 
@@ -37,10 +38,11 @@ EXIT_FAILED, EXIT_TIMEOUT, EXIT_NOT_FOUND, EXIT_USAGE = 1, 2, 3, 64
 
 
 def _duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600}
-    if text and text[-1] in units:
-        return float(text[:-1]) * units[text[-1]]
-    return float(text)
+    """Seconds, or a duration as the CRDs write them (90s, 10m, 1h30m)."""
+    try:
+        return float(text)
+    except ValueError:
+        return parse_duration(text)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -46,11 +46,10 @@ class Hub:
     def __init__(self, kubeconfig: str | None, context: str | None, namespace: str | None) -> None:
         try:
             self.api = k8s_config.new_client_from_config(config_file=kubeconfig, context=context)
-            _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
+            contexts, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
         except (k8s_config.ConfigException, FileNotFoundError, TypeError) as exc:
             raise NotInstalledError(f"cannot load a kubeconfig: {exc}") from None
         chosen = context or active["name"]
-        contexts, _ = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
         default = next((c["context"].get("namespace") for c in contexts if c["name"] == chosen), None)
         self.namespace = namespace or default or "default"
         self.objects = k8s.CustomObjectsApi(self.api)

@@ -83,18 +83,17 @@ class LeaderElection:
         duration = float(spec.get("leaseDurationSeconds") or self.duration)
         return time.monotonic() - self._seen[1] > duration
 
-    def wait_until_leader(self, stop: threading.Event | None = None) -> bool:
-        """Block until this replica holds the Lease (True), or ``stop`` is set (False)."""
-        stop = stop or self._stop
+    def wait_until_leader(self) -> bool:
+        """Block until this replica holds the Lease (True), or ``release`` was called (False)."""
         announced = False
-        while not stop.is_set():
+        while not self._stop.is_set():
             if self.try_acquire_or_renew():
                 log.info("became leader (lease %s/%s, identity %s)", self.namespace, self.name, self.identity)
                 return True
             if not announced:
                 log.info("standby: another replica holds lease %s/%s", self.namespace, self.name)
                 announced = True
-            stop.wait(self.renew / 2)
+            self._stop.wait(self.renew / 2)
         return False
 
     def keep_renewing(self, on_lost: Callable[[], None]) -> None:

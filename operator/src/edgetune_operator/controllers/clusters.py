@@ -116,7 +116,7 @@ class Clusters:
             entry.kube.close()
         with suppress(KeyError):  # a deleted EdgeCluster leaves no stale series behind
             metrics.CLUSTER_REACHABLE.remove(name)
-        for accelerator in ("gpu", "npu", "cpu"):
+        for accelerator in NodeCounts.model_fields:
             with suppress(KeyError):
                 metrics.CLUSTER_NODES.remove(name, accelerator)
 
@@ -154,8 +154,8 @@ class Clusters:
             return status
         metrics.CLUSTER_REACHABLE.labels(name).set(1)
         counts = count_nodes(nodes, self.settings)
-        for accelerator in ("gpu", "npu", "cpu"):
-            metrics.CLUSTER_NODES.labels(name, accelerator).set(getattr(counts, accelerator))
+        for accelerator, count in counts.model_dump().items():
+            metrics.CLUSTER_NODES.labels(name, accelerator).set(count)
         status.reachable = True
         status.kubernetes_version = version
         status.nodes = len(nodes)

@@ -24,8 +24,11 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 
 class Display:
     def __init__(self, console: Console | None = None, *, live: bool | None = None) -> None:
-        # Not a terminal (a CI log): wide lines that never wrap mid-value.
-        self.console = console or (Console() if Console().is_terminal else Console(width=160, soft_wrap=True))
+        if console is None:
+            console = Console()
+            if not console.is_terminal:  # a CI log: wide lines that never wrap mid-value
+                console = Console(width=160, soft_wrap=True)
+        self.console = console
         self.live_enabled = self.console.is_terminal if live is None else live
         self._live: Live | None = None
         self._last: dict[str, str] = {}

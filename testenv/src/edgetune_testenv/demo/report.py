@@ -21,19 +21,13 @@ import matplotlib as mpl
 mpl.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from edgetune_api.meta import parse_quantity
+
 if TYPE_CHECKING:
     from edgetune_testenv.demo.story import Demo
 
 GiB = 2**30
 BIN_SECONDS = 1.0
-
-
-def _quantity(value: str) -> int:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-    for suffix, factor in units.items():
-        if value.endswith(suffix):
-            return int(float(value[: -len(suffix)]) * factor)
-    return int(value)
 
 
 def trainer_rows(demo: Demo) -> list[dict[str, Any]]:
@@ -48,7 +42,7 @@ def trainer_rows(demo: Demo) -> list[dict[str, Any]]:
                 "encoding": obj["spec"]["output"]["encoding"], "version": version,
                 "package_bytes": demo.record.package_bytes.get(str(version)) if version else None,
                 "peak_memory_bytes": t.get("peakMemoryBytes"), "budget": obj["spec"]["budgets"]["memory"],
-                "budget_bytes": _quantity(obj["spec"]["budgets"]["memory"]),
+                "budget_bytes": int(parse_quantity(obj["spec"]["budgets"]["memory"])),
                 "energy_joules": t.get("energyJoules"), "energy_method": t.get("energyMethod"),
                 "steps": t.get("step"), "loss": t.get("loss"),
             })  # fmt: skip
