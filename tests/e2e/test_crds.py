@@ -285,7 +285,8 @@ def test_helm_chart_installs_the_crds(edge_b: ControlPlane) -> None:
         edge_b.kubectl("create", "namespace", namespace)
     install = subprocess.run(
         [helm, "install", "edgetune", chart, f"--kubeconfig={edge_b.kubeconfig}", "--namespace=edgetune-system",
-         "--create-namespace", "--wait", "--timeout=60s", "--set=operator.secretNamespaces={team-a}"],
+         "--create-namespace", "--wait", "--timeout=60s", "--set=operator.secretNamespaces={team-a}",
+         "--set=edgeAccess.enabled=true"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert install.returncode == 0, install.stdout + install.stderr
@@ -293,8 +294,8 @@ def test_helm_chart_installs_the_crds(edge_b: ControlPlane) -> None:
     # EdgeClusters name them, nowhere else, and can list or write none.
     operator = "--as=system:serviceaccount:edgetune-system:edgetune-operator"
 
-    def can(*args: str) -> str:
-        done = edge_b.kubectl("auth", "can-i", operator, *args, check=False)
+    def can(*args: str, who: str = operator) -> str:
+        done = edge_b.kubectl("auth", "can-i", who, *args, check=False)
         return str(done.stdout).strip()
 
     assert can("get", "secrets", "-n", "edgetune-system") == "yes"
@@ -303,8 +304,23 @@ def test_helm_chart_installs_the_crds(edge_b: ControlPlane) -> None:
     assert can("get", "secrets", "-n", "kube-system") == "no"
     assert can("list", "secrets", "-n", "team-a") == "no"
     assert can("list", "secrets", "--all-namespaces") == "no"
-    assert can("create", "secrets", "-n", "team-a") == "no"
+    assert can("create", "secrets", "-n", "team-a") == "yes"  # hub trainers' own credentials
+    assert can("create", "secrets", "-n", "team-b") == "no"
+    for verb in ("update", "patch", "delete", "watch"):
+        assert can(verb, "secrets", "-n", "team-a") == "no", verb
     assert can("get", "pods", "-n", "team-b") == "yes"  # what it needs elsewhere still works
+    # The hub's identity on an edge cluster writes trainers' credentials by name and reads no Secret,
+    # cannot exec into, attach to or port-forward pods, and cannot touch RBAC.
+    hub = "--as=system:serviceaccount:edgetune-system:edgetune-hub"
+    for verb in ("get", "list", "watch", "update", "patch"):
+        assert can(verb, "secrets", "-n", "team-b", who=hub) == "no", verb
+    assert can("create", "secrets", "-n", "team-b", who=hub) == "yes"
+    assert can("delete", "secrets", "-n", "team-b", who=hub) == "yes"
+    for sub in ("pods/exec", "pods/attach", "pods/portforward"):
+        assert can("create", sub, "-n", "team-b", who=hub) == "no", sub
+    assert can("get", "pods/log", "-n", "team-b", who=hub) == "yes"  # edgeAccess.podLogs
+    assert can("create", "rolebindings", "-n", "team-b", who=hub) == "no"
+    assert can("create", "jobs.batch", "-n", "team-b", who=hub) == "yes"
     crds = edge_b.kubectl("get", "crd", "-l", "app.kubernetes.io/name=edgetune", "-o", "name").stdout.split()
     assert sorted(crds) == [
         "customresourcedefinition.apiextensions.k8s.io/adapterreleases.edgetune.io",
@@ -329,7 +345,7 @@ def test_plain_manifests_are_the_rendered_chart_and_apply(edge_a: ControlPlane) 
     assert not [r for r in role["rules"] if "secrets" in r["resources"]]  # Secrets: per namespace only
     secrets = json.loads(edge_a.kubectl("-n", "edgetune-system", "get", "role", "edgetune-operator-secrets",
                                         "-o", "json").stdout)["rules"]  # fmt: skip
-    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}]
     edge_a.kubectl("-n", "edgetune-system", "rollout", "status", "deploy/edgetune-operator", "--timeout=60s")
 
 

@@ -5,14 +5,19 @@ Prometheus."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import urllib3
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kubernetes import client as k8s
 
+from edgetune_api.delta import DeltaVerificationError, verify_signature
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.operator_proc import OperatorProcess
@@ -62,13 +67,40 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
         for i in range(2):
             sine_classes(executor.node_root(f"{prefix}-gpu-{i}") / DATA.lstrip("/"), n=120)
     api, ns = tenant.api, tenant.namespace
+    hub_key = Ed25519PrivateKey.generate()
+    hub_pem = hub_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())  # fmt: skip
+    tenant.core.create_namespaced_secret(ns, {"metadata": {"name": "adapter-signing"},
+                                              "data": {"key.pem": base64.b64encode(hub_pem).decode()}})  # fmt: skip
     manifest = job_manifest("gpu-lora", placement={"accelerator": "gpu", "clusterSelector": {
         "matchLabels": {"region": "eu"}}})  # fmt: skip
+    manifest["spec"]["output"]["signingKeySecretRef"] = {"name": "adapter-signing", "key": "key.pem"}
     create(api, ns, manifest)
+    # While a trainer runs, its cluster holds exactly one Secret for it, and nothing in it could
+    # sign or upload for anyone else: no S3 keys, not the hub key, a POST policy for its own prefix.
+    edge_core = k8s.CoreV1Api(fleet["edge-a"].api_client())
+    secrets = eventually(lambda: edge_core.list_namespaced_secret(ns).items, timeout=60,
+                         what="the trainer's Secret on edge-a")  # fmt: skip
+    assert len(secrets) == 1
+    data = {k: base64.b64decode(v) for k, v in secrets[0].data.items()}
+    assert set(data) == {"upload.json", "key.pem"}
+    assert not any(tenant_key in blob for blob in data.values() for tenant_key in (
+        s3.env()["AWS_SECRET_ACCESS_KEY"].encode(), hub_pem))  # fmt: skip
+    trainer_key = serialization.load_pem_private_key(data["key.pem"], password=None)
+    assert trainer_key.public_key().public_bytes_raw() != hub_key.public_key().public_bytes_raw()
+    policy = json.loads(data["upload.json"])
+    conditions = json.loads(base64.b64decode(policy["fields"]["policy"]))["conditions"]
+    own_prefix = f"edgetune/{ns}/gpu-lora/edge-a/any"
+    assert policy["prefix"] == own_prefix and ["starts-with", "$key", own_prefix + "/"] in conditions
+    # and the S3 server holds it to that: the same policy cannot write next to another trainer's package.
+    elsewhere = urllib3.request("POST", policy["url"], fields={
+        **policy["fields"], "key": f"edgetune/{ns}/gpu-lora/edge-b/any/manifest.json", "file": ("x", b"{}")})
+    assert elsewhere.status == 403, elsewhere.data
 
     job = wait_finished(api, ns, "gpu-lora")
     status = job["status"]
-    assert status["phase"] == "Succeeded", (status, operator_proc.log_tail())
+    assert status["phase"] == "Succeeded", ([(t["cluster"], t.get("message")) for t in status["targets"]],
+                                            [c for c in status["conditions"] if c["status"] == "False"])  # fmt: skip
     assert condition(job, "Succeeded")["status"] == "True"
     assert status["progress"] == "2/2"
     assert {t["cluster"] for t in status["targets"]} == {"edge-a", "edge-b"}
@@ -95,6 +127,22 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
         assert version["source"] == tags["edgetune.delta_uri"]
     reasons = {r for _, r, _ in events(hub_crds, ns, "gpu-lora")}
     assert {"Scheduled", "Verified", "Registered", "Succeeded"} <= reasons
+    # What agents load is counter-signed by the hub key; the trainer's own signature is not the hub's.
+    client = s3.client()
+    for target in status["targets"]:
+        bucket, _, prefix = target["deltaUri"].removeprefix("s3://").partition("/")
+        files = {name: client.get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read()
+                 for name in ("manifest.json", "manifest.sig", "trainer.sig")}  # fmt: skip
+        hub_public = hub_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+        verify_signature(files["manifest.json"], files["manifest.sig"], hub_public)  # raises when it does not
+        with pytest.raises(DeltaVerificationError):
+            verify_signature(files["manifest.json"], files["trainer.sig"], hub_public)
+    # Verified trainers' Secrets are gone from the edges at once.
+    for plane in fleet.values():
+        edge_api = plane.api_client()
+        assert not k8s.CoreV1Api(edge_api).list_namespaced_secret(ns).items
+        edge_api.close()
     # Trainer metrics reached Prometheus (pushed), operator metrics are scraped.
     for metric in ("edgetune_trainer_loss", "edgetune_trainer_peak_memory_bytes", "edgetune_trainer_energy_joules"):
         eventually(lambda m=metric: prometheus.query(f'{m}{{namespace="{ns}"}}'), timeout=60, what=metric)

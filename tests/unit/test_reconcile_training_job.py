@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,11 +13,15 @@ import yaml
 from edgetune_api import EdgeTrainingJob
 from edgetune_api.trainer_config import TrainerConfig
 from edgetune_operator.reconcile.training_job import (
+    MAX_URL_SECONDS,
     JobRef,
     Target,
     child_name,
     config_map,
+    credentials_seconds,
+    credentials_secret,
     observe_trainer,
+    remote_base,
     set_condition,
     trainer_job,
 )
@@ -65,7 +70,39 @@ def test_npu_per_node_job_pins_the_node_and_remote_children_have_no_owner() -> N
     }  # fmt: skip
     assert next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "data")["subPath"] == "daily"
     assert "ownerReferences" not in job["metadata"]  # owner references cannot cross clusters
-    assert any(v["name"] == "salt" for v in pod["volumes"])
+    # Everything secret comes from the trainer's own Secret (same name as the Job), nothing else.
+    secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert secrets == [{"secretName": job["metadata"]["name"], "defaultMode": 0o440,
+                        "items": [{"key": k, "path": k} for k in ("upload.json", "salt", "base.json")]}]  # fmt: skip
+    env = pod["containers"][0]["env"]
+    assert not [e for e in env if "secretKeyRef" in (e.get("valueFrom") or {})], "no S3 keys in the environment"
+    args = pod["containers"][0]["args"]
+    for flag, path in (("--upload-policy", "upload.json"), ("--salt-file", "salt"), ("--base-files", "base.json")):
+        assert args[args.index(flag) + 1] == f"/etc/edgetune/credentials/{path}"
+    assert "--signing-key" not in args and "--trainer-key" not in args  # this job signs nothing
+
+
+def test_a_trainers_secret_holds_only_its_own_credentials() -> None:
+    target = Target("edge-shop-12", "rk3588-a")
+    secret = credentials_secret(JOB, target, Settings(), {"upload.json": b"{}", "key.pem": b"PEM"})
+    assert secret["metadata"]["name"] == child_name(JOB, target)
+    assert secret["metadata"]["labels"]["edgetune.io/training-job-uid"] == JOB.uid
+    assert "ownerReferences" not in secret["metadata"]  # on an edge cluster: deleted by name
+    assert base64.b64decode(secret["data"]["key.pem"]) == b"PEM"
+    local = credentials_secret(JOB, Target("local"), Settings(), {})
+    assert local["metadata"]["ownerReferences"][0]["uid"] == JOB.uid  # on the hub: collected with the job
+
+
+def test_upload_policies_and_urls_live_as_long_as_the_trainer_may() -> None:
+    spec = _spec("trainingjob-npu.yaml")
+    assert credentials_seconds(spec.model_copy(update={"budgets": spec.budgets.model_copy(
+        update={"deadline": None})}), Settings()) == MAX_URL_SECONDS  # fmt: skip
+    short = spec.model_copy(update={"budgets": spec.budgets.model_copy(update={"deadline": "2h"})})
+    assert credentials_seconds(short, Settings(termination_grace_seconds=30)) == 7200 + 60 + 3600
+    long = spec.model_copy(update={"budgets": spec.budgets.model_copy(update={"deadline": "800h"})})
+    assert credentials_seconds(long, Settings()) == MAX_URL_SECONDS
+    assert remote_base(spec.model_copy(update={"base_model": spec.base_model.model_copy(
+        update={"uri": "models:/base@prod"})}))  # fmt: skip
 
 
 def test_config_map_carries_the_validated_spec_and_runtime() -> None:
@@ -76,7 +113,9 @@ def test_config_map_carries_the_validated_spec_and_runtime() -> None:
     assert config.runtime.s3_bucket == "edge-adapters"
     assert config.runtime.s3_prefix == "vibration/plant/vibration-lora-gpu/local/any"
     assert config.runtime.s3_endpoint == "http://s3.local:9000"
-    assert config.runtime.signing_key_path == "/etc/edgetune/signing/key.pem"
+    assert config.runtime.signing_key_path is None  # the hub key never leaves the hub
+    assert config.runtime.trainer_key_path == "/etc/edgetune/credentials/key.pem"
+    assert config.runtime.upload_policy_path == "/etc/edgetune/credentials/upload.json"
 
 
 def test_a_separate_evaluation_set_is_mounted_read_only_and_named_to_the_trainer() -> None:

@@ -3,8 +3,10 @@
 A package is a folder (and, once uploaded, an S3 prefix) holding the adapter's files and a
 ``manifest.json`` that lists every file with its SHA-256 and size, plus lineage (base model,
 data hash, node, job) and results (metrics, energy, peak memory). ``manifest.sig``, when a
-signing key is configured, is an Ed25519 signature over the exact bytes of ``manifest.json``.
-The package's identity is the SHA-256 of ``manifest.json``.
+signing key is configured, is an Ed25519 signature over the exact bytes of ``manifest.json``
+made by the hub (the operator counter-signs after verifying); ``trainer.sig`` is the trainer's
+own signature with a key derived for that one trainer (``derive_trainer_key``), which only the
+operator checks. The package's identity is the SHA-256 of ``manifest.json``.
 
 No torch here: the operator and the edge agent verify packages without it.
 """
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 FORMAT: Final = "edgetune.delta/v1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+TRAINER_SIGNATURE = "trainer.sig"
 Encoding = Literal["fp32", "fp16", "int8-zstd", "int4-zstd"]
 
 
@@ -134,23 +137,56 @@ def verify_signature(data: bytes, signature_b64: bytes, public_key_pem: bytes) -
         ) from exc
 
 
-def write_manifest(folder: Path, manifest: DeltaManifest, private_key_pem: bytes | None = None) -> str:
-    """Write manifest.json (and manifest.sig); return the package digest (SHA-256 of manifest.json)."""
+def derive_trainer_key(private_key_pem: bytes, context: str) -> bytes:
+    """An Ed25519 private key (PEM) for one trainer, derived from the hub's signing key and
+    ``context`` (job uid and trainer name) with HKDF-SHA256. The hub can re-derive its public half
+    at any time (nothing to store), and a trainer's key says nothing about the hub key or any
+    other trainer's key, so a compromised edge node can sign only as itself."""
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: PLC0415
+
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TypeError(f"signing key must be an Ed25519 private key (PEM), got {type(key).__name__}")
+    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())  # fmt: skip
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=b"edgetune trainer key v1\x00" + context.encode()).derive(seed)  # fmt: skip
+    return Ed25519PrivateKey.from_private_bytes(derived).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_key_pem(private_key_pem: bytes) -> bytes:
+    """The public half (SubjectPublicKeyInfo PEM) of a private key (PEM)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def write_manifest(
+    folder: Path, manifest: DeltaManifest, private_key_pem: bytes | None = None, *, signature: str = SIGNATURE
+) -> str:
+    """Write manifest.json (and its signature as ``signature``: manifest.sig, or trainer.sig for a
+    trainer's derived key); return the package digest (SHA-256 of manifest.json)."""
     data = manifest_bytes(manifest)
     (folder / MANIFEST).write_bytes(data)
     if private_key_pem is not None:
-        (folder / SIGNATURE).write_bytes(sign(data, private_key_pem))
+        (folder / signature).write_bytes(sign(data, private_key_pem))
     return sha256_bytes(data)
 
 
 def verify_package(
-    files: Mapping[str, bytes], public_key_pem: bytes | None = None, expected_digest: str | None = None
-) -> DeltaManifest:
+    files: Mapping[str, bytes], public_key_pem: bytes | None = None, expected_digest: str | None = None, *,
+    signature: str = SIGNATURE,
+) -> DeltaManifest:  # fmt: skip
     """Verify a package given as ``{file name: content}``; return its manifest.
 
-    Checks, in order: the manifest digest (when expected), the signature (when a key is given:
-    a missing signature fails), then the size and SHA-256 of every listed file; files that the
-    manifest does not list are refused too.
+    Checks, in order: the manifest digest (when expected), the signature file ``signature`` (when a
+    key is given: a missing signature fails), then the size and SHA-256 of every listed file; files
+    that the manifest does not list (other than the two signatures) are refused too.
     """
     if MANIFEST not in files:
         raise DeltaVerificationError(f"package has no {MANIFEST}", "InvalidManifest")
@@ -159,16 +195,16 @@ def verify_package(
     if expected_digest is not None and digest != expected_digest:
         raise DeltaVerificationError(f"{MANIFEST} digest is {digest}, expected {expected_digest}")
     if public_key_pem is not None:
-        if SIGNATURE not in files:
+        if signature not in files:
             raise DeltaVerificationError(
-                f"package is unsigned ({SIGNATURE} missing) but a verification key is set", "Unsigned"
+                f"package is unsigned ({signature} missing) but a verification key is set", "Unsigned"
             )
-        verify_signature(raw, files[SIGNATURE], public_key_pem)
+        verify_signature(raw, files[signature], public_key_pem)
     try:
         manifest = DeltaManifest.model_validate_json(raw)
     except ValueError as exc:
         raise DeltaVerificationError(f"{MANIFEST} is not a valid {FORMAT} manifest: {exc}", "InvalidManifest") from exc
-    extra = sorted(set(files) - set(manifest.files) - {MANIFEST, SIGNATURE})
+    extra = sorted(set(files) - set(manifest.files) - {MANIFEST, SIGNATURE, TRAINER_SIGNATURE})
     if extra:
         raise DeltaVerificationError(f"package holds files the manifest does not list: {extra}")
     for name, entry in manifest.files.items():

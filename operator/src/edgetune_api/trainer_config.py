@@ -37,7 +37,15 @@ class TrainerRuntime(ApiModel):
     s3_prefix: str = ""
     """Key prefix of this trainer's package (the operator makes it unique per job/cluster/node)."""
     signing_key_path: str | None = None
-    """Ed25519 private key (PEM) that signs the manifest."""
+    """Ed25519 private key (PEM) that signs the manifest as manifest.sig (a trainer run by hand; under
+    the operator trainers get ``trainer_key_path`` and the hub signs after verifying)."""
+    trainer_key_path: str | None = None
+    """Ed25519 private key (PEM) the operator derived for this trainer only: signs trainer.sig."""
+    upload_policy_path: str | None = None
+    """An ``UploadPolicy`` (JSON): upload the package with it instead of S3 credentials."""
+    base_files_path: str | None = None
+    """A ``BaseFiles`` (JSON): download a remote base model from these URLs instead of with S3 or
+    MLflow access of its own."""
     salt_path: str | None = None
     """File with the salt for privacy.hashFields."""
     job_namespace: str | None = None
@@ -60,6 +68,37 @@ class TrainerRuntime(ApiModel):
     """Power assumed per busy CPU core when no meter is readable; results are labelled estimate."""
     threads: Annotated[int, Field(ge=0)] = 0
     """torch CPU threads; 0 keeps torch's default."""
+
+
+class UploadPolicy(ApiModel):
+    """A presigned S3 POST policy the operator hands one trainer: it may store objects under its own
+    package prefix (at most ``maxBytes`` each) until ``expires``, and nothing else. No S3
+    credentials leave the hub."""
+
+    url: str
+    """Where to POST (the bucket's URL)."""
+    bucket: str
+    """The bucket (the package's URI is ``s3://<bucket>/<prefix>``)."""
+    fields: dict[str, str]
+    """Form fields S3 checks (policy, signature, credential scope); ``key`` is set per file."""
+    prefix: str
+    """The key prefix the policy allows (``<prefix>/<file name>``)."""
+    expires: str
+    """When the policy stops working (RFC 3339)."""
+
+
+class BaseFiles(ApiModel):
+    """A remote base model resolved on the hub (``models:/…`` through MLflow, ``s3://…`` listed)
+    and presigned object by object, so the trainer needs neither S3 nor MLflow credentials."""
+
+    uri: str
+    """The base model as the job names it."""
+    source: str
+    """Where it resolved to (``s3://bucket/prefix``)."""
+    files: dict[str, str]
+    """Relative path in the model folder -> presigned GET URL."""
+    expires: str
+    """When the URLs stop working (RFC 3339)."""
 
 
 class TrainerConfig(ApiModel):

@@ -291,7 +291,8 @@ class S3Output(ApiModel):
     endpoint: Annotated[str, StringConstraints(max_length=512, pattern=r"^https?://.+")] | None = None
     """S3 endpoint URL for S3-compatible stores; AWS when empty."""
     credentials_secret_ref: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
-    """Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the trainer and operator."""
+    """Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the operator (on the hub); trainers get
+    presigned URLs for their own package prefix instead, never these keys."""
 
 
 class MlflowOutput(ApiModel):
@@ -323,7 +324,8 @@ class OutputSpec(ApiModel):
     encoding that exceeds it falls back to the next finer one (int4-zstd, int8-zstd, fp16, fp32),
     and the result says so; without held-out data, decoded weights may differ by at most 5 %."""
     signing_key_secret_ref: SecretKeyRef | None = None
-    """Ed25519 private key (PEM) that signs the package manifest; unsigned when empty."""
+    """Ed25519 private key (PEM) that signs released package manifests (on the hub, after verification);
+    each trainer signs with a key derived from it for that trainer alone. Unsigned when empty."""
 
 
 class EdgeTrainingJobSpec(ApiModel):

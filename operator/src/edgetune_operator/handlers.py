@@ -54,7 +54,8 @@ def _s3_factory(endpoint: str | None, creds: dict[str, str]) -> Any:
     return boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-        config=Config(connect_timeout=3, read_timeout=30, retries={"max_attempts": 2}),
+        # SigV4 throughout: the presigned POST policies and URLs trainers get must be SigV4 too.
+        config=Config(connect_timeout=3, read_timeout=30, retries={"max_attempts": 2}, signature_version="s3v4"),
     )  # fmt: skip
 
 

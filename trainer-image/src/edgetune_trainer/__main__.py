@@ -24,8 +24,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edgetune_api.delta import Lineage
-from edgetune_api.trainer_config import TrainerConfig
+from edgetune_api.delta import SIGNATURE, TRAINER_SIGNATURE, Lineage
+from edgetune_api.trainer_config import BaseFiles, TrainerConfig, UploadPolicy
 
 EXIT = {"Succeeded": 0, "InvalidInput": 2, "InsufficientData": 3, "BudgetTooSmall": 4, "StorageError": 5, "Failed": 1,
         "Interrupted": 143}  # fmt: skip
@@ -151,15 +151,19 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             report("held_out_split_small", eval=info.eval_samples, recommended=SMALL_HELD_OUT, message=warnings[-1])
         work = Path(rt.work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        remote_model = spec.base_model.uri.startswith(("s3://", "models:/", "runs:/"))
-        s3 = _s3_client(rt.s3_endpoint) if (rt.s3_bucket or remote_model) else None
+        remote_model = spec.base_model.uri.startswith(("s3://", "models:/", "runs:/")) and not rt.base_files_path
+        needs_s3 = (rt.s3_bucket and not rt.upload_policy_path) or remote_model  # a trainer run by hand
+        s3 = _s3_client(rt.s3_endpoint) if needs_s3 else None
         uri = spec.base_model.uri
         if uri.startswith("builtin:"):
             base = models.builtin_random(
                 uri.removeprefix("builtin:"), info.channels or 1, max(2, len(info.labels)), spec.training.seed
             )
         else:
-            folder = models.fetch(uri, work, s3, os.environ.get("MLFLOW_TRACKING_URI"))
+            folder = (
+                models.fetch_presigned(BaseFiles.model_validate_json(Path(rt.base_files_path).read_text()), work)
+                if rt.base_files_path else models.fetch(uri, work, s3, os.environ.get("MLFLOW_TRACKING_URI"))
+            )  # fmt: skip
             base = models.load_base(
                 folder,
                 spec.base_model.sha256,
@@ -198,14 +202,19 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             data_format=spec.data.format, job_namespace=rt.job_namespace, job_name=rt.job_name, job_uid=rt.job_uid,
             cluster=rt.cluster, node=rt.node, trainer_version=trainer_version(),
         )  # fmt: skip
-        key = Path(rt.signing_key_path).read_bytes() if rt.signing_key_path else None
+        key_path = rt.trainer_key_path or rt.signing_key_path
+        key = Path(key_path).read_bytes() if key_path else None
         digest, manifest = package.build(
             work / "package", state, encoding=encoding, peft_config=peft_config, lineage=lineage, steps=outcome.steps,
             duration_s=outcome.duration_s, metrics=metrics, energy_joules=round(outcome.energy_j, 3),
             energy_method=outcome.energy_method, peak_memory_bytes=whole_run_peak(), signing_key_pem=key,
+            signature=TRAINER_SIGNATURE if rt.trainer_key_path else SIGNATURE,
         )  # fmt: skip
         delta_uri = str(work / "package")
-        if rt.s3_bucket:
+        if rt.upload_policy_path:
+            policy = UploadPolicy.model_validate_json(Path(rt.upload_policy_path).read_text())
+            delta_uri = package.upload_presigned(work / "package", policy)
+        elif rt.s3_bucket:
             delta_uri = package.upload(work / "package", s3, rt.s3_bucket, rt.s3_prefix)
         report("packaged", uri=delta_uri, sha256=digest, adapter_bytes=manifest.adapter_bytes, encoding=encoding)
         reporter.push()
@@ -279,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-data-dir", help="override runtime.evalDataDir (a separate held-out set)")
     parser.add_argument("--signing-key", help="override runtime.signingKeyPath (Ed25519 private key, PEM)")
     parser.add_argument("--salt-file", help="override runtime.saltPath (salt for privacy.hashFields)")
+    parser.add_argument("--trainer-key", help="override runtime.trainerKeyPath (its derived key: trainer.sig)")
+    parser.add_argument("--upload-policy", help="override runtime.uploadPolicyPath (presigned S3 POST policy, JSON)")
+    parser.add_argument("--base-files", help="override runtime.baseFilesPath (presigned base model URLs, JSON)")
     args = parser.parse_args(argv)
     # Until the configuration says where, the summary goes where the command line or environment
     # says, or to the container's termination log when there is one, else to stdout: a trainer run
@@ -292,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         overrides = {"data_dir": args.data_dir, "work_dir": args.work_dir, "termination_log": args.termination_log,
                      "eval_data_dir": args.eval_data_dir, "signing_key_path": args.signing_key,
-                     "salt_path": args.salt_file}  # fmt: skip
+                     "salt_path": args.salt_file, "trainer_key_path": args.trainer_key,
+                     "upload_policy_path": args.upload_policy, "base_files_path": args.base_files}  # fmt: skip
         runtime = config.runtime.model_copy(update={k: v for k, v in overrides.items() if v})
         config = config.model_copy(update={"runtime": runtime})
         termination = Path(config.runtime.termination_log)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edgetune_api.delta import sha256_bytes, sha256_file
+from edgetune_api.trainer_config import BaseFiles
 from edgetune_api.training_job import PeftSpec
 from edgetune_trainer.registry import resolve_mlflow_uri
 
@@ -118,6 +119,44 @@ def fetch(uri: str, cache: Path, s3_client: Any = None, mlflow_uri: str | None =
             raise ModelError(f"{uri} is an MLflow URI but MLFLOW_TRACKING_URI is not set")
         return fetch(resolve_mlflow_uri(uri, mlflow_uri), cache, s3_client, mlflow_uri)
     raise ModelError(f"cannot fetch base model {uri!r}: unsupported scheme")
+
+
+def fetch_presigned(files: BaseFiles, cache: Path) -> Path:
+    """Download a base model the operator resolved and presigned (``BaseFiles``) into the cache;
+    the caller verifies it against spec.baseModel.sha256 (``load_base``)."""
+    import urllib3  # noqa: PLC0415
+
+    target = cache / "base" / sha256_bytes(files.source.encode())[:16]
+    if (target / ".complete").exists():
+        return target
+    if not files.files:
+        raise ModelError(f"no objects under {files.source} ({files.uri})")
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0),
+                               retries=urllib3.Retry(total=5, backoff_factor=1.0,
+                                                     status_forcelist=(500, 502, 503, 504)))  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache))
+    for rel, url in sorted(files.files.items()):
+        dest = (tmp / rel).resolve()
+        if not dest.is_relative_to(tmp.resolve()):
+            raise ModelError(f"base model file name {rel!r} leaves the model folder")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        response = http.request("GET", url, preload_content=False)
+        try:
+            if response.status != 200:
+                raise ModelError(f"downloading {files.source}/{rel} failed: HTTP {response.status} (these URLs "
+                                 f"expire {files.expires})")  # fmt: skip
+            with dest.open("wb") as fh:
+                for chunk in response.stream(1 << 20):
+                    fh.write(chunk)
+        finally:
+            response.release_conn()
+    (tmp / ".complete").touch()
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
+    return target
 
 
 def _fetch_s3(uri: str, cache: Path, s3_client: Any) -> Path:

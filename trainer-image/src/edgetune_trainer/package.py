@@ -18,9 +18,10 @@ import torch
 
 from edgetune_api import codec
 from edgetune_api.codec import BLOCK, BLOCK4, WEIGHTS
-from edgetune_api.delta import DeltaManifest, FileEntry, Lineage, sha256_bytes, write_manifest
+from edgetune_api.delta import SIGNATURE, DeltaManifest, FileEntry, Lineage, sha256_bytes, write_manifest
+from edgetune_api.trainer_config import UploadPolicy
 
-__all__ = ["BLOCK", "BLOCK4", "WEIGHTS", "UploadError", "build", "decode", "encode", "upload"]
+__all__ = ["BLOCK", "BLOCK4", "WEIGHTS", "UploadError", "build", "decode", "encode", "upload", "upload_presigned"]
 
 
 def encode(state: dict[str, torch.Tensor], encoding: str) -> bytes:
@@ -47,8 +48,10 @@ def build(
     energy_method: str | None,
     peak_memory_bytes: int | None,
     signing_key_pem: bytes | None,
+    signature: str = SIGNATURE,
 ) -> tuple[str, DeltaManifest]:
-    """Write the package into ``folder``; return (package digest, manifest)."""
+    """Write the package into ``folder``; return (package digest, manifest). ``signature`` names the
+    signature file: manifest.sig (a publisher's key), trainer.sig (a key derived for this trainer)."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.iterdir():
         old.unlink()
@@ -73,7 +76,7 @@ def build(
         adapter_bytes=len(weights),
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    digest = write_manifest(folder, manifest, signing_key_pem)
+    digest = write_manifest(folder, manifest, signing_key_pem, signature=signature)
     return digest, manifest
 
 
@@ -100,3 +103,31 @@ def upload(folder: Path, client: Any, bucket: str, prefix: str) -> str:
     except (BotoCoreError, ClientError) as exc:
         raise UploadError(f"uploading the package to s3://{bucket}/{prefix} failed: {exc}") from exc
     return f"s3://{bucket}/{prefix}"
+
+
+def upload_presigned(folder: Path, policy: UploadPolicy) -> str:
+    """Upload every file of the package with the operator's presigned POST policy (no S3
+    credentials here): one form POST per file, retried with backoff on connection errors and 5xx;
+    S3's ETag (the MD5 of a single-part object) is checked against the local bytes when S3 sends
+    one. The operator verifies every file's SHA-256 before anything is registered."""
+    import urllib3  # noqa: PLC0415
+
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0),
+                               retries=urllib3.Retry(total=5, backoff_factor=1.0, status_forcelist=(500, 502, 503, 504),
+                                                     allowed_methods=None))  # fmt: skip
+    for path in sorted(folder.iterdir()):
+        key = f"{policy.prefix}/{path.name}"
+        data = path.read_bytes()
+        try:
+            response = http.request("POST", policy.url, fields={**policy.fields, "key": key,
+                                                                "file": (path.name, data)})  # fmt: skip
+        except urllib3.exceptions.HTTPError as exc:
+            raise UploadError(f"uploading {key} failed: {exc}") from exc
+        if response.status >= 300:
+            detail = response.data[:300].decode(errors="replace")
+            raise UploadError(f"uploading {key} failed: HTTP {response.status} (the upload policy expires "
+                              f"{policy.expires}): {detail}")  # fmt: skip
+        etag = (response.headers.get("ETag") or "").strip('"')
+        if etag and "-" not in etag and etag != hashlib.md5(data, usedforsecurity=False).hexdigest():
+            raise UploadError(f"S3 stored other bytes for {key} (ETag {etag})")
+    return f"s3://{policy.bucket}/{policy.prefix}"

@@ -252,6 +252,13 @@ class Kube:
             return self.get(resource, obj["metadata"]["name"], namespace)
         return created
 
+    def create_unread(self, obj: dict[str, Any]) -> None:
+        """Create ``obj``; one of the same name that exists already is left as it is, unread: for
+        Secrets the operator may write (a trainer's credentials) but never read back."""
+        resource = KIND_RESOURCES[obj["kind"]]
+        with suppress(ConflictError):
+            self.call("POST", resource.path(obj["metadata"].get("namespace")), body=obj)
+
     def merge_patch(
         self, resource: Resource, name: str, patch: dict[str, Any], namespace: str | None = None,
         subresource: str | None = None,

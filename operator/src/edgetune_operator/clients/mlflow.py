@@ -18,6 +18,7 @@ from typing import Any
 
 import urllib3
 
+from edgetune_api.mlflow_uri import mlflow_lookup
 from edgetune_operator import metrics
 
 TIMEOUT = urllib3.Timeout(connect=3.0, read=30.0)
@@ -78,6 +79,11 @@ class Mlflow:
         return payload
 
     # -- lookups ----------------------------------------------------------------------------------
+
+    def resolve(self, uri: str) -> str:
+        """A ``models:/`` or ``runs:/`` URI -> the storage URI it names."""
+        lookup = mlflow_lookup(uri)
+        return lookup.source(self.call("GET", lookup.endpoint, query=lookup.query))
 
     def experiment_id(self, name: str) -> str:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,21 +33,25 @@ def split_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
+def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """Every object under ``prefix/`` (``Key``, ``Size``, …), page by page."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        yield from page.get("Contents", [])
+
+
 def fetch_package(client: Any, uri: str) -> dict[str, bytes]:
     """Every object directly under the package prefix, by file name."""
     bucket, prefix = split_uri(uri)
     files: dict[str, bytes] = {}
     total = 0
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/"):
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(prefix) + 1 :]
-            if "/" in name:
-                continue  # not part of this package
-            total += int(obj["Size"])
-            if total > MAX_PACKAGE_BYTES:
-                raise ValueError(f"{uri} holds more than {MAX_PACKAGE_BYTES >> 20} MiB: not an adapter package")
-            files[name] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    for obj in list_objects(client, bucket, prefix):
+        name = obj["Key"][len(prefix) + 1 :]
+        if "/" in name:
+            continue  # not part of this package
+        total += int(obj["Size"])
+        if total > MAX_PACKAGE_BYTES:
+            raise ValueError(f"{uri} holds more than {MAX_PACKAGE_BYTES >> 20} MiB: not an adapter package")
+        files[name] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
     if not files:
         raise PackageNotFoundError(f"no package at {uri}")
     return files

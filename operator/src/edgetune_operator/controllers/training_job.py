@@ -7,16 +7,26 @@ event, the resync timer); it converges on the same state. Calls for one job are 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from edgetune_api.delta import DeltaManifest, DeltaVerificationError, sha256_bytes
+from edgetune_api.delta import (
+    MAX_PACKAGE_BYTES,
+    SIGNATURE,
+    DeltaManifest,
+    DeltaVerificationError,
+    derive_trainer_key,
+    public_key_pem,
+    sha256_bytes,
+)
+from edgetune_api.trainer_config import BaseFiles, UploadPolicy
 from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
 from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
@@ -37,25 +47,35 @@ from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
 from edgetune_operator.controllers.credentials import (
     ConfigurationError,
-    read_secret,
     s3_credentials,
     s3_endpoint,
     secret_value,
 )
 from edgetune_operator.controllers.locks import PerObjectLocks
+from edgetune_operator.delta.trust import verify_trained
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
     ANNOTATION_CLUSTER,
     ANNOTATION_NODE,
+    BASE_FILES,
     LABEL_JOB_UID,
     LABEL_TARGET,
+    SALT,
+    TRAINER_KEY,
+    UPLOAD_POLICY,
     JobRef,
     Target,
+    child_name,
     config_map,
+    credentials_seconds,
+    credentials_secret,
     observe_trainer,
+    remote_base,
+    s3_prefix,
     set_condition,
     trainer_job,
+    trainer_key_context,
 )  # fmt: skip
 from edgetune_operator.settings import Settings
 
@@ -257,6 +277,8 @@ class TrainingJobController:
         except (UnreachableError, KubeError) as exc:
             obs.unreachable[cluster] = f"{exc}"
             self._carry_unreachable(cluster, obs, old_targets)
+        except (RetryableError, MlflowUnavailableError, ConfigurationError, MlflowError) as exc:
+            obs.start_error = f"cannot issue the trainers' credentials on {cluster}: {type(exc).__name__}: {exc}"
 
     def _carry_unreachable(
         self, cluster: str, obs: Observation, old_targets: dict[tuple[str, str | None], TargetStatus]
@@ -304,33 +326,88 @@ class TrainingJobController:
         if plan.waiting:
             obs.waiting.append(plan.waiting)
             return []
+        issue = self._credentials(spec, job)
         if cluster != LOCAL:
             kube.ensure_namespace(job.namespace)
-            self._copy_secrets(spec, job, kube)
         created = []
         for node, profile, candidates in plan.targets:
             target = Target(cluster, node)
+            secret = credentials_secret(job, target, self.settings, issue(target))
+            try:
+                # First, so the pod never starts without it. One left by an attempt interrupted before
+                # its Job was created holds the same key and salt and a policy still valid: kept.
+                kube.create_unread(secret)
+            except KubeError as exc:
+                if exc.status != 403:
+                    raise
+                raise ConfigurationError(f"the operator may not create Secret {job.namespace}/"
+                                         f"{secret['metadata']['name']} on {cluster}: add {job.namespace} to the "
+                                         "chart's operator.secretNamespaces") from None  # fmt: skip
             kube.create(config_map(spec, job, target, self.settings))
             created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates=candidates)))
         return created
 
-    def _copy_secrets(self, spec: EdgeTrainingJobSpec, job: JobRef, kube: Kube) -> None:
-        """The Secrets a trainer mounts live on the hub with the job; an edge cluster gets a copy."""
-        names = {ref.name for ref in (spec.output.signing_key_secret_ref, spec.data.privacy.salt_secret_ref) if ref}
-        if spec.output.s3.credentials_secret_ref:
-            names.add(spec.output.s3.credentials_secret_ref)
-        for name in sorted(names):
-            try:
-                secret = read_secret(self.hub, job.namespace, name)
-            except ConfigurationError as exc:  # reported like a missing Secret: on the job, retried
-                raise ClusterUnavailableError(str(exc)) from None
-            if secret is None:
-                raise ClusterUnavailableError(f"Secret {job.namespace}/{name} named by the job does not exist")
-            kube.create({
-                "apiVersion": "v1", "kind": "Secret", "type": secret.get("type", "Opaque"), "data": secret.get("data"),
-                "metadata": {"name": name, "namespace": job.namespace,
-                             "labels": {"app.kubernetes.io/managed-by": "edgetune-operator", LABEL_JOB_UID: job.uid}},
-            })  # fmt: skip
+    def _credentials(self, spec: EdgeTrainingJobSpec, job: JobRef) -> Callable[[Target], dict[str, bytes]]:
+        """What each trainer of the job gets in its own Secret, and nothing that would work for
+        another: a presigned S3 POST policy for its package prefix only (no S3 credentials), an
+        Ed25519 key derived for it alone (the hub key never leaves the hub), the privacy salt, and
+        presigned URLs of a remote base model (no S3 or MLflow access of its own)."""
+        s3 = self._s3(spec, job.namespace)
+        seconds = credentials_seconds(spec, self.settings)
+        expires = (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        private, _ = self._keys(spec, job.namespace)
+        salt_ref = spec.data.privacy.salt_secret_ref
+        salt = secret_value(self.hub, job.namespace, salt_ref.name, salt_ref.key) if salt_ref else None
+        base = self._base_files(spec, s3, seconds, expires) if remote_base(spec) else None
+        bucket = spec.output.s3.bucket
+
+        def issue(target: Target) -> dict[str, bytes]:
+            prefix = s3_prefix(spec, job, target)
+            post = s3.generate_presigned_post(
+                Bucket=bucket, Key=f"{prefix}/${{filename}}", ExpiresIn=seconds,
+                Conditions=[["content-length-range", 0, MAX_PACKAGE_BYTES]],
+            )  # fmt: skip
+            fields = {k: str(v) for k, v in post["fields"].items() if k != "key"}
+            policy = UploadPolicy(url=post["url"], bucket=bucket, fields=fields, prefix=prefix, expires=expires)
+            data = {UPLOAD_POLICY: json.dumps(policy.to_wire()).encode()}
+            if private is not None:
+                data[TRAINER_KEY] = derive_trainer_key(private, trainer_key_context(job.uid, child_name(job, target)))
+            if salt is not None:
+                data[SALT] = salt
+            if base is not None:
+                data[BASE_FILES] = base
+            return data
+
+        return issue
+
+    def _base_files(self, spec: EdgeTrainingJobSpec, s3: Any, seconds: int, expires: str) -> bytes:
+        """Resolve a remote base model on the hub (MLflow URIs through the registry) and presign a
+        GET for each of its objects."""
+        uri = source = spec.base_model.uri
+        if uri.startswith(("models:/", "runs:/")):
+            if self.mlflow is None:
+                raise ConfigurationError(f"base model {uri} is an MLflow URI but no MLflow tracking URI is configured")
+            source = self.mlflow.resolve(uri)
+        if not source.startswith("s3://"):
+            raise ConfigurationError(f"base model {uri} resolves to {source}: trainers can be given S3 objects only")
+        bucket, prefix = object_store.split_uri(source)
+        keys = _s3_call(lambda: [o["Key"] for o in object_store.list_objects(s3, bucket, prefix)])
+        if not keys:
+            raise ConfigurationError(f"base model {uri}: no objects under {source}")
+        files = {key[len(prefix) + 1 :]: s3.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds) for key in keys}  # fmt: skip
+        return json.dumps(BaseFiles(uri=uri, source=source, files=files, expires=expires).to_wire()).encode()
+
+    def _drop_credentials(self, job: JobRef, target: TargetStatus) -> None:
+        """A verified trainer needs its Secret no more: delete it from the edge cluster now rather than
+        at job deletion (on the hub it belongs to the job, which the hub's garbage collector follows)."""
+        if not target.job_name or target.cluster == LOCAL:
+            return
+        try:
+            self.clusters.get(target.cluster).delete(SECRETS, target.job_name, job.namespace)
+        except (ClusterUnavailableError, UnreachableError, KubeError):
+            log.info("could not delete Secret %s/%s on %s yet (job deletion will)", job.namespace, target.job_name,
+                     target.cluster)  # fmt: skip
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -343,14 +420,12 @@ class TrainingJobController:
         ref = spec.output.signing_key_secret_ref
         if ref is None:
             return None, None
-        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-
         private = secret_value(self.hub, namespace, ref.name, ref.key)
-        key = serialization.load_pem_private_key(private, password=None)
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return private, public
+        try:
+            return private, public_key_pem(private)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"Secret {namespace}/{ref.name} (key {ref.key}) is not an Ed25519 private key "
+                                     f"(PEM): {exc}") from None  # fmt: skip
 
     def _results(
         self, spec: EdgeTrainingJobSpec, job: JobRef, body: dict[str, Any], obs: Observation,
@@ -368,7 +443,7 @@ class TrainingJobController:
             private, public = self._keys(spec, job.namespace)
             verified: list[Verified] = []
             for target in ready:
-                package = self._verify(s3, job, body, target, public)
+                package = self._verify(s3, job, body, target, private)
                 if package is None:
                     continue
                 if package.manifest.encoding != spec.output.encoding:
@@ -376,6 +451,7 @@ class TrainingJobController:
                         f"{target.cluster}/{target.node}: {spec.output.encoding} lost more than output.maxMetricDrop "
                         f"({spec.output.max_metric_drop}) on the held-out split; the trainer shipped the finer "
                         f"{package.manifest.encoding} instead"))  # fmt: skip
+                self._drop_credentials(job, target)
                 if fedavg:
                     target.phase = "Succeeded"  # its part is done; the aggregate is registered below
                     verified.append(package)
@@ -399,24 +475,29 @@ class TrainingJobController:
             obs.blocked = True
 
     def _verify(
-        self, s3: Any, job: JobRef, body: dict[str, Any], target: TargetStatus, public: bytes | None
+        self, s3: Any, job: JobRef, body: dict[str, Any], target: TargetStatus, private: bytes | None
     ) -> Verified | None:
+        """Fetch and verify a trainer's package (``trust.verify_trained``: its own signature, every
+        file, its lineage), then counter-sign it with the hub key for the agents."""
         uri = target.delta_uri
         if not uri:
             target.phase, target.message = "Failed", "VerificationFailed: the trainer reported no package URI"
             return None
+        context = trainer_key_context(job.uid, target.job_name or "")
         try:
-            manifest, files = _s3_call(lambda: object_store.fetch_and_verify(
-                s3, uri, expected_digest=None, public_key_pem=public))  # fmt: skip
+            files = _s3_call(lambda: object_store.fetch_package(s3, uri))
+            manifest, countersignature = verify_trained(files, hub_private=private, context=context, job_uid=job.uid,
+                                                        cluster=target.cluster, node=target.node)  # fmt: skip
         except (DeltaVerificationError, object_store.PackageNotFoundError, ValueError) as exc:
             metrics.VERIFICATION_FAILURES.labels(job.namespace).inc()
             target.phase, target.message = "Failed", f"VerificationFailed: {uri}: {exc}"[:4096]
             return None
+        if countersignature is not None:
+            bucket, prefix = object_store.split_uri(uri)
+            _s3_call(functools.partial(s3.put_object, Bucket=bucket, Key=f"{prefix}/{SIGNATURE}",
+                                       Body=countersignature))  # fmt: skip
+            files = {**files, SIGNATURE: countersignature}
         digest = sha256_bytes(files["manifest.json"])
-        if manifest.lineage.job_uid not in (None, job.uid):
-            target.phase = "Failed"
-            target.message = f"VerificationFailed: {uri} belongs to job uid {manifest.lineage.job_uid}, not {job.uid}"
-            return None
         target.sha256 = digest
         return Verified(uri=uri, digest=digest, manifest=manifest, files=files)
 
@@ -444,7 +525,7 @@ class TrainingJobController:
             return  # summarize() reports the shortfall
         packages = []
         for target in succeeded:
-            package = self._verify(s3, job, body, target, public)  # re-read: the bytes averaged are verified bytes
+            package = self._verify(s3, job, body, target, private)  # re-read: the bytes averaged are verified bytes
             if package is None:
                 continue
             packages.append(package)
@@ -489,10 +570,13 @@ class TrainingJobController:
         for cluster in sorted(names):
             try:
                 kube = self.clusters.get(cluster)
-                # Secrets are copied to edge clusters only; on the hub the operator may not list them.
-                for resource in (JOBS, CONFIG_MAPS) if cluster == LOCAL else (JOBS, CONFIG_MAPS, SECRETS):
+                # On an edge cluster a trainer's Secret has its ConfigMap's name: deleted by name, never
+                # listed or read (on the hub, owner references take it with the job).
+                for resource in (JOBS, CONFIG_MAPS):
                     for child in kube.list(resource, meta["namespace"], labels={LABEL_JOB_UID: meta["uid"]}):
                         kube.delete(resource, child["metadata"]["name"], meta["namespace"])
+                        if resource is CONFIG_MAPS and cluster != LOCAL:
+                            kube.delete(SECRETS, child["metadata"]["name"], meta["namespace"])
             except ClusterUnavailableError:
                 continue  # nothing we can reach or ever could
             except (UnreachableError, KubeError):

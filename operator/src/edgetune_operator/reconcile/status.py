@@ -14,7 +14,13 @@ FINISHED = ("Succeeded", "Failed")
 WARNING_CONDITIONS = {("Failed", "True"), ("ClustersReachable", "False")}
 QUIET = {"DataSufficient", "ClustersReachable", "Reconciled", "Training"}
 """Conditions whose becoming True is not worth an Event of its own (Scheduled, Verified, … are)."""
-WARNING_REASONS = {"RegistrationBlocked", "RegistryUnavailable", "VerificationFailed", "ClusterUnreachable"}
+WARNING_REASONS = {
+    "RegistrationBlocked",
+    "RegistryUnavailable",
+    "VerificationFailed",
+    "ClusterUnreachable",
+    "CredentialsUnavailable",
+}
 
 
 @dataclass
@@ -35,6 +41,9 @@ class Observation:
     """A failure holding up verification or registration; retried on the next reconcile."""
     blocked: bool = False
     """The pending error needs a person (missing Secret, bucket, MLflow configuration), not just time."""
+    start_error: str | None = None
+    """Why trainers could not be started: their credentials (upload policy, derived key, presigned
+    base model) could not be issued; retried on the next reconcile."""
 
 
 def _registered(spec: EdgeTrainingJobSpec, obs: Observation) -> bool:
@@ -93,8 +102,11 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
     else:
         cond("ClustersReachable", True, "Reachable", "every selected cluster answered")
     bound = sum(bool(t.node) and t.phase not in ("Pending",) for t in targets)
-    cond("Scheduled", bool(n) and bound == n, "TrainersBound" if n and bound == n else "Pending",
-         f"{bound}/{n} trainer pod(s) bound to nodes")  # fmt: skip
+    if obs.start_error and not n:
+        cond("Scheduled", False, "CredentialsUnavailable", obs.start_error)
+    else:
+        cond("Scheduled", bool(n) and bound == n, "TrainersBound" if n and bound == n else "Pending",
+             f"{bound}/{n} trainer pod(s) bound to nodes")  # fmt: skip
     training = sum(t.phase == "Training" for t in targets)
     cond("Training", training > 0, "TrainersRunning" if training else ("Finished" if finished else "NotRunning"),
          f"{training} trainer(s) running")  # fmt: skip

@@ -4,6 +4,7 @@ trainer status from observed children. No I/O here; the handlers fetch and apply
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -21,8 +22,14 @@ EVAL_DATA_DIR = "/data-eval"
 WORK_DIR = "/work"
 CONFIG_DIR = "/etc/edgetune"
 TERMINATION_LOG = "/dev/termination-log"
-SIGNING_KEY_PATH = f"{CONFIG_DIR}/signing/key.pem"
-SALT_PATH = f"{CONFIG_DIR}/salt/salt"
+CREDENTIALS_DIR = f"{CONFIG_DIR}/credentials"
+"""One Secret per trainer, made by the operator: what that trainer alone may use (docs/security.md)."""
+TRAINER_KEY = "key.pem"
+SALT = "salt"
+UPLOAD_POLICY = "upload.json"
+BASE_FILES = "base.json"
+MAX_URL_SECONDS = 7 * 24 * 3600
+"""The longest an S3 SigV4 presigned URL or POST policy may live."""
 TRAINER_UID = 10001
 LABEL_JOB = "edgetune.io/training-job"
 LABEL_TARGET = "edgetune.io/target"
@@ -78,8 +85,10 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
             s3_endpoint=spec.output.s3.endpoint or settings.s3_endpoint,
             s3_bucket=spec.output.s3.bucket,
             s3_prefix=s3_prefix(spec, job, target),
-            signing_key_path=SIGNING_KEY_PATH if spec.output.signing_key_secret_ref else None,
-            salt_path=SALT_PATH if spec.data.privacy.salt_secret_ref else None,
+            trainer_key_path=f"{CREDENTIALS_DIR}/{TRAINER_KEY}" if spec.output.signing_key_secret_ref else None,
+            salt_path=f"{CREDENTIALS_DIR}/{SALT}" if spec.data.privacy.salt_secret_ref else None,
+            upload_policy_path=f"{CREDENTIALS_DIR}/{UPLOAD_POLICY}",
+            base_files_path=f"{CREDENTIALS_DIR}/{BASE_FILES}" if remote_base(spec) else None,
             pushgateway_url=settings.pushgateway_url,
             job_namespace=job.namespace,
             job_name=job.name,
@@ -88,6 +97,42 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
             node=target.node,
         ),
     )
+
+
+def remote_base(spec: EdgeTrainingJobSpec) -> bool:
+    """The base model lives in S3 or MLflow: the operator resolves and presigns it for the trainer."""
+    return spec.base_model.uri.startswith(("s3://", "models:/", "runs:/"))
+
+
+def credentials_seconds(spec: EdgeTrainingJobSpec, settings: Settings) -> int:
+    """How long a trainer's upload policy and download URLs live: its deadline and the grace
+    periods plus an hour, else (no deadline) the longest S3 allows."""
+    if not spec.budgets.deadline:
+        return MAX_URL_SECONDS
+    return min(MAX_URL_SECONDS, int(parse_duration(spec.budgets.deadline)) + 2 * settings.termination_grace_seconds
+               + 3600)  # fmt: skip
+
+
+def trainer_key_context(job_uid: str, child: str) -> str:
+    """What a trainer's signing key is derived for: one job, one trainer Job (``TargetStatus.jobName``)."""
+    return f"{job_uid}/{child}"
+
+
+def credentials_secret(job: JobRef, target: Target, settings: Settings, data: dict[str, bytes]) -> dict[str, Any]:
+    """The trainer's own Secret (same name as its Job): on the hub owned by the EdgeTrainingJob, on
+    an edge cluster deleted by name once the package is verified or the job is deleted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": child_name(job, target),
+            "namespace": job.namespace,
+            "labels": _labels(job, target, settings),
+            **({"ownerReferences": [owner_reference(job)]} if target.cluster == "local" else {}),
+        },
+        "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())},
+    }
 
 
 def _labels(job: JobRef, target: Target, settings: Settings) -> dict[str, str]:
@@ -147,16 +192,15 @@ def _volumes(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: S
         {"name": "config", "configMap": {"name": child_name(job, target)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
     ]
+    keys = [UPLOAD_POLICY]
     if spec.output.signing_key_secret_ref:
-        ref = spec.output.signing_key_secret_ref
-        volumes.append(
-            {"name": "signing", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "key.pem"}]}}
-        )
+        keys.append(TRAINER_KEY)
     if spec.data.privacy.salt_secret_ref:
-        ref = spec.data.privacy.salt_secret_ref
-        volumes.append(
-            {"name": "salt", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "salt"}]}}
-        )
+        keys.append(SALT)
+    if remote_base(spec):
+        keys.append(BASE_FILES)
+    volumes.append({"name": "credentials", "secret": {"secretName": child_name(job, target), "defaultMode": 0o440,
+                                                      "items": [{"key": k, "path": k} for k in keys]}})  # fmt: skip
     return volumes
 
 
@@ -176,10 +220,7 @@ def _mounts(spec: EdgeTrainingJobSpec) -> list[dict[str, Any]]:
         pvc = held.persistent_volume_claim
         mounts.append({"name": "eval-data", "mountPath": EVAL_DATA_DIR, "readOnly": True,
                        **({"subPath": pvc.sub_path} if pvc and pvc.sub_path else {})})  # fmt: skip
-    if spec.output.signing_key_secret_ref:
-        mounts.append({"name": "signing", "mountPath": f"{CONFIG_DIR}/signing", "readOnly": True})
-    if spec.data.privacy.salt_secret_ref:
-        mounts.append({"name": "salt", "mountPath": f"{CONFIG_DIR}/salt", "readOnly": True})
+    mounts.append({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
     return mounts
 
 
@@ -190,10 +231,13 @@ def _args(spec: EdgeTrainingJobSpec) -> list[str]:
             "--termination-log", TERMINATION_LOG]  # fmt: skip
     if spec.data.eval_source:
         args += ["--eval-data-dir", EVAL_DATA_DIR]
+    args += ["--upload-policy", f"{CREDENTIALS_DIR}/{UPLOAD_POLICY}"]
     if spec.output.signing_key_secret_ref:
-        args += ["--signing-key", SIGNING_KEY_PATH]
+        args += ["--trainer-key", f"{CREDENTIALS_DIR}/{TRAINER_KEY}"]
     if spec.data.privacy.salt_secret_ref:
-        args += ["--salt-file", SALT_PATH]
+        args += ["--salt-file", f"{CREDENTIALS_DIR}/{SALT}"]
+    if remote_base(spec):
+        args += ["--base-files", f"{CREDENTIALS_DIR}/{BASE_FILES}"]
     return args
 
 
@@ -230,14 +274,6 @@ def trainer_job(
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},  # noqa: S108
         {"name": "EDGETUNE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
     ]
-    if spec.output.s3.credentials_secret_ref:
-        secret = spec.output.s3.credentials_secret_ref
-        env += [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-        ]
-    if settings.mlflow_tracking_uri:
-        env.append({"name": "MLFLOW_TRACKING_URI", "value": settings.mlflow_tracking_uri})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # the trainer never talks to the Kubernetes API
