@@ -327,10 +327,17 @@ def test_helm_chart_installs_the_crds(edge_b: ControlPlane) -> None:
         "customresourcedefinition.apiextensions.k8s.io/edgeclusters.edgetune.io",
         "customresourcedefinition.apiextensions.k8s.io/edgetrainingjobs.edgetune.io",
     ]
+    # Its NetworkPolicy, accepted by the apiserver, selects its pod and fences off cloud metadata.
+    policy = json.loads(edge_b.kubectl("-n", "edgetune-system", "get", "networkpolicy", "edgetune-operator",
+                                       "-o", "json").stdout)["spec"]  # fmt: skip
+    blocks = [peer["ipBlock"] for rule in policy["egress"] for peer in rule.get("to", [])]
+    assert {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]} in blocks
+    assert [rule["ports"][0]["port"] for rule in policy["ingress"]] == ["metrics", "health"]
     # The operator's Deployment comes up (kwok runs its pod), locked down as a pod must be.
     edge_b.kubectl("-n", "edgetune-system", "rollout", "status", "deploy/edgetune-operator", "--timeout=60s")
     pod = json.loads(edge_b.kubectl("-n", "edgetune-system", "get", "pods", "-l",
                                     "app.kubernetes.io/component=operator", "-o", "json").stdout)["items"][0]  # fmt: skip
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 

@@ -29,6 +29,8 @@ class Image(Values):
     repository: str = "edgetune/operator"
     tag: str = ""
     """Defaults to the chart's appVersion."""
+    digest: Annotated[str, StringConstraints(pattern=r"^(sha256:[a-f0-9]{64})?$")] = ""
+    """``sha256:…``: pull by digest (the tag is then ignored)."""
     pull_policy: PullPolicy = "IfNotPresent"
 
 
@@ -38,6 +40,23 @@ class ServiceMonitor(Values):
     interval: Annotated[str, StringConstraints(pattern=r"^[0-9]+(ms|s|m|h)$")] = "30s"
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels, e.g. the `release` label your Prometheus selects monitors by."""
+
+
+Cidr = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")]
+
+
+class NetworkPolicy(Values):
+    enabled: bool = True
+    """A NetworkPolicy for the operator pod: ingress only to its metrics and health ports, egress
+    to DNS and TCP anywhere except ``deniedCidrs`` (it must reach the hub and every edge apiserver,
+    S3, MLflow and Prometheus, whose addresses the chart cannot know)."""
+    metrics_from: list[dict[str, Any]] = Field(default_factory=list)
+    """NetworkPolicyPeers allowed to scrape /metrics (e.g. Prometheus' namespace); empty: anyone."""
+    denied_cidrs: list[Cidr] = Field(default_factory=lambda: ["169.254.0.0/16", "fe80::/10"])
+    """Never reachable from the operator: link-local, where clouds serve instance metadata and
+    credentials (a second fence behind the S3 endpoint allow-list)."""
+    extra_denied_cidrs: list[Cidr] = Field(default_factory=list)
+    """More networks the operator never needs (e.g. the pod CIDR of other tenants)."""
 
 
 class Operator(Values):
@@ -66,8 +85,10 @@ class Operator(Values):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     secret_namespaces: list[DnsLabel] = Field(default_factory=list)
     """Namespaces whose Secrets the operator may read by name (jobs' and releases' S3 credentials,
-    signing keys, salts). The release namespace is always included; they must exist before install."""
+    signing keys, salts) and where it may create hub trainers' credentials Secrets. The release
+    namespace is always included; they must exist before install."""
     service_monitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
+    network_policy: NetworkPolicy = Field(default_factory=NetworkPolicy)
     require_signed_adapters: bool = False
     """The API server refuses an EdgeTrainingJob without output.signingKeySecretRef (a
     ValidatingAdmissionPolicy), so no unsigned adapter is trained here."""

@@ -130,12 +130,13 @@ def stop_resync(**_: Any) -> None:
 
 
 @kopf.on.delete(*JOB)
-def training_job_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+def training_job_deleted(body: kopf.Body, **_: Any) -> None:
+    """Bounded: past the cluster-lost period an unreachable edge cluster is not waited for; its
+    trainers are deleted when it answers again (``TrainingJobController.sweep``)."""
     failed = RUNTIME.jobs.cleanup(dict(body))
-    if failed and retry < 10:
-        raise kopf.TemporaryError(f"clusters {failed} did not answer; their trainers are deleted later", delay=15)
     if failed:
-        log.warning("giving up cleaning %s on %s: unreachable", body["metadata"]["name"], failed)
+        raise kopf.TemporaryError(f"clusters {failed} did not answer; retrying the deletion of their trainers",
+                                  delay=10)  # fmt: skip
 
 
 def _trainer_progress(body: kopf.Body, type: str | None, **_: Any) -> bool:  # noqa: A002 - kopf's name
@@ -192,6 +193,8 @@ def edge_cluster_heartbeat(body: kopf.Body, **_: Any) -> None:
     if status is None:
         return
     RUNTIME.clusters.local.replace_status(EDGE_CLUSTERS, body["metadata"]["name"], None, status.to_wire())
+    if status.reachable:
+        RUNTIME.jobs.sweep(dict(body))  # trainers of jobs deleted while it was unreachable
 
 
 @kopf.on.delete(*CLUSTER, optional=True)

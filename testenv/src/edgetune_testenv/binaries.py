@@ -14,6 +14,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -260,3 +261,26 @@ def binary(component: Component, name: str) -> Path:
     if name not in component.binaries:
         raise KeyError(f"{component.name} builds {component.binaries}, not {name!r}")
     return ensure(component) / name
+
+
+CHECKOV_VERSION = "3.3.30"
+
+
+def python_tool(package: str, version: str, command: str) -> Path:
+    """A command-line tool from PyPI in a virtual environment of its own (its pins must not meet the
+    project's), cached under ``<cache>/tools/<package>-<version>/``; returns the command's path."""
+    root = cache_root().parent / "tools" / f"{package}-{version}"
+    exe = root / "bin" / command
+    done = root / ".complete"
+    with _locked(root.parent):
+        if done.exists() and exe.exists():
+            return exe
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+        install = subprocess.run([str(root / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+                                  f"{package}=={version}"], capture_output=True, text=True, check=False)  # fmt: skip
+        if install.returncode != 0:
+            raise EnvironmentSetupError(f"pip install {package}=={version} failed (PyPI must be reachable):\n"
+                                        f"{install.stderr[-3000:]}")  # fmt: skip
+        done.touch()
+    return exe

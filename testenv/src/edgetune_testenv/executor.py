@@ -230,6 +230,21 @@ class PodExecutor:
         name = container or run.container_names[0]
         return run.containers[name].log_path.read_text(errors="replace")
 
+    def kill_containers(self, namespace: str, pod_prefix: str) -> list[str]:
+        """SIGKILL the running containers of pods whose name starts with ``pod_prefix`` (a crash or the
+        kernel's OOM killer, not a deletion: the pod fails with exit code 137 and its owner decides).
+        Returns the pods hit."""
+        with self._lock:
+            runs = [r for r in self._pods.values() if r.namespace == namespace and r.name.startswith(pod_prefix)]
+        hit = []
+        for run in runs:
+            for proc in list(run._procs.values()):
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    hit.append(run.name)
+        return hit
+
     def node_root(self, node: str) -> Path:
         """The directory standing for ``node``'s filesystem: hostPath volumes resolve under it."""
         path = self.root / "nodes" / node

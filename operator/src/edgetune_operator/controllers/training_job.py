@@ -14,6 +14,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,11 +33,13 @@ from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import (
     CONFIG_MAPS,
+    EDGE_CLUSTERS,
     JOBS,
     NODES,
     PODS,
     SECRETS,
     TRAINING_JOBS,
+    ConflictError,
     Kube,
     KubeError,
     NotFoundError,
@@ -557,8 +560,11 @@ class TrainingJobController:
     # -- deletion ------------------------------------------------------------------------------------
 
     def cleanup(self, body: dict[str, Any]) -> list[str]:
-        """Delete the job's children on every cluster it may have used; returns clusters that did not
-        answer (the caller retries). Local children also go by owner reference."""
+        """Delete the job's children on every cluster it may have used; returns the clusters to retry
+        (the finalizer stays). An edge cluster that has not answered for ``cluster_lost_after_seconds``
+        since the deletion is not waited for any longer: the job's uid is recorded on its EdgeCluster
+        (``ANNOTATION_PENDING_CLEANUP``) with an Event, and ``sweep`` deletes the children when the
+        cluster answers again. Local children also go by owner reference."""
         meta = body["metadata"]
         spec = EdgeTrainingJobSpec.model_validate(body["spec"])
         failed = []
@@ -569,20 +575,105 @@ class TrainingJobController:
         names |= {t.get("cluster", LOCAL) for t in (body.get("status") or {}).get("targets") or []}
         for cluster in sorted(names):
             try:
-                kube = self.clusters.get(cluster)
-                # On an edge cluster a trainer's Secret has its ConfigMap's name: deleted by name, never
-                # listed or read (on the hub, owner references take it with the job).
-                for resource in (JOBS, CONFIG_MAPS):
-                    for child in kube.list(resource, meta["namespace"], labels={LABEL_JOB_UID: meta["uid"]}):
-                        kube.delete(resource, child["metadata"]["name"], meta["namespace"])
-                        if resource is CONFIG_MAPS and cluster != LOCAL:
-                            kube.delete(SECRETS, child["metadata"]["name"], meta["namespace"])
+                _delete_children(self.clusters.get(cluster), meta["namespace"], meta["uid"], edge=cluster != LOCAL)
             except ClusterUnavailableError:
                 continue  # nothing we can reach or ever could
             except (UnreachableError, KubeError):
                 failed.append(cluster)
+        waited = time.time() - _timestamp(meta.get("deletionTimestamp"))
+        if any(c == LOCAL for c in failed) or (failed and waited < self.settings.cluster_lost_after_seconds):
+            return failed
+        for cluster in failed:
+            self._defer_cleanup(cluster, body)
         self.forget(meta["uid"])
-        return failed
+        return []
+
+    def _defer_cleanup(self, cluster: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        entry = {"namespace": meta["namespace"], "job": meta["name"]}
+        for _ in range(5):  # optimistic concurrency: another deletion may record its job meanwhile
+            try:
+                edge = self.clusters.edge_cluster(cluster)
+            except ClusterUnavailableError:
+                return  # the EdgeCluster itself is gone: nothing will ever come back to sweep
+            pending = _pending(edge)
+            pending[meta["uid"]] = entry
+            try:
+                self.hub.merge_patch(EDGE_CLUSTERS, cluster, {"metadata": {
+                    "resourceVersion": edge["metadata"]["resourceVersion"],
+                    "annotations": {ANNOTATION_PENDING_CLEANUP: json.dumps(pending, sort_keys=True)}}})  # fmt: skip
+                break
+            except ConflictError:
+                continue
+        message = (f"{cluster} has not answered for {self.settings.cluster_lost_after_seconds:g} s since the job was "
+                   f"deleted: the job is released, and its trainers there are deleted when the cluster answers "
+                   f"again (recorded on EdgeCluster {cluster})")  # fmt: skip
+        log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
+        self.hub.event(body, reason="CleanupDeferred", message=message, warning=True)
+
+    def sweep(self, edge_cluster: dict[str, Any]) -> None:
+        """Delete the children of jobs deleted while this cluster was unreachable (it answered a
+        heartbeat just now); forget each once done, with an Event on the EdgeCluster."""
+        pending = _pending(edge_cluster)
+        if not pending:
+            return
+        name = edge_cluster["metadata"]["name"]
+        done = []
+        kube = self.clusters.client_for(edge_cluster)
+        for uid, entry in sorted(pending.items()):
+            try:
+                _delete_children(kube, entry["namespace"], uid, edge=True)
+            except (UnreachableError, KubeError):
+                continue
+            done.append(uid)
+            self.hub.event(edge_cluster, reason="OrphansDeleted", message=(
+                f"deleted the trainers of EdgeTrainingJob {entry['namespace']}/{entry['job']} (uid {uid}), deleted "
+                "while this cluster was unreachable"))  # fmt: skip
+        if done:
+            left = {uid: entry for uid, entry in pending.items() if uid not in done}
+            with suppress(ConflictError):  # changed meanwhile: the next heartbeat sweeps again
+                self.hub.merge_patch(
+                    EDGE_CLUSTERS,
+                    name,
+                    {
+                        "metadata": {
+                            "resourceVersion": edge_cluster["metadata"]["resourceVersion"],
+                            "annotations": {
+                                ANNOTATION_PENDING_CLEANUP: json.dumps(left, sort_keys=True) if left else None
+                            },
+                        }
+                    },
+                )
+
+
+ANNOTATION_PENDING_CLEANUP = "edgetune.io/pending-cleanup"
+"""On an EdgeCluster: JSON ``{job uid: {namespace, job}}`` of deleted jobs whose trainers there are
+still to be deleted (the cluster was unreachable when the job went)."""
+
+
+def _pending(edge_cluster: dict[str, Any]) -> dict[str, dict[str, str]]:
+    raw = (edge_cluster["metadata"].get("annotations") or {}).get(ANNOTATION_PENDING_CLEANUP)
+    try:
+        pending = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return pending if isinstance(pending, dict) else {}
+
+
+def _delete_children(kube: Kube, namespace: str, uid: str, *, edge: bool) -> None:
+    """A job's trainer Jobs and ConfigMaps (by label) and, on an edge cluster, its trainers' Secrets,
+    by the ConfigMaps' names: never listed or read (on the hub, owner references take them)."""
+    for resource in (JOBS, CONFIG_MAPS):
+        for child in kube.list(resource, namespace, labels={LABEL_JOB_UID: uid}):
+            kube.delete(resource, child["metadata"]["name"], namespace)
+            if resource is CONFIG_MAPS and edge:
+                kube.delete(SECRETS, child["metadata"]["name"], namespace)
+
+
+def _timestamp(value: str | None) -> float:
+    if not value:
+        return time.time()
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def _s3_call(fn: Callable[[], Any]) -> Any:

@@ -1,0 +1,360 @@
+"""Fault matrix: EdgeTrainingJobs run through faults injected at random moments, repeatedly, and each
+must end in the right phase with exactly one MLflow registration per adapter (none for a package
+that must be refused), nothing lost, and the Events that name what happened.
+
+Run with ``.venv/bin/python bench/chaos.py [--runs 5] [--faults a,b,...] [--seed N]``. Prints one
+JSON line: faults injected, survived, lost and duplicated registrations, per fault the runs, where
+the job was when the fault hit and the Event reasons seen. Exit 1 when a run did not survive.
+
+What runs: a hub and one edge control plane (etcd, kube-apiserver, controller-manager, scheduler,
+kwok nodes), S3 (versitygw), MLflow, the pod executor running trainers as processes, the operator
+as a process. Every job is signed (the trust chain of docs/security.md is under test too). Faults:
+
+- ``operator-kill``: SIGKILL the operator, start it again after 0-3 s;
+- ``trainer-kill``: SIGKILL the running trainer container (exit 137): the Job's next pod resumes;
+- ``hub-apiserver-restart`` / ``edge-apiserver-restart``: stop the apiserver, start it 2-10 s later
+  (every watch breaks; etcd keeps the state);
+- ``mlflow-outage`` / ``s3-outage``: the server stopped for 3-12 s (connections refused);
+- ``edge-unreachable``: the edge's kubeconfig points nowhere for 3-12 s, then back;
+- ``package-tampered`` / ``package-truncated`` / ``package-wrongly-signed`` / ``package-unsigned``:
+  the operator is stopped while the trainer uploads, the package is altered in S3, the operator comes
+  back: the job must fail with ``VerificationFailed`` and nothing may be registered.
+
+Not in this matrix (each covered by its own test): operator killed mid-release
+(``tests/e2e/test_release.py::test_the_operator_killed_at_random_points_ends_every_release_right``),
+an edge cluster lost for longer than the cluster-lost period (``tests/e2e/test_operator.py``), and a
+full disk (needs a filesystem of its own per node; not available to the pod executor yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kubernetes import client as k8s
+
+from edgetune_api.codec import WEIGHTS
+from edgetune_api.delta import sign
+from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.executor import LocalImage, PodExecutor
+from edgetune_testenv.nodes import default_fleet
+from edgetune_testenv.operator_proc import OperatorProcess
+from edgetune_testenv.procs import ManagedProcess, free_port
+from edgetune_testenv.servers import MlflowServer, S3Server
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.trainer_support import sine_classes  # noqa: E402 - the tests' data generator, from the repository
+
+TRAINER_IMAGE = "edgetune.io/trainer:chaos"
+DATA = "/var/lib/edgetune/sensors"
+NS = "chaos"
+PACKAGE_FAULTS = ("package-tampered", "package-truncated", "package-wrongly-signed", "package-unsigned")
+FAULTS = ("operator-kill", "trainer-kill", "hub-apiserver-restart", "edge-apiserver-restart", "mlflow-outage",
+          "s3-outage", "edge-unreachable", *PACKAGE_FAULTS)  # fmt: skip
+EDGE_ONLY = ("edge-apiserver-restart", "edge-unreachable")
+
+
+@dataclass
+class World:
+    hub: ControlPlane
+    edge: ControlPlane
+    s3: S3Server
+    mlflow: MlflowServer
+    executors: dict[str, PodExecutor]
+    operator: OperatorProcess
+    api: Any
+    rng: random.Random
+
+
+@dataclass
+class Outcome:
+    fault: str
+    job: str
+    cluster: str
+    phase_at_injection: str
+    injected: bool
+    phase: str = ""
+    registrations: int = 0
+    reasons: list[str] = field(default_factory=list)
+    survived: bool = False
+    detail: str = ""
+
+
+def _job(name: str, cluster: str) -> dict[str, Any]:
+    placement: dict[str, Any] = {"accelerator": "cpu"}
+    if cluster == "edge-a":
+        placement["clusterSelector"] = {"matchLabels": {"site": "factory"}}
+    return {
+        "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeTrainingJob", "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "builtin:timeseries-cnn"},
+            "data": {"source": {"hostPath": DATA}, "format": "npy"},
+            "training": {"maxSteps": 40, "batchSize": 16, "evalEvery": 10, "checkpointEvery": 5},
+            "budgets": {"memory": "4Gi", "deadline": "10m"},
+            "placement": placement,
+            "output": {"s3": {"bucket": "adapters", "credentialsSecretRef": "s3-credentials"},
+                       "mlflow": {"registeredModel": f"{name}-adapter"}, "encoding": "int8-zstd",
+                       "signingKeySecretRef": {"name": "signing", "key": "key.pem"}},
+        },
+    }  # fmt: skip
+
+
+def _status(world: World, name: str) -> dict[str, Any]:
+    obj = k8s.CustomObjectsApi(world.api).get_namespaced_custom_object("edgetune.io", "v1alpha1", NS,
+                                                                       "edgetrainingjobs", name)  # fmt: skip
+    return dict(obj.get("status") or {})
+
+
+def _phase(world: World, name: str) -> str:
+    try:
+        return str(_status(world, name).get("phase") or "Pending")
+    except Exception:  # the hub apiserver may be the fault
+        return "unknown"
+
+
+def _wait(what: str, probe: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if probe():
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def _down(proc: ManagedProcess, seconds: float) -> Iterator[None]:
+    proc.stop()
+    try:
+        time.sleep(seconds)
+        yield
+    finally:
+        proc.start()
+
+
+def _restart(proc: ManagedProcess, seconds: float, ready: Callable[[], bool]) -> None:
+    with _down(proc, seconds):
+        pass
+    _wait(f"{proc.name} ready", ready, 90)
+
+
+def _inject(world: World, fault: str, name: str, cluster: str) -> tuple[str, bool]:
+    """Inject ``fault`` at a random moment of job ``name``; returns (its phase then, whether it hit)."""
+    rng = world.rng
+    if fault in PACKAGE_FAULTS:
+        return _alter_package(world, fault, name, cluster)
+    if fault == "trainer-kill":
+        executor = world.executors[cluster]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.2, 2.0))
+            phase = _phase(world, name)
+            if executor.kill_containers(NS, f"{name}-"):
+                return phase, True
+            if phase in ("Succeeded", "Failed"):
+                break
+        return _phase(world, name), False
+    time.sleep(rng.uniform(0.0, 25.0))
+    phase = _phase(world, name)
+    if fault == "operator-kill":
+        world.operator.kill()
+        time.sleep(rng.uniform(0.0, 3.0))
+        world.operator.start()
+    elif fault in ("hub-apiserver-restart", "edge-apiserver-restart"):
+        plane = world.hub if fault.startswith("hub") else world.edge
+        _restart(plane.process("kube-apiserver"), rng.uniform(2.0, 10.0),
+                 lambda: plane.kubectl("get", "--raw", "/readyz", check=False).returncode == 0)  # fmt: skip
+    elif fault == "mlflow-outage":
+        _restart(world.mlflow.processes[0], rng.uniform(3.0, 12.0),
+                 lambda: httpx.get(f"{world.mlflow.url}/health", timeout=2).status_code == 200)  # fmt: skip
+    elif fault == "s3-outage":
+        _restart(world.s3.processes[0], rng.uniform(3.0, 12.0), lambda: bool(world.s3.client().list_buckets()))
+    elif fault == "edge-unreachable":
+        secret = ["-n", "edgetune-system", "patch", "secret", "edge-a-kubeconfig", "--type=merge", "-p"]
+        saved = world.edge.kubeconfig.read_text()
+        dead = saved.replace(world.edge.server, f"https://127.0.0.1:{free_port()}")
+        world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": dead}}))
+        try:
+            time.sleep(rng.uniform(3.0, 12.0))
+        finally:
+            world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": saved}}))
+    return phase, True
+
+
+def _alter_package(world: World, fault: str, name: str, cluster: str) -> tuple[str, bool]:
+    """Stop the operator while the trainer runs, alter its uploaded package, start the operator."""
+    _wait("the trainer to run", lambda: _phase(world, name) in ("Training", "Packaging"), 120)
+    phase = _phase(world, name)
+    world.operator.stop()
+    try:
+        client = world.s3.client()
+        prefix = f"edgetune/{NS}/{name}/{cluster if cluster == 'edge-a' else 'local'}/any"
+        _wait("the package in S3", lambda: client.list_objects_v2(Bucket="adapters", Prefix=f"{prefix}/trainer.sig")[
+            "KeyCount"] > 0, 180)  # fmt: skip
+        weights = f"{prefix}/{WEIGHTS['int8-zstd']}"
+        body = client.get_object(Bucket="adapters", Key=weights)["Body"].read()
+        if fault == "package-tampered":
+            client.put_object(Bucket="adapters", Key=weights, Body=body[:-1] + bytes([body[-1] ^ 1]))
+        elif fault == "package-truncated":
+            client.put_object(Bucket="adapters", Key=weights, Body=body[: len(body) // 2])
+        elif fault == "package-wrongly-signed":
+            manifest = client.get_object(Bucket="adapters", Key=f"{prefix}/manifest.json")["Body"].read()
+            other = Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            client.put_object(Bucket="adapters", Key=f"{prefix}/trainer.sig", Body=sign(manifest, other))
+        else:
+            client.delete_object(Bucket="adapters", Key=f"{prefix}/trainer.sig")
+    finally:
+        world.operator.start()
+    return phase, True
+
+
+def _registrations(world: World, name: str) -> int:
+    response = httpx.get(f"{world.mlflow.url}/api/2.0/mlflow/model-versions/search",
+                         params={"filter": f"name = '{name}-adapter'"}, timeout=10)  # fmt: skip
+    return len(response.json().get("model_versions") or [])
+
+
+def _reasons(world: World, name: str) -> list[str]:
+    out = world.hub.kubectl("-n", NS, "get", "events", "-o", "json", f"--field-selector=involvedObject.name={name}")
+    return sorted({e["reason"] for e in json.loads(out.stdout)["items"]})
+
+
+def run_one(world: World, fault: str, index: int) -> Outcome:
+    cluster = "edge-a" if fault in EDGE_ONLY else world.rng.choice(["local", "edge-a"])
+    name = f"{fault}-{index}"[:50]
+    objects = k8s.CustomObjectsApi(world.api)
+    objects.create_namespaced_custom_object("edgetune.io", "v1alpha1", NS, "edgetrainingjobs", _job(name, cluster))
+    phase_then, injected = _inject(world, fault, name, cluster)
+    outcome = Outcome(fault, name, cluster, phase_then, injected)
+    try:
+        _wait(f"{name} to finish", lambda: _phase(world, name) in ("Succeeded", "Failed"), 420)
+    except TimeoutError as exc:
+        outcome.detail = str(exc)
+    status = _status(world, name)
+    outcome.phase = str(status.get("phase"))
+    outcome.registrations = _registrations(world, name)
+    outcome.reasons = _reasons(world, name)
+    refused = fault in PACKAGE_FAULTS
+    expected = ("Failed", 0) if refused else ("Succeeded", 1)
+    outcome.survived = (outcome.phase, outcome.registrations) == expected and (
+        not refused or "VerificationFailed" in outcome.reasons)  # fmt: skip
+    if not outcome.survived:
+        outcome.detail = outcome.detail or json.dumps([c for c in status.get("conditions") or []
+                                                       if c.get("status") == "False"])[:2000]  # fmt: skip
+    return outcome
+
+
+@contextlib.contextmanager
+def world(seed: int, tmp: Path) -> Iterator[World]:
+    with contextlib.ExitStack() as stack:
+        hub = stack.enter_context(ControlPlane("hub", tmp / "hub"))
+        edge = stack.enter_context(ControlPlane("edge-a", tmp / "edge"))
+        hub.add_nodes(default_fleet("hub"))
+        edge.add_nodes(default_fleet("factory"))
+        hub.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        hub.kubectl("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/name=edgetune",
+                    "--timeout=60s")  # fmt: skip
+        s3 = stack.enter_context(S3Server(tmp / "s3"))
+        s3.create_bucket("adapters")
+        mlflow = stack.enter_context(MlflowServer(s3, workdir=tmp / "mlflow"))
+        image = {TRAINER_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_trainer"),
+                                           env={"PYTHONUNBUFFERED": "1"})}  # fmt: skip
+        executors = {"local": stack.enter_context(PodExecutor(hub, image)),
+                     "edge-a": stack.enter_context(PodExecutor(edge, image))}  # fmt: skip
+        for cluster, executor in executors.items():
+            prefix = "hub" if cluster == "local" else "factory"
+            for i in range(2):
+                sine_classes(executor.node_root(f"{prefix}-cpu-{i}") / DATA.lstrip("/"), n=120)
+        hub.kubectl("create", "namespace", "edgetune-system")
+        hub.kubectl("-n", "edgetune-system", "create", "secret", "generic", "edge-a-kubeconfig",
+                    f"--from-file=kubeconfig={edge.kubeconfig}")  # fmt: skip
+        hub.kubectl("apply", "-f", "-", input_text=json.dumps({
+            "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeCluster",
+            "metadata": {"name": "edge-a", "labels": {"site": "factory"}},
+            "spec": {"kubeconfigSecretRef": {"name": "edge-a-kubeconfig", "namespace": "edgetune-system"},
+                     "heartbeatInterval": "2s"}}))  # fmt: skip
+        hub.kubectl("create", "namespace", NS)
+        key = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        api = hub.api_client()
+        core = k8s.CoreV1Api(api)
+        _wait("the namespace's ServiceAccount", lambda: bool(core.read_namespaced_service_account("default", NS)), 30)
+        core.create_namespaced_secret(NS, {"metadata": {"name": "signing"},
+                                           "data": {"key.pem": base64.b64encode(key).decode()}})  # fmt: skip
+        core.create_namespaced_secret(NS, {"metadata": {"name": "s3-credentials"}, "stringData": {
+            k: v for k, v in s3.env().items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})  # fmt: skip
+        env = {
+            "EDGETUNE_NAMESPACES": json.dumps([NS]), "EDGETUNE_MLFLOW_TRACKING_URI": mlflow.url,
+            "EDGETUNE_S3_ENDPOINT": s3.endpoint, "EDGETUNE_CLUSTER_LOST_AFTER_SECONDS": "120",
+            **{k: v for k, v in s3.env().items() if k.startswith("AWS_") and k != "AWS_ENDPOINT_URL_S3"},
+        }  # fmt: skip
+        operator = stack.enter_context(OperatorProcess(hub, tmp / "operator", env, TRAINER_IMAGE))
+        stack.callback(api.close)
+        yield World(hub, edge, s3, mlflow, executors, operator, api, random.Random(seed))  # noqa: S311 - chaos, not cryptography
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--runs", type=int, default=5, help="runs per fault (default 5)")
+    parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of: {', '.join(FAULTS)}")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the time)")
+    args = parser.parse_args()
+    faults = [f for f in args.faults.split(",") if f]
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown:
+        parser.error(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
+    seed = args.seed if args.seed is not None else int(time.time())
+    started = time.monotonic()
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="edgetune-chaos-") as tmp, world(seed, Path(tmp)) as w:
+        plan = [(fault, i) for i in range(args.runs) for fault in faults]
+        w.rng.shuffle(plan)
+        for fault, i in plan:
+            outcome = run_one(w, fault, i)
+            outcomes.append(outcome)
+            print(json.dumps({"run": len(outcomes), "of": len(plan), **outcome.__dict__}), file=sys.stderr, flush=True)
+    per_fault: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        entry = per_fault.setdefault(o.fault, {"runs": 0, "injected": 0, "survived": 0, "phases_at_injection": [],
+                                               "reasons": set()})  # fmt: skip
+        entry["runs"] += 1
+        entry["injected"] += o.injected
+        entry["survived"] += o.survived
+        entry["phases_at_injection"].append(o.phase_at_injection)
+        entry["reasons"] |= set(o.reasons)
+    for entry in per_fault.values():
+        entry["reasons"] = sorted(entry["reasons"])
+    expected = {o.job: 0 if o.fault in PACKAGE_FAULTS else 1 for o in outcomes}
+    result = {
+        "seed": seed, "faults_injected": sum(o.injected for o in outcomes), "runs": len(outcomes),
+        "survived": sum(o.survived for o in outcomes),
+        "lost_registrations": sum(max(0, expected[o.job] - o.registrations) for o in outcomes),
+        "duplicated_registrations": sum(max(0, o.registrations - expected[o.job]) for o in outcomes),
+        "refused_packages_registered": sum(o.registrations for o in outcomes if o.fault in PACKAGE_FAULTS),
+        "wall_s": round(time.monotonic() - started, 1), "per_fault": per_fault,
+        "failures": [o.__dict__ for o in outcomes if not o.survived],
+    }  # fmt: skip
+    print(json.dumps(result))
+    return 0 if result["survived"] == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
