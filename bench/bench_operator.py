@@ -153,7 +153,14 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         operator = OperatorProcess(
             plane,
             Path(tmp),
-            {"EDGETUNE_TRAINER_LABELS": "{}", "EDGETUNE_RESYNC_SECONDS": "10"},
+            # Credentials only to presign trainers' uploads (signing needs no network; nothing uploads).
+            {
+                "EDGETUNE_TRAINER_LABELS": "{}",
+                "EDGETUNE_RESYNC_SECONDS": "10",
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
             "edgetune/trainer:bench",
         )
         with operator:

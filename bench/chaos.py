@@ -33,6 +33,7 @@ import base64
 import contextlib
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -78,6 +79,13 @@ class World:
     operator: OperatorProcess
     api: Any
     rng: random.Random
+    durations: list[float] = field(default_factory=list)
+    """How long jobs took so far (create to finished): faults are timed to land while one runs."""
+
+    def moment(self) -> float:
+        """A random delay after a job's creation that falls inside a typical job's life."""
+        typical = statistics.median(self.durations) if self.durations else 15.0
+        return self.rng.uniform(0.0, 0.6 * typical)
 
 
 @dataclass
@@ -103,7 +111,7 @@ def _job(name: str, cluster: str) -> dict[str, Any]:
         "spec": {
             "baseModel": {"uri": "builtin:timeseries-cnn"},
             "data": {"source": {"hostPath": DATA}, "format": "npy"},
-            "training": {"maxSteps": 40, "batchSize": 16, "evalEvery": 10, "checkpointEvery": 5},
+            "training": {"maxSteps": 200, "batchSize": 16, "evalEvery": 20, "checkpointEvery": 10},
             "budgets": {"memory": "4Gi", "deadline": "10m"},
             "placement": placement,
             "output": {"s3": {"bucket": "adapters", "credentialsSecretRef": "s3-credentials"},
@@ -168,7 +176,7 @@ def _inject(world: World, fault: str, name: str, cluster: str) -> tuple[str, boo
             if phase in ("Succeeded", "Failed"):
                 break
         return _phase(world, name), False
-    time.sleep(rng.uniform(0.0, 25.0))
+    time.sleep(world.moment())
     phase = _phase(world, name)
     if fault == "operator-kill":
         world.operator.kill()
@@ -240,10 +248,13 @@ def run_one(world: World, fault: str, index: int) -> Outcome:
     name = f"{fault}-{index}"[:50]
     objects = k8s.CustomObjectsApi(world.api)
     objects.create_namespaced_custom_object("edgetune.io", "v1alpha1", NS, "edgetrainingjobs", _job(name, cluster))
+    created = time.monotonic()
     phase_then, injected = _inject(world, fault, name, cluster)
     outcome = Outcome(fault, name, cluster, phase_then, injected)
     try:
         _wait(f"{name} to finish", lambda: _phase(world, name) in ("Succeeded", "Failed"), 420)
+        if fault not in PACKAGE_FAULTS:  # those wait for the operator, which they stopped
+            world.durations.append(time.monotonic() - created)
     except TimeoutError as exc:
         outcome.detail = str(exc)
     status = _status(world, name)
@@ -333,10 +344,11 @@ def main() -> int:
             print(json.dumps({"run": len(outcomes), "of": len(plan), **outcome.__dict__}), file=sys.stderr, flush=True)
     per_fault: dict[str, dict[str, Any]] = {}
     for o in outcomes:
-        entry = per_fault.setdefault(o.fault, {"runs": 0, "injected": 0, "survived": 0, "phases_at_injection": [],
-                                               "reasons": set()})  # fmt: skip
+        entry = per_fault.setdefault(o.fault, {"runs": 0, "injected": 0, "in_flight": 0, "survived": 0,
+                                               "phases_at_injection": [], "reasons": set()})  # fmt: skip
         entry["runs"] += 1
         entry["injected"] += o.injected
+        entry["in_flight"] += o.injected and o.phase_at_injection not in ("Succeeded", "Failed")
         entry["survived"] += o.survived
         entry["phases_at_injection"].append(o.phase_at_injection)
         entry["reasons"] |= set(o.reasons)
@@ -345,6 +357,8 @@ def main() -> int:
     expected = {o.job: 0 if o.fault in PACKAGE_FAULTS else 1 for o in outcomes}
     result = {
         "seed": seed, "faults_injected": sum(o.injected for o in outcomes), "runs": len(outcomes),
+        "injected_in_flight": sum(e["in_flight"] for e in per_fault.values()),
+        "job_seconds_median": round(statistics.median(w.durations), 1) if w.durations else None,
         "survived": sum(o.survived for o in outcomes),
         "lost_registrations": sum(max(0, expected[o.job] - o.registrations) for o in outcomes),
         "duplicated_registrations": sum(max(0, o.registrations - expected[o.job]) for o in outcomes),

@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
@@ -123,6 +124,10 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+STATUS_RETRY_SECONDS = 300.0
+"""How long a pod's status update is retried while its apiserver does not answer."""
 
 
 def _now() -> str:
@@ -768,10 +773,21 @@ class _PodRun:
         self._patch_status({"initContainerStatuses" if init else "containerStatuses": statuses})
 
     def _patch_status(self, status: dict[str, Any]) -> None:
-        if self._kill_reason == "pod deleted":
-            return
-        try:
-            self.ex.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
-        except ApiException as exc:
-            if exc.status != 404:  # a deleted pod has no status to report
-                raise
+        """Report ``status``; while the apiserver does not answer (a restart), retry with backoff as a
+        kubelet does, so a container that finished meanwhile is not left Running forever."""
+        delay, deadline = 0.5, time.monotonic() + STATUS_RETRY_SECONDS
+        while self._kill_reason != "pod deleted":
+            try:
+                self.ex.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
+            except ApiException as exc:
+                if exc.status == 404:  # a deleted pod has no status to report
+                    return
+                if exc.status < 500 or time.monotonic() > deadline:
+                    raise
+            except urllib3.exceptions.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+            else:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

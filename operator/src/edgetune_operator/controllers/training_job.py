@@ -365,11 +365,19 @@ class TrainingJobController:
         bucket = spec.output.s3.bucket
 
         def issue(target: Target) -> dict[str, bytes]:
+            from botocore.exceptions import BotoCoreError  # noqa: PLC0415
+
             prefix = s3_prefix(spec, job, target)
-            post = s3.generate_presigned_post(
-                Bucket=bucket, Key=f"{prefix}/${{filename}}", ExpiresIn=seconds,
-                Conditions=[["content-length-range", 0, MAX_PACKAGE_BYTES]],
-            )  # fmt: skip
+            try:
+                post = s3.generate_presigned_post(
+                    Bucket=bucket, Key=f"{prefix}/${{filename}}", ExpiresIn=seconds,
+                    Conditions=[["content-length-range", 0, MAX_PACKAGE_BYTES]],
+                )  # fmt: skip
+            except BotoCoreError as exc:  # e.g. no credentials to sign with: signing needs no network
+                raise ConfigurationError(
+                    f"cannot presign the trainers' S3 uploads: {exc} (name output.s3."
+                    "credentialsSecretRef or give the operator S3 credentials)"
+                ) from None
             fields = {k: str(v) for k, v in post["fields"].items() if k != "key"}
             policy = UploadPolicy(url=post["url"], bucket=bucket, fields=fields, prefix=prefix, expires=expires)
             data = {UPLOAD_POLICY: json.dumps(policy.to_wire()).encode()}
@@ -447,6 +455,7 @@ class TrainingJobController:
             verified: list[Verified] = []
             for target in ready:
                 package = self._verify(s3, job, body, target, private)
+                self._drop_credentials(job, target)  # verified or refused: the trainer is done with them
                 if package is None:
                     continue
                 if package.manifest.encoding != spec.output.encoding:
@@ -454,7 +463,6 @@ class TrainingJobController:
                         f"{target.cluster}/{target.node}: {spec.output.encoding} lost more than output.maxMetricDrop "
                         f"({spec.output.max_metric_drop}) on the held-out split; the trainer shipped the finer "
                         f"{package.manifest.encoding} instead"))  # fmt: skip
-                self._drop_credentials(job, target)
                 if fedavg:
                     target.phase = "Succeeded"  # its part is done; the aggregate is registered below
                     verified.append(package)

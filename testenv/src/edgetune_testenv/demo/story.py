@@ -427,6 +427,13 @@ class Demo:
         self.check("FedAvg adapter registered in MLflow", bool(fed.get("mlflowVersion")),
                    f"{MODEL} v{fed['mlflowVersion']}: {fed.get('participants')} sites, {fed.get('bytes')} bytes "
                    f"({fed.get('encoding')}), signed")  # fmt: skip
+        left = {cluster: sorted(x.metadata.name for x in k8s.CoreV1Api(self.planes[cluster].api_client())
+                                .list_namespaced_secret(NS).items if x.metadata.name != "adapter-store")
+                for cluster in SITES.values()}  # fmt: skip
+        self.check("no hub credentials at the edge", not any(left.values()),
+                   "trainers uploaded with presigned policies for their own prefix and signed with keys derived "
+                   "for them; the hub counter-signed; their Secrets are gone" if not any(left.values()) else
+                   f"Secrets left: {left}")  # fmt: skip
         self._package_sizes()
 
     def _package_sizes(self) -> None:
