@@ -4,6 +4,7 @@ reach Prometheus, and no raw sample value in anything that leaves the node."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,63 @@ def test_operator_side_verification_detects_a_tampered_package(tmp_path: Path, s
         fetch_and_verify(client, uri, expected_digest=digest, public_key_pem=None)
     with pytest.raises(PackageNotFoundError, match="no package at s3://tamper/ns/job/local/n2"):
         fetch_and_verify(client, f"s3://{bucket}/ns/job/local/n2", expected_digest=None, public_key_pem=None)
+
+
+def _sigv4(s3: S3Server) -> Any:
+    import boto3  # noqa: PLC0415
+    from botocore.config import Config  # noqa: PLC0415
+
+    env = s3.env()
+    return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=s3.region,
+                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))  # fmt: skip
+
+
+def test_presigned_upload_and_base_model_download_need_no_credentials_and_stay_in_their_prefix(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    """What a trainer does under the operator (docs/security.md): upload with the POST policy it was
+    handed, download its base model from presigned URLs — the S3 server enforces both."""
+    from edgetune_api.trainer_config import BaseFiles, UploadPolicy  # noqa: PLC0415
+    from edgetune_trainer.models import ModelError, fetch_presigned  # noqa: PLC0415
+
+    bucket = s3.create_bucket("presigned")
+    signer = _sigv4(s3)
+    folder = tmp_path / "package"
+    folder.mkdir()
+    (folder / "adapter.safetensors.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(256)) * 40)
+    (folder / "manifest.json").write_text("{}")
+
+    def policy(prefix: str, seconds: int = 600) -> UploadPolicy:
+        post = signer.generate_presigned_post(Bucket=bucket, Key=f"{prefix}/${{filename}}", ExpiresIn=seconds,
+                                              Conditions=[["content-length-range", 0, 1 << 20]])  # fmt: skip
+        return UploadPolicy(url=post["url"], bucket=bucket, prefix=prefix, expires="in a while",
+                            fields={k: v for k, v in post["fields"].items() if k != "key"})  # fmt: skip
+
+    uri = package.upload_presigned(folder, policy("jobs/a/edge-1/node-1"))
+    assert uri == f"s3://{bucket}/jobs/a/edge-1/node-1"
+    client = s3.client()
+    stored = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert stored == {"jobs/a/edge-1/node-1/adapter.safetensors.zst": 10244, "jobs/a/edge-1/node-1/manifest.json": 2}
+    # The same policy cannot write elsewhere: the server refuses, the trainer says so.
+    stolen = policy("jobs/a/edge-1/node-1").model_copy(update={"prefix": "jobs/b/edge-2/node-9"})
+    with pytest.raises(package.UploadError, match="HTTP 403"):
+        package.upload_presigned(folder, stolen)
+    expiring = policy("jobs/a/edge-1/node-1", seconds=1)
+    time.sleep(2)
+    with pytest.raises(package.UploadError, match="HTTP 403"):  # expired
+        package.upload_presigned(folder, expiring)
+    # A base model folder from presigned GETs, cached once complete; a name leaving the folder refused.
+    for name in ("config.json", "weights/model.safetensors"):
+        client.put_object(Bucket=bucket, Key=f"models/base/{name}", Body=name.encode())
+    files = {name: signer.generate_presigned_url("get_object", ExpiresIn=600,
+                                                 Params={"Bucket": bucket, "Key": f"models/base/{name}"})
+             for name in ("config.json", "weights/model.safetensors")}  # fmt: skip
+    base = BaseFiles(uri="models:/base@prod", source=f"s3://{bucket}/models/base", files=files, expires="later")
+    fetched = fetch_presigned(base, tmp_path / "cache")
+    assert (fetched / "weights" / "model.safetensors").read_bytes() == b"weights/model.safetensors"
+    assert fetch_presigned(base, tmp_path / "cache") == fetched  # cached
+    escape = base.model_copy(update={"source": "elsewhere", "files": {"../../x": files["config.json"]}})
+    with pytest.raises(ModelError, match="leaves the model folder"):
+        fetch_presigned(escape, tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name != "base"]  # nothing half-downloaded left

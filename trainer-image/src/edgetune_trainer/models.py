@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,42 +122,56 @@ def fetch(uri: str, cache: Path, s3_client: Any = None, mlflow_uri: str | None =
     raise ModelError(f"cannot fetch base model {uri!r}: unsupported scheme")
 
 
-def fetch_presigned(files: BaseFiles, cache: Path) -> Path:
-    """Download a base model the operator resolved and presigned (``BaseFiles``) into the cache;
-    the caller verifies it against spec.baseModel.sha256 (``load_base``)."""
-    import urllib3  # noqa: PLC0415
-
-    target = cache / "base" / sha256_bytes(files.source.encode())[:16]
+def _cached(cache: Path, source: str, download: Callable[[Path], None]) -> Path:
+    """The base model folder for ``source`` in the cache: ``download`` fills a temporary folder,
+    which becomes the cached one only once complete (a crash mid-download leaves nothing used)."""
+    target = cache / "base" / sha256_bytes(source.encode())[:16]
     if (target / ".complete").exists():
         return target
-    if not files.files:
-        raise ModelError(f"no objects under {files.source} ({files.uri})")
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0),
-                               retries=urllib3.Retry(total=5, backoff_factor=1.0,
-                                                     status_forcelist=(500, 502, 503, 504)))  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache))
-    for rel, url in sorted(files.files.items()):
-        dest = (tmp / rel).resolve()
-        if not dest.is_relative_to(tmp.resolve()):
-            raise ModelError(f"base model file name {rel!r} leaves the model folder")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        response = http.request("GET", url, preload_content=False)
-        try:
-            if response.status != 200:
-                raise ModelError(f"downloading {files.source}/{rel} failed: HTTP {response.status} (these URLs "
-                                 f"expire {files.expires})")  # fmt: skip
-            with dest.open("wb") as fh:
-                for chunk in response.stream(1 << 20):
-                    fh.write(chunk)
-        finally:
-            response.release_conn()
+    try:
+        download(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / ".complete").touch()
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(target)
     return target
+
+
+def fetch_presigned(files: BaseFiles, cache: Path) -> Path:
+    """Download a base model the operator resolved and presigned (``BaseFiles``) into the cache;
+    the caller verifies it against spec.baseModel.sha256 (``load_base``)."""
+    import urllib3  # noqa: PLC0415
+
+    if not files.files:
+        raise ModelError(f"no objects under {files.source} ({files.uri})")
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0),
+                               retries=urllib3.Retry(total=5, backoff_factor=1.0,
+                                                     status_forcelist=(500, 502, 503, 504)))  # fmt: skip
+
+    def download(tmp: Path) -> None:
+        for rel, url in sorted(files.files.items()):
+            dest = (tmp / rel).resolve()
+            if not dest.is_relative_to(tmp.resolve()):
+                raise ModelError(f"base model file name {rel!r} leaves the model folder")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            response = http.request("GET", url, preload_content=False)
+            try:
+                if response.status != 200:
+                    raise ModelError(f"downloading {files.source}/{rel} failed: HTTP {response.status} (these "
+                                     f"URLs expire {files.expires})")  # fmt: skip
+                with dest.open("wb") as fh:
+                    for chunk in response.stream(1 << 20):
+                        fh.write(chunk)
+            finally:
+                response.release_conn()
+
+    return _cached(cache, files.source, download)
 
 
 def _fetch_s3(uri: str, cache: Path, s3_client: Any) -> Path:
@@ -164,25 +179,19 @@ def _fetch_s3(uri: str, cache: Path, s3_client: Any) -> Path:
         raise ModelError(f"{uri} needs S3 access, but no S3 client is configured")
     parsed = urllib.parse.urlparse(uri)
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/") + "/"
-    target = cache / "base" / sha256_bytes(uri.encode())[:16]
-    if (target / ".complete").exists():
-        return target
-    tmp = Path(tempfile.mkdtemp(dir=cache))
-    keys = []
-    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    if not keys:
-        raise ModelError(f"no objects under {uri}")
-    for key in keys:
-        dest = tmp / key[len(prefix) :]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        s3_client.download_file(bucket, key, str(dest))
-    (tmp / ".complete").touch()
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(target)
-    return target
+
+    def download(tmp: Path) -> None:
+        keys = []
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        if not keys:
+            raise ModelError(f"no objects under {uri}")
+        for key in keys:
+            dest = tmp / key[len(prefix) :]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            s3_client.download_file(bucket, key, str(dest))
+
+    return _cached(cache, uri, download)
 
 
 def load_base(folder: Path, expected_sha256: str | None, *, num_labels: int | None = None) -> BaseModel:
