@@ -16,6 +16,9 @@ as a process. Every job is signed (the trust chain of docs/security.md is under 
   (every watch breaks; etcd keeps the state);
 - ``mlflow-outage`` / ``s3-outage``: the server stopped for 3-12 s (connections refused);
 - ``edge-unreachable``: the edge's kubeconfig points nowhere for 3-12 s, then back;
+- ``trainer-disk-full``: the nodes' work folders are small filesystems of their own (tmpfs, 8 MiB:
+  needs root); the fault fills them for 5-15 s (checkpoints and packaging hit ENOSPC), then frees
+  them: the trainer fails with ``StorageError``, the Job retries, the next pod resumes;
 - ``package-tampered`` / ``package-truncated`` / ``package-wrongly-signed`` / ``package-unsigned``:
   the operator is stopped while the trainer uploads, the package is altered in S3, the operator comes
   back: the job must fail with ``VerificationFailed`` and nothing may be registered.
@@ -23,7 +26,7 @@ as a process. Every job is signed (the trust chain of docs/security.md is under 
 Not in this matrix (each covered by its own test): operator killed mid-release
 (``tests/e2e/test_release.py::test_the_operator_killed_at_random_points_ends_every_release_right``),
 an edge cluster lost for longer than the cluster-lost period (``tests/e2e/test_operator.py``), and a
-full disk (needs a filesystem of its own per node; not available to the pod executor yet).
+full agent cache (``tests/unit/test_agent_parts.py``, with a fake).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import argparse
 import base64
 import contextlib
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +70,9 @@ DATA = "/var/lib/edgetune/sensors"
 NS = "chaos"
 PACKAGE_FAULTS = ("package-tampered", "package-truncated", "package-wrongly-signed", "package-unsigned")
 FAULTS = ("operator-kill", "trainer-kill", "hub-apiserver-restart", "edge-apiserver-restart", "mlflow-outage",
-          "s3-outage", "edge-unreachable", *PACKAGE_FAULTS)  # fmt: skip
+          "s3-outage", "edge-unreachable", "trainer-disk-full", *PACKAGE_FAULTS)  # fmt: skip
+WORK_ROOT = "/var/lib/edgetune/work"  # the operator's default work_host_path
+WORK_FS_BYTES = 8 << 20
 EDGE_ONLY = ("edge-apiserver-restart", "edge-unreachable")
 
 
@@ -81,6 +88,8 @@ class World:
     rng: random.Random
     durations: list[float] = field(default_factory=list)
     """How long jobs took so far (create to finished): faults are timed to land while one runs."""
+    work_roots: dict[str, list[Path]] = field(default_factory=dict)
+    """Per cluster, the CPU nodes' work folders, each a small filesystem of its own (disk-full fault)."""
 
     def moment(self) -> float:
         """A random delay after a job's creation that falls inside a typical job's life."""
@@ -98,6 +107,8 @@ class Outcome:
     phase: str = ""
     registrations: int = 0
     reasons: list[str] = field(default_factory=list)
+    trainer_pod_failures: list[str] = field(default_factory=list)
+    """Why each failed trainer pod of the job failed (the trainer's termination reason, or exit code)."""
     survived: bool = False
     detail: str = ""
 
@@ -178,6 +189,13 @@ def _inject(world: World, fault: str, name: str, cluster: str) -> tuple[str, boo
         return _phase(world, name), False
     time.sleep(world.moment())
     phase = _phase(world, name)
+    _timed_fault(world, fault, cluster)
+    return phase, True
+
+
+def _timed_fault(world: World, fault: str, cluster: str) -> None:
+    """A fault that hits now, whatever the job is doing."""
+    rng = world.rng
     if fault == "operator-kill":
         world.operator.kill()
         time.sleep(rng.uniform(0.0, 3.0))
@@ -191,6 +209,17 @@ def _inject(world: World, fault: str, name: str, cluster: str) -> tuple[str, boo
                  lambda: httpx.get(f"{world.mlflow.url}/health", timeout=2).status_code == 200)  # fmt: skip
     elif fault == "s3-outage":
         _restart(world.s3.processes[0], rng.uniform(3.0, 12.0), lambda: bool(world.s3.client().list_buckets()))
+    elif fault == "trainer-disk-full":
+        fills = [root / "fill" for root in world.work_roots[cluster]]
+        for fill in fills:
+            with contextlib.suppress(OSError), fill.open("wb") as fh:  # until ENOSPC
+                while True:
+                    fh.write(b"\0" * (1 << 16))
+        try:
+            time.sleep(rng.uniform(5.0, 15.0))
+        finally:
+            for fill in fills:
+                fill.unlink(missing_ok=True)
     elif fault == "edge-unreachable":
         secret = ["-n", "edgetune-system", "patch", "secret", "edge-a-kubeconfig", "--type=merge", "-p"]
         saved = world.edge.kubeconfig.read_text()
@@ -200,7 +229,6 @@ def _inject(world: World, fault: str, name: str, cluster: str) -> tuple[str, boo
             time.sleep(rng.uniform(3.0, 12.0))
         finally:
             world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": saved}}))
-    return phase, True
 
 
 def _alter_package(world: World, fault: str, name: str, cluster: str) -> tuple[str, bool]:
@@ -243,6 +271,28 @@ def _reasons(world: World, name: str) -> list[str]:
     return sorted({e["reason"] for e in json.loads(out.stdout)["items"]})
 
 
+def _pod_failures(world: World, name: str, cluster: str) -> list[str]:
+    api = (world.hub if cluster == "local" else world.edge).api_client()
+    try:
+        pods = k8s.CoreV1Api(api).list_namespaced_pod(NS, label_selector=f"edgetune.io/training-job={name}").items
+    finally:
+        api.close()
+    out = []
+    for pod in pods:
+        if pod.status.phase != "Failed":
+            continue
+        state = (pod.status.container_statuses or [None])[0]
+        ended: Any = state.state.terminated if state and state.state else None
+        if ended is None:
+            out.append(str(pod.status.reason))
+            continue
+        try:
+            out.append(str(json.loads(ended.message)["reason"]))
+        except (TypeError, ValueError, KeyError):
+            out.append(f"exit {ended.exit_code}")
+    return sorted(out)
+
+
 def run_one(world: World, fault: str, index: int) -> Outcome:
     cluster = "edge-a" if fault in EDGE_ONLY else world.rng.choice(["local", "edge-a"])
     name = f"{fault}-{index}"[:50]
@@ -261,6 +311,7 @@ def run_one(world: World, fault: str, index: int) -> Outcome:
     outcome.phase = str(status.get("phase"))
     outcome.registrations = _registrations(world, name)
     outcome.reasons = _reasons(world, name)
+    outcome.trainer_pod_failures = _pod_failures(world, name, cluster)
     refused = fault in PACKAGE_FAULTS
     expected = ("Failed", 0) if refused else ("Succeeded", 1)
     outcome.survived = (outcome.phase, outcome.registrations) == expected and (
@@ -271,8 +322,23 @@ def run_one(world: World, fault: str, index: int) -> Outcome:
     return outcome
 
 
+def _small_filesystems(executors: dict[str, PodExecutor], stack: contextlib.ExitStack) -> dict[str, list[Path]]:
+    """Mount an 8 MiB tmpfs on each CPU node's work folder, so that a fault can fill it (root only)."""
+    roots: dict[str, list[Path]] = {}
+    for cluster, executor in executors.items():
+        prefix = "hub" if cluster == "local" else "factory"
+        for i in range(2):
+            root = executor.node_root(f"{prefix}-cpu-{i}") / WORK_ROOT.lstrip("/")
+            root.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={WORK_FS_BYTES},mode=0777", "tmpfs", str(root)],
+                           check=True, capture_output=True)  # fmt: skip
+            stack.callback(subprocess.run, ["umount", "-l", str(root)], check=False)
+            roots.setdefault(cluster, []).append(root)
+    return roots
+
+
 @contextlib.contextmanager
-def world(seed: int, tmp: Path) -> Iterator[World]:
+def world(seed: int, tmp: Path, *, small_disks: bool = False) -> Iterator[World]:
     with contextlib.ExitStack() as stack:
         hub = stack.enter_context(ControlPlane("hub", tmp / "hub"))
         edge = stack.enter_context(ControlPlane("edge-a", tmp / "edge"))
@@ -318,7 +384,8 @@ def world(seed: int, tmp: Path) -> Iterator[World]:
         }  # fmt: skip
         operator = stack.enter_context(OperatorProcess(hub, tmp / "operator", env, TRAINER_IMAGE))
         stack.callback(api.close)
-        yield World(hub, edge, s3, mlflow, executors, operator, api, random.Random(seed))  # noqa: S311 - chaos, not cryptography
+        roots = _small_filesystems(executors, stack) if small_disks else {}
+        yield World(hub, edge, s3, mlflow, executors, operator, api, random.Random(seed), work_roots=roots)  # noqa: S311 - chaos, not cryptography
 
 
 def main() -> int:
@@ -335,7 +402,13 @@ def main() -> int:
     seed = args.seed if args.seed is not None else int(time.time())
     started = time.monotonic()
     outcomes: list[Outcome] = []
-    with tempfile.TemporaryDirectory(prefix="edgetune-chaos-") as tmp, world(seed, Path(tmp)) as w:
+    small_disks = "trainer-disk-full" in faults
+    if small_disks and os.geteuid() != 0:
+        parser.error("trainer-disk-full mounts a small filesystem per node: run as root, or leave that fault out")
+    with (
+        tempfile.TemporaryDirectory(prefix="edgetune-chaos-") as tmp,
+        world(seed, Path(tmp), small_disks=small_disks) as w,
+    ):
         plan = [(fault, i) for i in range(args.runs) for fault in faults]
         w.rng.shuffle(plan)
         for fault, i in plan:
@@ -345,7 +418,9 @@ def main() -> int:
     per_fault: dict[str, dict[str, Any]] = {}
     for o in outcomes:
         entry = per_fault.setdefault(o.fault, {"runs": 0, "injected": 0, "in_flight": 0, "survived": 0,
-                                               "phases_at_injection": [], "reasons": set()})  # fmt: skip
+                                               "phases_at_injection": [], "reasons": set(),
+                                               "trainer_pod_failures": []})  # fmt: skip
+        entry["trainer_pod_failures"] += o.trainer_pod_failures
         entry["runs"] += 1
         entry["injected"] += o.injected
         entry["in_flight"] += o.injected and o.phase_at_injection not in ("Succeeded", "Failed")
