@@ -11,7 +11,14 @@ import pytest
 from kubernetes import client as k8s
 
 from edgetune_api import EdgeTrainingJob
-from edgetune_operator.reconcile.training_job import JobRef, Target, config_map, observe_trainer, trainer_job
+from edgetune_operator.reconcile.training_job import (
+    JobRef,
+    Target,
+    config_map,
+    credentials_secret,
+    observe_trainer,
+    trainer_job,
+)
 from edgetune_operator.settings import Settings, default_profiles
 from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
 from edgetune_testenv.executor import PodExecutor
@@ -45,11 +52,15 @@ def test_generated_trainer_job_trains_on_a_gpu_node(hub: ControlPlane, hub_execu
     manifest["metadata"].pop("ownerReferences")  # no EdgeTrainingJob object exists in this test
     cm = config_map(resource.spec, ref, target, settings)
     cm["metadata"].pop("ownerReferences")
-    # No bucket upload here: the package stays in the trainer's work folder.
+    # No bucket upload here: the package stays in the trainer's work folder (the trainer's own
+    # Secret still exists, as the operator creates it first; its upload policy goes unused).
     config = json.loads(cm["data"]["config.json"])
     config["runtime"].pop("s3Bucket")
     cm["data"]["config.json"] = json.dumps(config)
     core.create_namespaced_config_map(ns, cm)
+    secret = credentials_secret(ref, target, settings, {"upload.json": b"{}"})
+    secret["metadata"].pop("ownerReferences")
+    core.create_namespaced_secret(ns, secret)
     batch.create_namespaced_job(ns, manifest)
 
     name = manifest["metadata"]["name"]

@@ -211,7 +211,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             signature=TRAINER_SIGNATURE if rt.trainer_key_path else SIGNATURE,
         )  # fmt: skip
         delta_uri = str(work / "package")
-        if rt.upload_policy_path:
+        if rt.s3_bucket and rt.upload_policy_path:  # no bucket: the package stays in the work folder
             policy = UploadPolicy.model_validate_json(Path(rt.upload_policy_path).read_text())
             delta_uri = package.upload_presigned(work / "package", policy)
         elif rt.s3_bucket:
