@@ -155,19 +155,13 @@ def _wait(what: str, probe: Callable[[], bool], timeout: float) -> None:
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@contextlib.contextmanager
-def _down(proc: ManagedProcess, seconds: float) -> Iterator[None]:
+def _restart(proc: ManagedProcess, seconds: float, ready: Callable[[], bool]) -> None:
+    """Stop ``proc`` for ``seconds``, start it again (same port, same data), wait until ``ready``."""
     proc.stop()
     try:
         time.sleep(seconds)
-        yield
     finally:
         proc.start()
-
-
-def _restart(proc: ManagedProcess, seconds: float, ready: Callable[[], bool]) -> None:
-    with _down(proc, seconds):
-        pass
     _wait(f"{proc.name} ready", ready, 90)
 
 

@@ -42,3 +42,9 @@ TRAINER_IMAGE = "edgetune.io/trainer:test"
 
 #: The edge agent's image in tests; the executor runs it as `python -m edgetune_agent`.
 AGENT_IMAGE = "edgetune.io/agent:test"
+
+
+CHART_EVERYTHING = ["--set=operator.serviceMonitor.enabled=true", "--set=prometheusRule.enabled=true",
+                    "--set=agent.namespaces={factory}", "--set=agent.podMonitor.enabled=true",
+                    "--set=dashboards.enabled=true", "--set=edgeAccess.enabled=true"]  # fmt: skip
+"""helm --set flags that turn on every optional part of the chart."""

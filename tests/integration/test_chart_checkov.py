@@ -17,14 +17,12 @@ from edgetune_api import EdgeTrainingJob
 from edgetune_operator.reconcile.training_job import JobRef, Target, trainer_job
 from edgetune_operator.settings import Settings, default_profiles
 from edgetune_testenv import binaries
+from tests.support import CHART_EVERYTHING
 from tests.trainer_support import REPO
 
 pytestmark = pytest.mark.slow
 
-EVERYTHING = ["--set=operator.serviceMonitor.enabled=true", "--set=prometheusRule.enabled=true",
-              "--set=agent.namespaces={factory}", "--set=agent.podMonitor.enabled=true",
-              "--set=dashboards.enabled=true", "--set=edgeAccess.enabled=true",
-              "--set=operator.requireSignedAdapters=true"]  # fmt: skip
+EVERYTHING = [*CHART_EVERYTHING, "--set=operator.requireSignedAdapters=true"]
 
 
 def _documented() -> set[str]:

@@ -26,6 +26,7 @@ from edgetune_dashboards import BOARDS, queries, rendered
 from edgetune_operator import metrics as operator_metrics
 from edgetune_testenv import binaries
 from edgetune_trainer.metrics import TrainerMetrics
+from tests.support import CHART_EVERYTHING
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "edgetune"
@@ -100,16 +101,11 @@ def _helm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm, *args], capture_output=True, text=True, check=False)
 
 
-EVERYTHING = ["--set=operator.serviceMonitor.enabled=true", "--set=prometheusRule.enabled=true",
-              "--set=agent.namespaces={factory}", "--set=agent.podMonitor.enabled=true",
-              "--set=dashboards.enabled=true", "--set=edgeAccess.enabled=true"]  # fmt: skip
-
-
 def test_chart_lints_strictly_and_renders_every_optional_part() -> None:
-    lint = _helm("lint", "--strict", str(CHART), *EVERYTHING)
+    lint = _helm("lint", "--strict", str(CHART), *CHART_EVERYTHING)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     done = _helm("template", "edgetune", str(CHART), "--kube-version=1.36.3", "--namespace=edgetune-system",
-                 *EVERYTHING)  # fmt: skip
+                 *CHART_EVERYTHING)  # fmt: skip
     assert done.returncode == 0, done.stderr
     objects = [o for o in yaml.safe_load_all(done.stdout) if o]
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}

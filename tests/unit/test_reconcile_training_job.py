@@ -21,7 +21,6 @@ from edgetune_operator.reconcile.training_job import (
     credentials_seconds,
     credentials_secret,
     observe_trainer,
-    remote_base,
     set_condition,
     trainer_job,
 )
@@ -101,8 +100,7 @@ def test_upload_policies_and_urls_live_as_long_as_the_trainer_may() -> None:
     assert credentials_seconds(short, Settings(termination_grace_seconds=30)) == 7200 + 60 + 3600
     long = spec.model_copy(update={"budgets": spec.budgets.model_copy(update={"deadline": "800h"})})
     assert credentials_seconds(long, Settings()) == MAX_URL_SECONDS
-    assert remote_base(spec.model_copy(update={"base_model": spec.base_model.model_copy(
-        update={"uri": "models:/base@prod"})}))  # fmt: skip
+    assert spec.base_model.model_copy(update={"uri": "models:/base@prod"}).remote
 
 
 def test_config_map_carries_the_validated_spec_and_runtime() -> None:

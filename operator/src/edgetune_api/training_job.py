@@ -32,6 +32,8 @@ Phase = Literal[
     "Pending", "WaitingForData", "Scheduled", "Training", "Packaging", "Registering", "Succeeded", "Failed", "Suspended"
 ]
 ShortString = Annotated[str, StringConstraints(max_length=253)]
+REMOTE_SCHEMES = ("s3://", "models:/", "runs:/")
+"""Base model URIs that name a store rather than a path on the node."""
 
 
 class BaseModelSource(ApiModel):
@@ -49,6 +51,11 @@ class BaseModelSource(ApiModel):
     model that does not match. Required for every URI except `builtin:`."""
     revision: ShortString | None = None
     """Free-form revision recorded in the adapter's lineage (e.g. the base model's own version)."""
+
+    @property
+    def remote(self) -> bool:
+        """In S3 or MLflow (fetched, not read from the node): under the operator, presigned for the trainer."""
+        return self.uri.startswith(REMOTE_SCHEMES)
 
     model_config = ConfigDict(
         json_schema_extra=validations(

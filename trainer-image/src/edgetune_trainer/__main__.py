@@ -151,7 +151,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             report("held_out_split_small", eval=info.eval_samples, recommended=SMALL_HELD_OUT, message=warnings[-1])
         work = Path(rt.work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        remote_model = spec.base_model.uri.startswith(("s3://", "models:/", "runs:/")) and not rt.base_files_path
+        remote_model = spec.base_model.remote and not rt.base_files_path
         needs_s3 = (rt.s3_bucket and not rt.upload_policy_path) or remote_model  # a trainer run by hand
         s3 = _s3_client(rt.s3_endpoint) if needs_s3 else None
         uri = spec.base_model.uri

@@ -146,13 +146,11 @@ def _cached(cache: Path, source: str, download: Callable[[Path], None]) -> Path:
 def fetch_presigned(files: BaseFiles, cache: Path) -> Path:
     """Download a base model the operator resolved and presigned (``BaseFiles``) into the cache;
     the caller verifies it against spec.baseModel.sha256 (``load_base``)."""
-    import urllib3  # noqa: PLC0415
+    from edgetune_trainer.package import presigned_http  # noqa: PLC0415
 
     if not files.files:
         raise ModelError(f"no objects under {files.source} ({files.uri})")
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0),
-                               retries=urllib3.Retry(total=5, backoff_factor=1.0,
-                                                     status_forcelist=(500, 502, 503, 504)))  # fmt: skip
+    http = presigned_http()
 
     def download(tmp: Path) -> None:
         for rel, url in sorted(files.files.items()):

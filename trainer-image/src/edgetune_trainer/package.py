@@ -105,6 +105,17 @@ def upload(folder: Path, client: Any, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+def presigned_http() -> Any:
+    """The HTTP pool for presigned S3 URLs (uploads and base model downloads): bounded timeouts, five
+    retries with backoff on connection errors and 5xx, for POSTs too (a form upload of the same key
+    is idempotent)."""
+    import urllib3  # noqa: PLC0415
+
+    return urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0),
+                               retries=urllib3.Retry(total=5, backoff_factor=1.0, status_forcelist=(500, 502, 503, 504),
+                                                     allowed_methods=None))  # fmt: skip
+
+
 def upload_presigned(folder: Path, policy: UploadPolicy) -> str:
     """Upload every file of the package with the operator's presigned POST policy (no S3
     credentials here): one form POST per file, retried with backoff on connection errors and 5xx;
@@ -112,9 +123,7 @@ def upload_presigned(folder: Path, policy: UploadPolicy) -> str:
     one. The operator verifies every file's SHA-256 before anything is registered."""
     import urllib3  # noqa: PLC0415
 
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0),
-                               retries=urllib3.Retry(total=5, backoff_factor=1.0, status_forcelist=(500, 502, 503, 504),
-                                                     allowed_methods=None))  # fmt: skip
+    http = presigned_http()
     for path in sorted(folder.iterdir()):
         key = f"{policy.prefix}/{path.name}"
         data = path.read_bytes()

@@ -74,7 +74,6 @@ from edgetune_operator.reconcile.training_job import (
     credentials_seconds,
     credentials_secret,
     observe_trainer,
-    remote_base,
     s3_prefix,
     set_condition,
     trainer_job,
@@ -90,6 +89,8 @@ class RetryableError(RuntimeError):
 
 
 RETRYABLE = (UnreachableError, MlflowUnavailableError, ConnectionError, TimeoutError, RetryableError)
+Issuer = Callable[[Target], dict[str, bytes]]
+"""Gives one trainer its credentials Secret's data."""
 
 
 class TrainingJobController:
@@ -161,8 +162,11 @@ class TrainingJobController:
             obs.unreachable[LOCAL] = str(exc)
         if not names:
             obs.waiting.append("no EdgeCluster matches placement.clusterSelector")
+        # Trainers' credentials, issued (Secrets read, base model resolved and listed) at most once per
+        # reconcile, and only when some cluster starts trainers.
+        credentials = functools.cache(functools.partial(self._credentials, spec, job))
         for cluster in names:
-            self._observe_cluster(spec, job, cluster, obs, old_targets)
+            self._observe_cluster(spec, job, cluster, obs, old_targets, credentials=credentials)
         self._results(spec, job, body, obs, old)
         new = summarize(spec, job.generation, old, obs)
         if not same(old, new):
@@ -244,14 +248,14 @@ class TrainingJobController:
 
     def _observe_cluster(
         self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, obs: Observation,
-        old_targets: dict[tuple[str, str | None], TargetStatus],
+        old_targets: dict[tuple[str, str | None], TargetStatus], *, credentials: Callable[[], Issuer],
     ) -> None:  # fmt: skip
         try:
             kube = self.clusters.get(cluster)
             children = kube.list(JOBS, job.namespace, labels={LABEL_JOB_UID: job.uid})
             fresh = False
             if not children and not spec.suspend:
-                children = self._start(spec, job, cluster, kube, obs)
+                children = self._start(spec, job, cluster, kube, obs, credentials=credentials)
                 fresh = all(not c.get("status") for c in children)  # just created: no pods yet
             pods = kube.list(PODS, job.namespace, labels={LABEL_JOB_UID: job.uid}) if children and not fresh else []
             for child in sorted(children, key=lambda c: c["metadata"]["name"]):
@@ -322,14 +326,15 @@ class TrainingJobController:
         return kube.get_or_none(NODES, node) is None
 
     def _start(
-        self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, kube: Kube, obs: Observation
-    ) -> list[dict[str, Any]]:
+        self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, kube: Kube, obs: Observation, *,
+        credentials: Callable[[], Issuer],
+    ) -> list[dict[str, Any]]:  # fmt: skip
         nodes = self.clusters.nodes(cluster, kube)
         plan = placement.plan(cluster, spec, nodes, self.settings.accelerator_profiles)
         if plan.waiting:
             obs.waiting.append(plan.waiting)
             return []
-        issue = self._credentials(spec, job)
+        issue = credentials()
         if cluster != LOCAL:
             kube.ensure_namespace(job.namespace)
         created = []
@@ -350,7 +355,7 @@ class TrainingJobController:
             created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates=candidates)))
         return created
 
-    def _credentials(self, spec: EdgeTrainingJobSpec, job: JobRef) -> Callable[[Target], dict[str, bytes]]:
+    def _credentials(self, spec: EdgeTrainingJobSpec, job: JobRef) -> Issuer:
         """What each trainer of the job gets in its own Secret, and nothing that would work for
         another: a presigned S3 POST policy for its package prefix only (no S3 credentials), an
         Ed25519 key derived for it alone (the hub key never leaves the hub), the privacy salt, and
@@ -361,7 +366,7 @@ class TrainingJobController:
         private, _ = self._keys(spec, job.namespace)
         salt_ref = spec.data.privacy.salt_secret_ref
         salt = secret_value(self.hub, job.namespace, salt_ref.name, salt_ref.key) if salt_ref else None
-        base = self._base_files(spec, s3, seconds, expires) if remote_base(spec) else None
+        base = self._base_files(spec, s3, seconds, expires) if spec.base_model.remote else None
         bucket = spec.output.s3.bucket
 
         def issue(target: Target) -> dict[str, bytes]:

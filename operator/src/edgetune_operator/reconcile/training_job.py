@@ -88,7 +88,7 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
             trainer_key_path=f"{CREDENTIALS_DIR}/{TRAINER_KEY}" if spec.output.signing_key_secret_ref else None,
             salt_path=f"{CREDENTIALS_DIR}/{SALT}" if spec.data.privacy.salt_secret_ref else None,
             upload_policy_path=f"{CREDENTIALS_DIR}/{UPLOAD_POLICY}",
-            base_files_path=f"{CREDENTIALS_DIR}/{BASE_FILES}" if remote_base(spec) else None,
+            base_files_path=f"{CREDENTIALS_DIR}/{BASE_FILES}" if spec.base_model.remote else None,
             pushgateway_url=settings.pushgateway_url,
             job_namespace=job.namespace,
             job_name=job.name,
@@ -97,11 +97,6 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
             node=target.node,
         ),
     )
-
-
-def remote_base(spec: EdgeTrainingJobSpec) -> bool:
-    """The base model lives in S3 or MLflow: the operator resolves and presigns it for the trainer."""
-    return spec.base_model.uri.startswith(("s3://", "models:/", "runs:/"))
 
 
 def credentials_seconds(spec: EdgeTrainingJobSpec, settings: Settings) -> int:
@@ -197,7 +192,7 @@ def _volumes(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: S
         keys.append(TRAINER_KEY)
     if spec.data.privacy.salt_secret_ref:
         keys.append(SALT)
-    if remote_base(spec):
+    if spec.base_model.remote:
         keys.append(BASE_FILES)
     volumes.append({"name": "credentials", "secret": {"secretName": child_name(job, target), "defaultMode": 0o440,
                                                       "items": [{"key": k, "path": k} for k in keys]}})  # fmt: skip
@@ -236,7 +231,7 @@ def _args(spec: EdgeTrainingJobSpec) -> list[str]:
         args += ["--trainer-key", f"{CREDENTIALS_DIR}/{TRAINER_KEY}"]
     if spec.data.privacy.salt_secret_ref:
         args += ["--salt-file", f"{CREDENTIALS_DIR}/{SALT}"]
-    if remote_base(spec):
+    if spec.base_model.remote:
         args += ["--base-files", f"{CREDENTIALS_DIR}/{BASE_FILES}"]
     return args
 
