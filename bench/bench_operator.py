@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from kubernetes import watch
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.nodes import scale_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
+from edgetune_testenv.servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL = "edgetune.io/training-job"
@@ -128,6 +130,65 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+OPERATOR_USER = "edgetune-operator"
+
+
+def api_requests(plane: ControlPlane, since: float, until: float) -> dict[str, Any]:
+    """The operator's requests as the API server saw them (audit log), watches excluded, between two
+    wall-clock times: total and by verb/resource."""
+    tally: dict[str, int] = {}
+    for event in plane.audit_events():
+        if event.get("verb") == "watch" or (event.get("user") or {}).get("username") != OPERATOR_USER:
+            continue
+        when = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+        if since <= when <= until:
+            ref = event.get("objectRef") or {}
+            resource = "/".join(x for x in (ref.get("resource", "?"), ref.get("subresource")) if x)
+            key = f"{event['verb']} {resource}"
+            tally[key] = tally.get(key, 0) + 1
+    return {"total": sum(tally.values()), "by_call": dict(sorted(tally.items(), key=lambda kv: -kv[1]))}
+
+
+def bare_job(template: dict[str, Any], name: str) -> dict[str, Any]:
+    """A plain batch/v1 Job with the operator's trainer pod template: the baseline."""
+    pod = json.loads(json.dumps(template["spec"]["template"]))
+    pod["metadata"] = {"labels": {LABEL: name}}
+    spec = {k: v for k, v in template["spec"].items() if k not in ("selector", "template", "suspend")}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": {**spec, "template": pod}}
+
+
+def _ts(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def creation_lag(custom: Any, batch: Any, names: set[str]) -> dict[str, float]:
+    """Server-side: from each EdgeTrainingJob's creation to its trainer Job's creation (whole
+    seconds, as creationTimestamp has them): the operator's share of the latency."""
+    jobs = custom.list_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs")["items"]
+    created = {j["metadata"]["name"]: _ts(j["metadata"]["creationTimestamp"]) for j in jobs}
+    lags = []
+    for child in batch.list_namespaced_job("bench", label_selector="edgetune.io/training-job-uid").items:
+        name = (child.metadata.labels or {}).get(LABEL)
+        if name in names:
+            lags.append(_ts(child.metadata.creation_timestamp) - created[name])
+    return {"trainer_job_created_p50_s": round(statistics.median(lags), 1), "trainer_job_created_p99_s": round(
+        p(lags, 0.99), 1)}  # fmt: skip
+
+
+def wait_terminal(custom: Any, names: set[str], timeout: float) -> float:
+    """Until every named EdgeTrainingJob has a terminal phase; returns when (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = custom.list_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs")["items"]
+        done = {i["metadata"]["name"] for i in items if (i.get("status") or {}).get("phase") in ("Succeeded", "Failed")}
+        if names <= done:
+            return time.monotonic()
+        time.sleep(2)
+    raise TimeoutError(f"{len(names - done)} jobs not finished after {timeout} s")
+
+
 def main() -> None:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="100 nodes and 100 jobs")
@@ -141,25 +202,31 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     single = args.single or (10 if args.quick else 30)
     result: dict[str, Any] = {"nodes": nodes, "jobs": jobs, "single_samples": single}
 
-    with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmp, ControlPlane("bench", Path(tmp)) as plane:
+    with (
+        tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmp,
+        ControlPlane("bench", Path(tmp), audit_users=(OPERATOR_USER,)) as plane,
+        S3Server(Path(tmp) / "s3") as s3,
+    ):
         plane.add_nodes(scale_fleet(nodes), timeout=600)
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        s3.create_bucket("adapters")
         api = plane.api_client()
         api.configuration.connection_pool_maxsize = 16
-        core, custom = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api)
+        core, custom, batch = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api), k8s.BatchV1Api(api)
         core.create_namespace({"metadata": {"name": "bench"}})
         time.sleep(1)
         operator = OperatorProcess(
             plane,
             Path(tmp),
-            # Credentials only to presign trainers' uploads (signing needs no network; nothing uploads).
+            # A real S3 server: trainer pods are completed by kwok without running, so each job ends
+            # Failed (VerificationFailed: no package) — a full life cycle, create to terminal phase.
             {
+                "KUBECONFIG": str(plane.user_kubeconfig(OPERATOR_USER, ("system:masters",))),
                 "EDGETUNE_TRAINER_LABELS": "{}",
                 "EDGETUNE_RESYNC_SECONDS": "10",
-                "AWS_ACCESS_KEY_ID": "bench",
-                "AWS_SECRET_ACCESS_KEY": "bench",
-                "AWS_DEFAULT_REGION": "us-east-1",
+                "EDGETUNE_S3_ENDPOINT": s3.endpoint,
+                **{k: v for k, v in s3.env().items() if k.startswith("AWS_")},
             },
             "edgetune/trainer:bench",
         )
@@ -180,10 +247,29 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                 latencies.append(pods.bound[name] - created)
             result["pod_bound_p50_s_1job"] = round(statistics.median(latencies), 3)
             result["pod_bound_p99_s_1job"] = round(p(latencies, 0.99), 3)
+            wait_terminal(custom, {f"one-{i}" for i in range(single)}, 120)
+
+            # The baseline: as many plain batch/v1 Jobs with the same pod template, same client and
+            # threads, same cluster, before the operator's burst (the operator idles meanwhile).
+            template = batch.list_namespaced_job("bench", label_selector=f"{LABEL}=one-0").items[0]
+            template = api.sanitize_for_serialization(template)
+            bare = [f"bare-{i}" for i in range(jobs)]
+
+            def create_bare(name: str) -> float:
+                batch.create_namespaced_job("bench", bare_job(template, name))
+                return time.monotonic()
+
+            with ThreadPoolExecutor(8) as pool:
+                bare_at = dict(zip(bare, pool.map(create_bare, bare), strict=True))
+            pods.wait(set(bare), 900)
+            plain = [pods.bound[n] - bare_at[n] for n in bare]
+            result["bare_job_pod_bound_p50_s_1000"] = round(statistics.median(plain), 3)
+            result["bare_job_pod_bound_p99_s_1000"] = round(p(plain, 0.99), 3)
+            time.sleep(10)  # let the Job controller finish its status writes
 
             # Many jobs in flight at once.
             before = reconciles(operator.metrics())
-            started = time.monotonic()
+            started, wall_started = time.monotonic(), time.time()
             names = [f"many-{i}" for i in range(jobs)]
             with ThreadPoolExecutor(8) as pool:
                 created_at = dict(zip(names, pool.map(create, names), strict=True))
@@ -192,14 +278,21 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             many = [pods.bound[n] - created_at[n] for n in names]
             result["pod_bound_p50_s_1000jobs"] = round(statistics.median(many), 3)
             result["pod_bound_p99_s_1000jobs"] = round(p(many, 0.99), 3)
+            result["operator_vs_bare_p99_ratio_1000jobs"] = round(
+                result["pod_bound_p99_s_1000jobs"] / result["bare_job_pod_bound_p99_s_1000"], 2
+            )
             result["all_bound_s"] = round(max(pods.bound[n] for n in names) - started, 1)
-            # Keep the jobs in flight for two resync periods, then read memory and throughput.
-            time.sleep(20)
+            result.update(creation_lag(custom, batch, set(names)))
+            result["all_terminal_s"] = round(wait_terminal(custom, set(names), 900) - started, 1)
             elapsed = time.monotonic() - started
             result["reconciles_per_s"] = round((reconciles(operator.metrics()) - before) / elapsed, 1)
-            result.update(call_stats(operator.metrics()))
             if operator.proc is not None:
                 result["operator_peak_rss_mb_1000jobs"] = round(peak_rss_mb(operator.proc.pid), 1)
+            time.sleep(20)  # two resync periods with every job finished: what idling costs
+            calls = api_requests(plane, wall_started, time.time())
+            result["api_requests_per_job"] = round(calls["total"] / jobs, 2)
+            result["api_requests_by_call"] = calls["by_call"]
+            result.update(call_stats(operator.metrics()))
             pods.stop()
         if args.log:
             args.log.write_text((Path(tmp) / "operator.log").read_text())

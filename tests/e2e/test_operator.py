@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 import urllib3
 from cryptography.hazmat.primitives import serialization
@@ -83,7 +86,7 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
                          what="the trainer's Secret on edge-a")  # fmt: skip
     assert len(secrets) == 1
     data = {k: base64.b64decode(v) for k, v in secrets[0].data.items()}
-    assert set(data) == {"upload.json", "key.pem"}
+    assert set(data) == {"upload.json", "key.pem", "config.json"}  # its configuration travels in it too
     assert not any(tenant_key in blob for blob in data.values() for tenant_key in (
         s3.env()["AWS_SECRET_ACCESS_KEY"].encode(), hub_pem))  # fmt: skip
     trainer_key = serialization.load_pem_private_key(data["key.pem"], password=None)
@@ -344,8 +347,8 @@ def test_suspend_holds_a_job_and_deletion_cleans_up_edge_clusters(
                what="Training")  # fmt: skip
     k8s.CustomObjectsApi(api).delete_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs", "held")
     eventually(lambda: edge_jobs() == [], timeout=60, what="the edge trainer Job to be deleted")
-    eventually(lambda: not k8s.CoreV1Api(edge_api).list_namespaced_config_map(
-        ns, label_selector="edgetune.io/training-job=held").items, what="the edge ConfigMap to be deleted")  # fmt: skip
+    eventually(lambda: not k8s.CoreV1Api(edge_api).list_namespaced_secret(
+        ns, label_selector="edgetune.io/training-job=held").items, what="the edge Secret to be deleted")  # fmt: skip
     edge_api.close()
 
 
@@ -396,8 +399,8 @@ def test_deleting_a_job_while_its_edge_cluster_is_unreachable_is_bounded_and_swe
     # ... and once edge-b answers a heartbeat again, its orphaned trainer and config are deleted.
     labelled = f"edgetune.io/training-job-uid={uid}"
     eventually(lambda: not edge_batch.list_namespaced_job(ns).items and not k8s.CoreV1Api(
-        edge_api).list_namespaced_config_map(ns, label_selector=labelled).items, timeout=90,
-        what="the orphaned trainer Job and ConfigMap deleted")  # fmt: skip
+        edge_api).list_namespaced_secret(ns, label_selector=labelled).items, timeout=90,
+        what="the orphaned trainer Job and its Secret deleted")  # fmt: skip
     eventually(lambda: "edgetune.io/pending-cleanup" not in (edge_b()["metadata"].get("annotations") or {}),
                timeout=30, what="the record cleared")  # fmt: skip
     swept = hub_crds.kubectl(
@@ -412,3 +415,97 @@ def test_deleting_a_job_while_its_edge_cluster_is_unreachable_is_bounded_and_swe
     ).stdout.split()
     assert swept
     edge_api.close()
+
+
+def _target_phase(api: Any, ns: str, name: str, cluster: str) -> str | None:
+    targets = (get(api, ns, name).get("status") or {}).get("targets") or []
+    return next((t["phase"] for t in targets if t["cluster"] == cluster), None)
+
+
+def _watch_restarts(operator_proc: OperatorProcess, cluster: str) -> float:
+    return sum(float(v) for v in re.findall(
+        rf'^edgetune_operator_watch_restarts_total\{{cluster="{cluster}",[^}}]*\}} (\S+)$', operator_proc.metrics(),
+        re.M))  # fmt: skip
+
+
+def test_an_edge_apiserver_restart_mid_job_breaks_the_watch_and_the_status_catches_up_within_seconds(
+    operator_proc: OperatorProcess, tenant: Tenant, fleet: dict[str, ControlPlane], edge_a_executor: PodExecutor,
+    s3: S3Server,
+) -> None:  # fmt: skip
+    """Edge trainers are followed by watches, not polls (the safety-net resync is a minute): with the
+    edge API server restarted under a running trainer, the hub job must still notice the trainer
+    finish within seconds, which only a watch resumed after the restart can do."""
+    _hub_data(edge_a_executor, "factory-cpu-0")
+    api, ns = tenant.api, tenant.namespace
+    manifest = job_manifest("restart", placement={"accelerator": "cpu", "clusterSelector": {
+        "matchLabels": {"site": "factory"}}})  # fmt: skip
+    manifest["spec"]["training"]["maxSteps"] = 60
+    create(api, ns, manifest)
+    eventually(lambda: _target_phase(api, ns, "restart", "edge-a") == "Training", timeout=120, what="Training")
+    before = _watch_restarts(operator_proc, "edge-a")
+    edge = fleet["edge-a"]
+    apiserver = edge.process("kube-apiserver")
+    apiserver.stop()
+    try:
+        time.sleep(4)
+    finally:
+        apiserver.start()
+    apiserver.wait_until(lambda: edge.kubectl("get", "--raw", "/readyz", check=False).returncode == 0, 60, "ready")
+    assert _watch_restarts(operator_proc, "edge-a") > before  # the watches broke and were started again
+    edge_batch = k8s.BatchV1Api(edge.api_client())
+
+    def edge_job_done() -> float | None:
+        jobs = edge_batch.list_namespaced_job(ns, label_selector="edgetune.io/training-job=restart").items
+        return time.monotonic() if jobs and (jobs[0].status.succeeded or jobs[0].status.failed) else None
+
+    finished_at = eventually(edge_job_done, timeout=180, what="the edge trainer Job to finish")
+    eventually(lambda: _target_phase(api, ns, "restart", "edge-a") not in ("Training", "Scheduled"), timeout=15,
+               what="the hub status to catch up")  # fmt: skip
+    lag = time.monotonic() - finished_at
+    assert lag < 10, f"the hub noticed the finished trainer {lag:.1f} s late"
+    job = wait_finished(api, ns, "restart", timeout=120)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+
+
+def test_an_mlflow_outage_is_retried_with_growing_delays_in_status_and_registers_once(
+    operator_proc: OperatorProcess, tenant: Tenant, hub_executor: PodExecutor, s3: S3Server,
+    mlflow_server: MlflowServer,
+) -> None:  # fmt: skip
+    _hub_data(hub_executor, "op-gpu-0", "op-gpu-1")
+    api, ns = tenant.api, tenant.namespace
+    manifest = job_manifest("outage")
+    manifest["spec"]["training"]["maxSteps"] = 40  # MLflow goes down while it trains
+    create(api, ns, manifest)
+    eventually(lambda: (get(api, ns, "outage").get("status") or {}).get("phase") == "Training", timeout=120,
+               what="the trainer running")  # fmt: skip
+    server = mlflow_server.processes[0]
+    server.stop()
+    messages: list[str] = []
+    try:
+
+        def retried_three_times() -> bool:
+            registered = condition(get(api, ns, "outage"), "Registered") or {}
+            message = registered.get("message") or ""
+            if "next retry" in message and message not in messages:
+                messages.append(message)
+            return len(messages) >= 3
+
+        eventually(retried_three_times, timeout=120, what="three retries shown in status")
+    finally:
+        server.start()
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{mlflow_server.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    server.wait_until(healthy, 90, "healthy")
+    attempts = [int(re.search(r"attempt (\d+)", m).group(1)) for m in messages]  # type: ignore[union-attr]
+    delays = [float(re.search(r"next retry in (\d+) s", m).group(1)) for m in messages]  # type: ignore[union-attr]
+    assert attempts == sorted(attempts) and len(set(attempts)) == len(attempts), messages
+    assert delays[-1] > delays[0], f"delays should grow: {messages}"
+    assert condition(get(api, ns, "outage"), "Registered")["reason"] == "RegistryUnavailable"  # type: ignore[index]
+    job = wait_finished(api, ns, "outage", timeout=400)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert len(mlflow_versions(mlflow_server, "outage-adapter")) == 1  # registered exactly once

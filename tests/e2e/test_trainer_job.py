@@ -4,6 +4,7 @@ and the observed status carries the trainer's summary. (The kopf handlers come n
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -14,10 +15,9 @@ from edgetune_api import EdgeTrainingJob
 from edgetune_operator.reconcile.training_job import (
     JobRef,
     Target,
-    config_map,
-    credentials_secret,
     observe_trainer,
     trainer_job,
+    trainer_secret,
 )
 from edgetune_operator.settings import Settings, default_profiles
 from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
@@ -50,16 +50,13 @@ def test_generated_trainer_job_trains_on_a_gpu_node(hub: ControlPlane, hub_execu
     settings = Settings(trainer_image=TRAINER_IMAGE, trainer_labels={EXECUTOR_LABEL: "local"})
     manifest = trainer_job(resource.spec, ref, target, settings, default_profiles()["gpu"][0])
     manifest["metadata"].pop("ownerReferences")  # no EdgeTrainingJob object exists in this test
-    cm = config_map(resource.spec, ref, target, settings)
-    cm["metadata"].pop("ownerReferences")
-    # No bucket upload here: the package stays in the trainer's work folder (the trainer's own
-    # Secret still exists, as the operator creates it first; its upload policy goes unused).
-    config = json.loads(cm["data"]["config.json"])
-    config["runtime"].pop("s3Bucket")
-    cm["data"]["config.json"] = json.dumps(config)
-    core.create_namespaced_config_map(ns, cm)
-    secret = credentials_secret(ref, target, settings, {"upload.json": b"{}"})
+    # The trainer's own Secret (configuration and credentials), as the operator creates it. No bucket
+    # upload here: the package stays in the trainer's work folder (the upload policy goes unused).
+    secret = trainer_secret(resource.spec, ref, target, settings, {"upload.json": b"{}"})
     secret["metadata"].pop("ownerReferences")
+    config = json.loads(base64.b64decode(secret["data"]["config.json"]))
+    config["runtime"].pop("s3Bucket")
+    secret["data"]["config.json"] = base64.b64encode(json.dumps(config).encode()).decode()
     core.create_namespaced_secret(ns, secret)
     batch.create_namespaced_job(ns, manifest)
 

@@ -12,17 +12,17 @@ import yaml
 
 from edgetune_api import EdgeTrainingJob
 from edgetune_api.trainer_config import TrainerConfig
+from edgetune_api.training_job import EdgeTrainingJobSpec
 from edgetune_operator.reconcile.training_job import (
     MAX_URL_SECONDS,
     JobRef,
     Target,
     child_name,
-    config_map,
     credentials_seconds,
-    credentials_secret,
     observe_trainer,
     set_condition,
     trainer_job,
+    trainer_secret,
 )
 from edgetune_operator.settings import Settings, default_profiles
 
@@ -71,8 +71,19 @@ def test_npu_per_node_job_pins_the_node_and_remote_children_have_no_owner() -> N
     assert "ownerReferences" not in job["metadata"]  # owner references cannot cross clusters
     # Everything secret comes from the trainer's own Secret (same name as the Job), nothing else.
     secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
-    assert secrets == [{"secretName": job["metadata"]["name"], "defaultMode": 0o440,
-                        "items": [{"key": k, "path": k} for k in ("upload.json", "salt", "base.json")]}]  # fmt: skip
+    assert secrets == [
+        {
+            "secretName": job["metadata"]["name"],
+            "defaultMode": 0o440,
+            "items": [
+                {"key": "config.json", "path": "config.json"},
+                *({"key": k, "path": f"credentials/{k}"} for k in ("upload.json", "salt", "base.json")),
+            ],
+        }
+    ]
+    assert not [v for v in pod["volumes"] if "configMap" in v]  # the configuration travels in the Secret
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "config")
+    assert mount == {"name": "config", "mountPath": "/etc/edgetune", "readOnly": True}  # fmt: skip
     env = pod["containers"][0]["env"]
     assert not [e for e in env if "secretKeyRef" in (e.get("valueFrom") or {})], "no S3 keys in the environment"
     args = pod["containers"][0]["args"]
@@ -83,12 +94,13 @@ def test_npu_per_node_job_pins_the_node_and_remote_children_have_no_owner() -> N
 
 def test_a_trainers_secret_holds_only_its_own_credentials() -> None:
     target = Target("edge-shop-12", "rk3588-a")
-    secret = credentials_secret(JOB, target, Settings(), {"upload.json": b"{}", "key.pem": b"PEM"})
+    spec = _spec("trainingjob-npu.yaml")
+    secret = trainer_secret(spec, JOB, target, Settings(), {"upload.json": b"{}", "key.pem": b"PEM"})
     assert secret["metadata"]["name"] == child_name(JOB, target)
     assert secret["metadata"]["labels"]["edgetune.io/training-job-uid"] == JOB.uid
     assert "ownerReferences" not in secret["metadata"]  # on an edge cluster: deleted by name
     assert base64.b64decode(secret["data"]["key.pem"]) == b"PEM"
-    local = credentials_secret(JOB, Target("local"), Settings(), {})
+    local = trainer_secret(spec, JOB, Target("local"), Settings(), {})
     assert local["metadata"]["ownerReferences"][0]["uid"] == JOB.uid  # on the hub: collected with the job
 
 
@@ -103,10 +115,17 @@ def test_upload_policies_and_urls_live_as_long_as_the_trainer_may() -> None:
     assert spec.base_model.model_copy(update={"uri": "models:/base@prod"}).remote
 
 
-def test_config_map_carries_the_validated_spec_and_runtime() -> None:
+def _config_json(spec: EdgeTrainingJobSpec, settings: Settings) -> str:
+    secret = trainer_secret(spec, JOB, Target("local"), settings, {"upload.json": b"{}"})
+    return base64.b64decode(secret["data"]["config.json"]).decode()
+
+
+def test_the_trainer_secret_carries_the_validated_spec_and_runtime_beside_the_credentials() -> None:
     spec = _spec("trainingjob-gpu.yaml")
-    cm = config_map(spec, JOB, Target("local"), Settings(s3_endpoint="http://s3.local:9000"))
-    config = TrainerConfig.model_validate(json.loads(cm["data"]["config.json"]))
+    secret = trainer_secret(spec, JOB, Target("local"), Settings(s3_endpoint="http://s3.local:9000"),
+                            {"upload.json": b"{}", "key.pem": b"k"})  # fmt: skip
+    assert set(secret["data"]) == {"config.json", "upload.json", "key.pem"}
+    config = TrainerConfig.model_validate(json.loads(base64.b64decode(secret["data"]["config.json"])))
     assert config.spec == spec
     assert config.runtime.s3_bucket == "edge-adapters"
     assert config.runtime.s3_prefix == "vibration/plant/vibration-lora-gpu/local/any"
@@ -119,7 +138,7 @@ def test_config_map_carries_the_validated_spec_and_runtime() -> None:
 def test_a_separate_evaluation_set_is_mounted_read_only_and_named_to_the_trainer() -> None:
     spec = _spec("trainingjob-gpu.yaml")
     assert spec.data.eval_source is None
-    assert config_map(spec, JOB, Target("local"), Settings())["data"]["config.json"].count("evalDataDir") == 0
+    assert _config_json(spec, Settings()).count("evalDataDir") == 0
     spec = spec.model_copy(
         update={
             "data": spec.data.model_copy(
@@ -136,8 +155,7 @@ def test_a_separate_evaluation_set_is_mounted_read_only_and_named_to_the_trainer
     assert volume["hostPath"] == {"path": "/var/lib/edgetune/vibration-labelled", "type": "Directory"}
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "eval-data")
     assert mount == {"name": "eval-data", "mountPath": "/data-eval", "readOnly": True}
-    config = TrainerConfig.model_validate(json.loads(config_map(spec, JOB, Target("local"), Settings())["data"][
-        "config.json"]))  # fmt: skip
+    config = TrainerConfig.model_validate(json.loads(_config_json(spec, Settings())))
     assert config.runtime.eval_data_dir == "/data-eval"
 
 

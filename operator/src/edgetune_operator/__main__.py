@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # kopf logs every handler's success; for the per-event job handler that is one line per watch event.
+    logging.getLogger("kopf.objects").addFilter(
+        lambda record: "'training_job_event' succeeded" not in record.getMessage()
+    )
     settings = handlers.SETTINGS
     election = _elect(settings.health_port) if settings.leader_election else None
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None

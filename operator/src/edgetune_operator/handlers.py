@@ -1,15 +1,17 @@
 """kopf handlers: thin. Each one hands the object to a controller's level-based reconcile.
 
 An AdapterRelease is reconciled on create, spec update, resume and by its own resync loop.
-Triggers for an EdgeTrainingJob: create, spec update, resume (operator start), progress events of
-local trainer Jobs (so a finished trainer is noticed at once), and one operator-wide resync loop
-(edge clusters are polled; see ``TrainingJobController.resync_loop``). All lead to the same
-``reconcile``; none depends on which came first.
+EdgeTrainingJobs: kopf's watch feeds every event to ``TrainingJobController.observed`` (in the
+event loop, no thread), which queues a reconcile for a new job, a job listed at start-up or a
+changed spec; the trainers' own watches (``controllers/informers.py``, every cluster) queue it when
+a trainer Job or pod changes. No change handler: kopf writes no progress or diff-base annotations
+for them, only its finalizer. All lead to the same ``reconcile``; none depends on which came first.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import threading
 from typing import Any
@@ -24,7 +26,6 @@ from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters
 from edgetune_operator.controllers.release import ReleaseController
 from edgetune_operator.controllers.training_job import TrainingJobController
-from edgetune_operator.reconcile.training_job import LABEL_JOB, LABEL_JOB_UID
 from edgetune_operator.settings import Settings
 
 log = logging.getLogger("edgetune")
@@ -48,6 +49,14 @@ SETTINGS = Settings.from_env()
 
 
 def _s3_factory(endpoint: str | None, creds: dict[str, str]) -> Any:
+    """One client per endpoint and key pair, reused (building a boto3 client costs ~50 ms of CPU,
+    under the GIL: once per reconcile it was what 100 new jobs queued behind)."""
+    return _s3_client(endpoint, tuple(sorted(creds.items())))
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_client(endpoint: str | None, creds_items: tuple[tuple[str, str], ...]) -> Any:
+    creds = dict(creds_items)
     import boto3  # noqa: PLC0415 - only once an adapter is verified: keeps the idle operator small
     from botocore.config import Config  # noqa: PLC0415
 
@@ -85,14 +94,25 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
                                default_namespace=pod.namespace, expiration=expires)  # fmt: skip
 
 
+class _DiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's last-handled-configuration annotation, except on EdgeTrainingJobs: they have no change
+    handlers (``training_job_event`` sees every event), so the annotation would be one PATCH per
+    job that nothing reads."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None if body.get("kind") == "EdgeTrainingJob" else super().fetch(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        if body.get("kind") != "EdgeTrainingJob":
+            super().store(body=body, patch=patch, essence=essence)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     own = SETTINGS
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = _DiffBase(prefix=PREFIX, key="last-handled-configuration")
     settings.posting.enabled = False  # our controllers write their own, more specific Events
     settings.execution.max_workers = own.workers
     settings.watching.server_timeout = 300
@@ -107,16 +127,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 JOB = (GROUP, VERSION, "edgetrainingjobs")
 
 
-@kopf.on.resume(*JOB)
-@kopf.on.create(*JOB)
-@kopf.on.update(*JOB, field="spec")
-def training_job_changed(body: kopf.Body, **_: Any) -> None:
-    RUNTIME.jobs.reconcile(dict(body), refetch=False)  # kopf's copy is the one that just changed
+@kopf.on.event(*JOB)
+async def training_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
+    RUNTIME.jobs.observed(body, deleted=type == "DELETED")
 
 
 @kopf.on.startup()
 def start_resync(**_: Any) -> None:
     """One loop for all jobs instead of a kopf timer per object (a task and its state each)."""
+    RUNTIME.jobs.start()
     RUNTIME.resync = threading.Thread(target=RUNTIME.jobs.resync_loop, name="resync", daemon=True)
     RUNTIME.resync.start()
     RUNTIME.release_resync = threading.Thread(target=RUNTIME.releases.resync_loop, name="release-resync", daemon=True)
@@ -125,7 +144,7 @@ def start_resync(**_: Any) -> None:
 
 @kopf.on.cleanup()
 def stop_resync(**_: Any) -> None:
-    RUNTIME.jobs.stop.set()
+    RUNTIME.jobs.close()
     RUNTIME.releases.close()
 
 
@@ -137,25 +156,6 @@ def training_job_deleted(body: kopf.Body, **_: Any) -> None:
     if failed:
         raise kopf.TemporaryError(f"clusters {failed} did not answer; retrying the deletion of their trainers",
                                   delay=10)  # fmt: skip
-
-
-def _trainer_progress(body: kopf.Body, type: str | None, **_: Any) -> bool:  # noqa: A002 - kopf's name
-    """Only trainer Job events that show progress reach a worker thread: not the initial listing
-    (resume covers those jobs), not our own creation, not a pod merely created. Runs in kopf's
-    event loop, so the thousands of other events cost no thread and no queueing."""
-    if type in (None, "ADDED"):
-        return False
-    status = body.get("status") or {}
-    return type == "DELETED" or bool(
-        status.get("ready") or status.get("succeeded") or status.get("failed") or status.get("conditions")
-    )
-
-
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT}, when=_trainer_progress)
-def trainer_job_event(body: kopf.Body, **_: Any) -> None:
-    name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_JOB)
-    if name:
-        RUNTIME.jobs.reconcile_named(body["metadata"]["namespace"], name)
 
 
 # -- AdapterRelease -------------------------------------------------------------------------------
@@ -199,4 +199,5 @@ def edge_cluster_heartbeat(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(*CLUSTER, optional=True)
 def edge_cluster_deleted(name: str, **_: Any) -> None:
+    RUNTIME.jobs.forget_cluster(name)
     RUNTIME.clusters.forget(name)

@@ -35,6 +35,16 @@ REGISTRATIONS = Counter(f"{PREFIX}_registrations", "Adapter versions registered 
 VERIFICATION_FAILURES = Counter(
     f"{PREFIX}_verification_failures", "Adapter packages refused by verification.", ["namespace"]
 )
+WATCH_RESTARTS = Counter(
+    f"{PREFIX}_watch_restarts", "Watches of trainer Jobs and pods started again, by cluster, kind and reason "
+    "(gone: listed afresh after 410; error; unreachable).", ["cluster", "kind", "reason"],
+)  # fmt: skip
+QUEUE_DEPTH = Gauge(f"{PREFIX}_work_queue_depth", "EdgeTrainingJobs waiting for a reconcile.")
+RETRY_DELAY = Gauge(
+    f"{PREFIX}_retry_delay_seconds", "Current backoff before the next call to a failing external system, by "
+    "system (s3, mlflow, kubernetes) and target (the job it holds up; the series goes once it answers).",
+    ["system", "target"],
+)  # fmt: skip
 
 
 RELEASES_BY_PHASE = Gauge(f"{PREFIX}_adapter_releases", "AdapterReleases by phase, as last reconciled.", ["phase"])

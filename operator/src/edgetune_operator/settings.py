@@ -71,11 +71,17 @@ class Settings(BaseModel):
     pushgateway_url: str | None = None
     """Where trainers push their metrics (Prometheus cannot scrape pods on remote edge clusters)."""
     resync_seconds: Annotated[float, Field(gt=0)] = 10.0
-    """How often every unfinished job is reconciled even without events (edge clusters are polled at this pace)."""
+    """How often an unfinished job waiting for what no watch reports (an unreachable cluster, data,
+    nodes) is reconciled again."""
     local_resync_seconds: Annotated[float, Field(gt=0)] = 60.0
-    """Resync of jobs whose trainers run in the local cluster (their Jobs' events wake the operator anyway)."""
-    resync_workers: Annotated[int, Field(ge=1, le=64)] = 2
-    """Threads the resync loop may use (the rest of the pool stays free for events and new jobs)."""
+    """Safety-net resync of every other unfinished job (the watches of its trainer Jobs and pods wake it)."""
+    batch_seconds: Annotated[float, Field(ge=0)] = 1.0
+    """Changes of a job's trainer Jobs and pods are collected this long before the job is reconciled
+    (one status write for a burst; the status lags by as much)."""
+    retry_first_seconds: Annotated[float, Field(gt=0)] = 2.0
+    """First delay before a job held up by S3 or MLflow is retried; doubled per attempt (with jitter)."""
+    retry_max_seconds: Annotated[float, Field(gt=0)] = 300.0
+    """Cap of that delay."""
     cluster_lost_after_seconds: Annotated[float, Field(gt=0)] = 300.0
     """An edge cluster silent for longer fails its unfinished trainers (the job's other clusters go on)."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8080
@@ -88,7 +94,8 @@ class Settings(BaseModel):
     """Serve EdgeTrainingJobs only in namespaces matching these glob patterns (JSON list, e.g.
     ``["team-*"]``); empty: every namespace. EdgeClusters are cluster-scoped and always served."""
     workers: Annotated[int, Field(ge=1, le=256)] = 8
-    """Threads running reconciles (calls to Kubernetes, S3 and MLflow block)."""
+    """Threads running reconciles of EdgeTrainingJobs and kopf's handlers (calls to Kubernetes, S3
+    and MLflow block); a de-duplicating queue feeds them, so a backlog is a list of names, not threads."""
     prometheus_url: str | None = None
     """Prometheus that AdapterRelease analyses query (e.g. http://prometheus.monitoring:9090)."""
     leader_election: bool = False

@@ -8,6 +8,7 @@ synchronous: kopf runs our handlers in its thread pool.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -209,16 +210,34 @@ class Kube:
             if not token:
                 return items
 
+    def list_versioned(self, resource: Resource, *, selector: str) -> tuple[builtins.list[dict[str, Any]], str]:
+        """Every object (all namespaces) matching ``selector``, and the list's resourceVersion, from
+        which a watch resumes; in pages of 500."""
+        query = [("labelSelector", selector), ("limit", "500")]
+        items: list[dict[str, Any]] = []
+        token, version = None, ""
+        while True:
+            page = self.call("GET", resource.path(), query=query + ([("continue", token)] if token else []))
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            version = meta.get("resourceVersion") or version
+            token = meta.get("continue")
+            if not token:
+                return items, version
+
     def watch(
         self, resource: Resource, namespace: str | None = None, *, labels: dict[str, str] | None = None,
-        timeout_seconds: int = 300,
+        selector: str | None = None, resource_version: str | None = None, timeout_seconds: int = 300,
     ) -> Iterator[dict[str, Any]]:  # fmt: skip
-        """Watch events (``{"type", "object"}``) from now on (the current objects first, as ADDED),
-        until the server ends the watch after ``timeout_seconds``. Raises UnreachableError or
-        KubeError (e.g. 410 Gone) like the other calls; the caller starts a new watch."""
+        """Watch events (``{"type", "object"}``) after ``resource_version`` (without one: the current
+        objects first, as ADDED), with bookmarks, until the server ends the watch after
+        ``timeout_seconds``. Raises UnreachableError or KubeError (e.g. 410 Gone) like the other
+        calls; the caller starts a new watch."""
         query = [("watch", "1"), ("timeoutSeconds", str(timeout_seconds)), ("allowWatchBookmarks", "true")]
-        if labels:
-            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items())))
+        if labels or selector:
+            query.append(("labelSelector", selector or ",".join(f"{k}={v}" for k, v in (labels or {}).items())))
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
         try:
             response = self.api.call_api(
                 resource.path(namespace), "GET", query_params=query, header_params={"Accept": "application/json"},
@@ -269,12 +288,16 @@ class Kube:
         )  # fmt: skip
         return result
 
-    def replace_status(self, resource: Resource, name: str, namespace: str | None, status: dict[str, Any]) -> None:
-        """Write the whole status (a JSON patch ``add`` replaces it, present or not)."""
-        self.call(
+    def replace_status(
+        self, resource: Resource, name: str, namespace: str | None, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the whole status (a JSON patch ``add`` replaces it, present or not); the object as
+        written."""
+        result: dict[str, Any] = self.call(
             "PATCH", resource.path(namespace, name, "status"), body=[{"op": "add", "path": "/status", "value": status}],
             content_type="application/json-patch+json",
         )  # fmt: skip
+        return result
 
     def delete(self, resource: Resource, name: str, namespace: str | None = None) -> None:
         """Delete with foreground-independent background propagation; absent objects are fine."""

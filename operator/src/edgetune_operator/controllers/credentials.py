@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import time
 from typing import Any
 
 from edgetune_operator.clients.kube import SECRETS, Kube, KubeError
@@ -18,16 +19,31 @@ class ConfigurationError(RuntimeError):
     configuration): reported on the resource; retried, since a person may create it."""
 
 
+SECRET_TTL_SECONDS = 10.0
+"""A Secret read is reused this long (a job's reconciles read its signing key, S3 keys and salt
+each time; a rotated key is picked up within as much). A missing Secret is not remembered."""
+_read: dict[tuple[int, str, str], tuple[float, dict[str, Any]]] = {}
+
+
 def read_secret(hub: Kube, namespace: str, name: str) -> dict[str, Any] | None:
     """A Secret by name (None when missing); one the operator may not read is a ConfigurationError
     that says how to allow it."""
+    key = (id(hub), namespace, name)
+    hit = _read.get(key)
+    if hit is not None and time.monotonic() - hit[0] < SECRET_TTL_SECONDS:
+        return hit[1]
     try:
-        return hub.get_or_none(SECRETS, name, namespace)
+        secret = hub.get_or_none(SECRETS, name, namespace)
     except KubeError as exc:
         if exc.status != 403:
             raise
         raise ConfigurationError(f"the operator may not read Secret {namespace}/{name}: add {namespace} to the "
                                  "chart's operator.secretNamespaces") from None  # fmt: skip
+    if secret is None:
+        _read.pop(key, None)
+    else:
+        _read[key] = (time.monotonic(), secret)
+    return secret
 
 
 def secret_value(hub: Kube, namespace: str, name: str, key: str) -> bytes:

@@ -1,7 +1,14 @@
 """EdgeTrainingJob controller: one level-based ``reconcile`` that observes the job's children on
 every selected cluster, creates the missing ones, verifies and registers finished adapters, and
-writes the status. Any handler may call it at any time (create, update, resume, a child Job's
-event, the resync timer); it converges on the same state. Calls for one job are serialised.
+writes the status. It converges on the same state whatever woke it; calls for one job are
+serialised.
+
+What wakes it, without polling: the job itself changing (kopf's watch feeds ``observed``; a new
+generation or a job seen for the first time is queued), any of its trainer Jobs or pods changing
+on any cluster (``informers``: one watch per cluster and kind, shared by all jobs), a retry whose
+backoff has passed, and a slow resync as a safety net. Reconciles run on a fixed pool of threads
+fed by a de-duplicating queue (``WorkQueue``), and read children from the informers' caches, so a
+reconcile that changes nothing makes no API call at all.
 """
 
 from __future__ import annotations
@@ -12,8 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,7 +48,7 @@ from edgetune_operator.clients.kube import (
     ConflictError,
     Kube,
     KubeError,
-    NotFoundError,
+    Resource,
     UnreachableError,
 )  # fmt: skip
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
@@ -54,7 +60,9 @@ from edgetune_operator.controllers.credentials import (
     s3_endpoint,
     secret_value,
 )
+from edgetune_operator.controllers.informers import ClusterInformers, backoff_delay, newer
 from edgetune_operator.controllers.locks import PerObjectLocks
+from edgetune_operator.controllers.workqueue import WorkQueue
 from edgetune_operator.delta.trust import verify_trained
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
@@ -70,14 +78,13 @@ from edgetune_operator.reconcile.training_job import (
     JobRef,
     Target,
     child_name,
-    config_map,
     credentials_seconds,
-    credentials_secret,
     observe_trainer,
     s3_prefix,
     set_condition,
     trainer_job,
     trainer_key_context,
+    trainer_secret,
 )  # fmt: skip
 from edgetune_operator.settings import Settings
 
@@ -106,18 +113,106 @@ class TrainingJobController:
         self._locks = PerObjectLocks()
         self._phases: dict[str, str] = {}
         self._polled: dict[str, tuple[float, bool]] = {}
-        """uid -> (when last reconciled, whether it needs polling: edge clusters, or waiting for data)."""
+        """uid -> (when last reconciled, whether it needs polling: an unreachable cluster, waiting for
+        data or nodes)."""
+        self._bodies: dict[tuple[str, str], dict[str, Any]] = {}
+        """(namespace, name) -> the job as last seen (kopf's watch, or our own status write)."""
+        self._uids: dict[str, tuple[str, str]] = {}
+        self._informers: dict[str, ClusterInformers] = {}
+        self._informers_lock = threading.Lock()
+        self._failures: dict[str, int] = {}
+        """uid -> consecutive failed attempts (reconcile errors, or S3/MLflow holding it up)."""
+        self._retry_at: dict[str, float] = {}
+        """uid -> monotonic time before which a job held up by S3/MLflow is not retried."""
+        self.queue: WorkQueue | None = None
         self.stop = threading.Event()
 
     # -- entry points ----------------------------------------------------------------------------
 
-    def reconcile_named(self, namespace: str, name: str) -> None:
-        """Reconcile a job by name (from a child's event)."""
-        try:
-            body = self.hub.get(TRAINING_JOBS, name, namespace)
-        except NotFoundError:
+    def start(self) -> None:
+        """Start the reconcile threads and the hub's trainer watches (existing children are listed
+        once: a restarted operator picks up where it was)."""
+        self.queue = WorkQueue(self._work, self.settings.workers)
+        self.informers(LOCAL, self.hub)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.queue is not None:
+            self.queue.stop()
+        with self._informers_lock:
+            for informers in self._informers.values():
+                informers.stop()
+            self._informers.clear()
+
+    def observed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A watch event of an EdgeTrainingJob (called in kopf's event loop: never blocks). Keeps
+        the latest copy; queues a reconcile for a job seen for the first time (created, or listed at
+        start-up) or whose spec changed, unless it is finished or being deleted."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if not self.settings.serves(key[0]):
             return
-        self.reconcile(body, refetch=False)
+        if deleted:
+            self._bodies.pop(key, None)
+            self._uids.pop(meta["uid"], None)
+            return
+        current = self._bodies.get(key)
+        if current is not None and current["metadata"]["uid"] == meta["uid"] and not newer(body, current):
+            return
+        self._remember(body)
+        status = body.get("status") or {}
+        first = current is None or current["metadata"]["uid"] != meta["uid"]
+        changed = status.get("observedGeneration") != meta.get("generation")
+        finished = status.get("phase") in ("Succeeded", "Failed") and not changed
+        if (first or changed) and not finished and not meta.get("deletionTimestamp") and self.queue is not None:
+            self.queue.put(key)
+
+    def _remember(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        kept = ("name", "namespace", "uid", "generation", "resourceVersion", "deletionTimestamp", "labels")
+        self._bodies[(meta["namespace"], meta["name"])] = {
+            "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": {k: meta[k] for k in kept if k in meta}, "spec": body.get("spec") or {},
+            "status": body.get("status") or {},
+        }  # fmt: skip
+        self._uids[meta["uid"]] = (meta["namespace"], meta["name"])
+
+    def _child_changed(self, cluster: str, namespace: str, uid: str) -> None:
+        """A trainer Job or pod changed: reconcile its job after ``batch_seconds``, so the burst of
+        changes one trainer makes (pod bound, running, Job complete) costs one status write."""
+        key = self._uids.get(uid)
+        if key is not None and self.queue is not None:
+            self.queue.put_after(key, self.settings.batch_seconds)
+
+    def _work(self, key: Any) -> None:
+        body = self._bodies.get(key)
+        if body is None:
+            return
+        uid = body["metadata"]["uid"]
+        try:
+            self.reconcile(body, refetch=False)
+        except Exception:
+            attempts = self._failures[uid] = self._failures.get(uid, 0) + 1
+            if self.queue is not None:
+                self.queue.put_after(key, backoff_delay(attempts - 1, first=1.0, cap=300.0))
+
+    def informers(self, cluster: str, kube: Kube) -> ClusterInformers:
+        """The cluster's trainer watches, started on first use; replaced when the cluster's client
+        is (its kubeconfig Secret changed)."""
+        with self._informers_lock:
+            current = self._informers.get(cluster)
+            if current is not None and current.kube is kube:
+                return current
+            if current is not None:
+                current.stop()
+            created = self._informers[cluster] = ClusterInformers(cluster, kube, LABEL_JOB_UID, self._child_changed)
+            return created
+
+    def forget_cluster(self, cluster: str) -> None:
+        with self._informers_lock:
+            informers = self._informers.pop(cluster, None)
+        if informers is not None:
+            informers.stop()
 
     def reconcile(self, body: dict[str, Any], *, refetch: bool = True) -> EdgeTrainingJobStatus:
         """``refetch``: read the job again first (the caller's copy may be older than a status this
@@ -168,50 +263,62 @@ class TrainingJobController:
         for cluster in names:
             self._observe_cluster(spec, job, cluster, obs, old_targets, credentials=credentials)
         self._results(spec, job, body, obs, old)
+        self._schedule_retry(job, obs)
         new = summarize(spec, job.generation, old, obs)
         if not same(old, new):
-            self.hub.replace_status(TRAINING_JOBS, job.name, job.namespace, new.to_wire())
+            written = self.hub.replace_status(TRAINING_JOBS, job.name, job.namespace, new.to_wire())
+            if written.get("metadata", {}).get("uid") == job.uid:
+                self._remember(written)  # the next reconcile starts from what we wrote, not an older event
             for reason, message, warning in transitions(old, new):
                 self.hub.event(body, reason=reason, message=message, warning=warning)
         self._count_phase(job.uid, new.phase or "Pending")
-        needs_polling = any(t.cluster != LOCAL for t in obs.targets) or not obs.targets or bool(obs.unreachable)
-        self._polled[job.uid] = (time.monotonic(), needs_polling or bool(obs.pending_error))
+        # Children are watched; what no watch reports is a cluster coming back, nodes or data appearing.
+        needs_polling = not obs.targets or bool(obs.unreachable or obs.waiting or obs.start_error)
+        self._polled[job.uid] = (time.monotonic(), needs_polling)
         return new
 
+    def _schedule_retry(self, job: JobRef, obs: Observation) -> None:
+        """S3 or MLflow holding a job up: retried with exponential backoff and jitter, reset once it
+        answers. The attempt and the next retry's time go into the Registered condition's message
+        (so into the status), the delay into ``edgetune_operator_retry_delay_seconds``."""
+        system = obs.pending_system or "s3"
+        if not obs.pending_error or obs.blocked:
+            if self._failures.pop(job.uid, None) is not None:
+                self._retry_at.pop(job.uid, None)
+                for name in ("s3", "mlflow", "kubernetes"):
+                    with suppress(KeyError):
+                        metrics.RETRY_DELAY.remove(name, f"{job.namespace}/{job.name}")
+            return
+        attempts = self._failures[job.uid] = self._failures.get(job.uid, 0) + 1
+        delay = backoff_delay(attempts - 1, first=self.settings.retry_first_seconds,
+                              cap=self.settings.retry_max_seconds)  # fmt: skip
+        self._retry_at[job.uid] = time.monotonic() + delay
+        at = (datetime.now(UTC) + timedelta(seconds=delay)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        obs.pending_error = f"{obs.pending_error} (attempt {attempts}; next retry in {delay:.0f} s, at {at})"
+        metrics.RETRY_DELAY.labels(system, f"{job.namespace}/{job.name}").set(round(delay, 1))
+        if self.queue is not None:
+            self.queue.put_after((job.namespace, job.name), delay)
+
     def resync_loop(self) -> None:
-        """Reconcile unfinished jobs nobody else reconciled lately: every ``resync_seconds`` those on
-        edge clusters (polled), waiting for data, or held up by S3/MLflow; every
-        ``local_resync_seconds`` those whose local trainer Jobs report through events anyway. At
-        most ``resync_workers`` at a time, so events and new jobs keep the rest of the pool."""
-        pool = ThreadPoolExecutor(self.settings.resync_workers, thread_name_prefix="resync")
+        """Queue unfinished jobs nobody reconciled lately: every ``resync_seconds`` those waiting for
+        something no watch reports (an unreachable cluster, data, nodes); every
+        ``local_resync_seconds`` the rest (a safety net: their children's watches wake them). Jobs
+        held up by S3/MLflow wait for their backoff instead. Reads the cached jobs: no API call."""
         while not self.stop.wait(self.settings.resync_seconds):
-            try:
-                items = self.hub.list(TRAINING_JOBS)
-            except (KubeError, UnreachableError):
-                log.warning("resync: cannot list EdgeTrainingJobs", exc_info=True)
+            if self.queue is None:
                 continue
             now = time.monotonic()
-            due = []
-            for body in items:
+            for key, body in list(self._bodies.items()):
                 meta, status = body["metadata"], body.get("status") or {}
-                if not self.settings.serves(meta["namespace"]):
+                if meta.get("deletionTimestamp") or (status.get("phase") in ("Succeeded", "Failed") and status.get(
+                        "observedGeneration") == meta.get("generation")):  # fmt: skip
                     continue
-                if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get(
-                        "generation"):  # fmt: skip
+                if self._retry_at.get(meta["uid"], 0.0) > now:
                     continue
                 last, polled = self._polled.get(meta["uid"], (float("-inf"), True))
                 interval = self.settings.resync_seconds if polled else self.settings.local_resync_seconds
                 if now - last >= 0.9 * interval:
-                    due.append(body)
-            for _ in pool.map(self._resync_one, due):
-                pass
-        pool.shutdown(wait=False)
-
-    def _resync_one(self, body: dict[str, Any]) -> None:
-        try:
-            self.reconcile(body, refetch=False)  # the list just read it
-        except Exception:
-            log.debug("resync of %s failed", body["metadata"]["name"], exc_info=True)
+                    self.queue.put(key)
 
     def _report_error(self, body: dict[str, Any], exc: Exception) -> None:
         """An unexpected failure: a condition and a Warning Event say so; kopf retries with backoff."""
@@ -231,6 +338,8 @@ class TrainingJobController:
         self._locks.forget(uid)
         self._phases.pop(uid, None)
         self._polled.pop(uid, None)
+        self._failures.pop(uid, None)
+        self._retry_at.pop(uid, None)
         self._publish_phases()
 
     def _count_phase(self, uid: str, phase: str) -> None:
@@ -252,12 +361,15 @@ class TrainingJobController:
     ) -> None:  # fmt: skip
         try:
             kube = self.clusters.get(cluster)
-            children = kube.list(JOBS, job.namespace, labels={LABEL_JOB_UID: job.uid})
+            watched = self.informers(cluster, kube)
+            children = _owned(watched, kube, JOBS, job)
             fresh = False
             if not children and not spec.suspend:
                 children = self._start(spec, job, cluster, kube, obs, credentials=credentials)
+                for child in children:
+                    watched.jobs.remember(child)  # before its watch event: the next reconcile must see it
                 fresh = all(not c.get("status") for c in children)  # just created: no pods yet
-            pods = kube.list(PODS, job.namespace, labels={LABEL_JOB_UID: job.uid}) if children and not fresh else []
+            pods = _owned(watched, kube, PODS, job) if children and not fresh else []
             for child in sorted(children, key=lambda c: c["metadata"]["name"]):
                 annotations = child["metadata"].get("annotations") or {}
                 target = Target(annotations.get(ANNOTATION_CLUSTER, cluster), annotations.get(ANNOTATION_NODE))
@@ -265,8 +377,8 @@ class TrainingJobController:
                 status = observe_trainer(target, child, own)
                 if bool((child.get("spec") or {}).get("suspend")) != spec.suspend and status.phase not in (
                         "Packaging", "Failed"):  # fmt: skip
-                    kube.merge_patch(JOBS, child["metadata"]["name"], {"spec": {"suspend": spec.suspend}},
-                                     job.namespace)  # fmt: skip
+                    watched.jobs.remember(kube.merge_patch(JOBS, child["metadata"]["name"], {"spec": {
+                        "suspend": spec.suspend}}, job.namespace))  # fmt: skip
                     status.phase = "Suspended" if spec.suspend else "Scheduled"
                 if status.phase == "Scheduled" and target.node and self._node_gone(kube, target.node, own):
                     status.phase = "Failed"
@@ -340,7 +452,7 @@ class TrainingJobController:
         created = []
         for node, profile, candidates in plan.targets:
             target = Target(cluster, node)
-            secret = credentials_secret(job, target, self.settings, issue(target))
+            secret = trainer_secret(spec, job, target, self.settings, issue(target))
             try:
                 # First, so the pod never starts without it. One left by an attempt interrupted before
                 # its Job was created holds the same key and salt and a policy still valid: kept.
@@ -351,7 +463,6 @@ class TrainingJobController:
                 raise ConfigurationError(f"the operator may not create Secret {job.namespace}/"
                                          f"{secret['metadata']['name']} on {cluster}: add {job.namespace} to the "
                                          "chart's operator.secretNamespaces") from None  # fmt: skip
-            kube.create(config_map(spec, job, target, self.settings))
             created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates=candidates)))
         return created
 
@@ -485,6 +596,8 @@ class TrainingJobController:
                 self._aggregate(spec, job, body, obs, s3=s3, public=public, private=private)
         except RETRYABLE as exc:
             obs.pending_error = f"{type(exc).__name__}: {exc}"
+            obs.pending_system = "mlflow" if isinstance(exc, MlflowUnavailableError) else (
+                "s3" if isinstance(exc, RetryableError) else "kubernetes")  # fmt: skip
             log.warning("%s/%s: %s (will retry)", job.namespace, job.name, obs.pending_error)
         except (ConfigurationError, MlflowError) as exc:
             obs.pending_error = f"{type(exc).__name__}: {exc}"
@@ -674,13 +787,23 @@ def _pending(edge_cluster: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def _delete_children(kube: Kube, namespace: str, uid: str, *, edge: bool) -> None:
-    """A job's trainer Jobs and ConfigMaps (by label) and, on an edge cluster, its trainers' Secrets,
-    by the ConfigMaps' names: never listed or read (on the hub, owner references take them)."""
+    """A job's trainer Jobs (by label) and, on an edge cluster, their Secrets by the Jobs' names:
+    never listed or read (on the hub, owner references take them). ConfigMaps by label too: what
+    trainers started before their configuration moved into the Secret still hold."""
     for resource in (JOBS, CONFIG_MAPS):
         for child in kube.list(resource, namespace, labels={LABEL_JOB_UID: uid}):
             kube.delete(resource, child["metadata"]["name"], namespace)
-            if resource is CONFIG_MAPS and edge:
+            if resource is JOBS and edge:
                 kube.delete(SECRETS, child["metadata"]["name"], namespace)
+
+
+def _owned(watched: ClusterInformers, kube: Kube, resource: Resource, job: JobRef) -> list[dict[str, Any]]:
+    """The job's trainer Jobs or pods on one cluster: the watch's copies once it is in sync (no
+    request), else a list."""
+    informer = watched.jobs if resource is JOBS else watched.pods
+    if watched.synced:
+        return [o for o in informer.owned_by(job.uid) if o["metadata"].get("namespace") == job.namespace]
+    return kube.list(resource, job.namespace, labels={LABEL_JOB_UID: job.uid})
 
 
 def _timestamp(value: str | None) -> float:

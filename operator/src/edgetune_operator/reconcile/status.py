@@ -39,6 +39,8 @@ class Observation:
     """Why fedavg could not produce an adapter."""
     pending_error: str | None = None
     """A failure holding up verification or registration; retried on the next reconcile."""
+    pending_system: str | None = None
+    """Which system the pending error came from (s3, mlflow, kubernetes)."""
     blocked: bool = False
     """The pending error needs a person (missing Secret, bucket, MLflow configuration), not just time."""
     start_error: str | None = None
