@@ -141,3 +141,60 @@ def test_the_work_queue_runs_a_burst_once_and_a_change_during_work_once_more() -
         assert seen.count("batched") == 1
     finally:
         queue.stop()
+
+
+class RecordingQueue:
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+
+    def put(self, key: Any) -> None:
+        self.keys.append(key)
+
+
+def _etj(version: int, generation: int = 1, *, edge: bool = False, finalizers: tuple[str, ...] = (),
+         observed: int | None = None, phase: str | None = None) -> dict[str, Any]:  # fmt: skip
+    placement: dict[str, Any] = {"accelerator": "cpu"}
+    if edge:
+        placement["clusterSelector"] = {"matchLabels": {"site": "farm"}}
+    status = {"observedGeneration": observed, "phase": phase} if observed else {}
+    return {
+        "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeTrainingJob",
+        "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "generation": generation,
+                     "resourceVersion": str(version), "finalizers": list(finalizers)},
+        "spec": {"placement": placement}, "status": status,
+    }  # fmt: skip
+
+
+def test_job_events_queue_a_reconcile_only_when_something_needs_one() -> None:
+    from edgetune_operator.controllers.clusters import Clusters  # noqa: PLC0415
+    from edgetune_operator.controllers.training_job import FINALIZER, TrainingJobController  # noqa: PLC0415
+    from edgetune_operator.settings import Settings  # noqa: PLC0415
+
+    ctl = TrainingJobController(Settings(), Clusters(None, Settings()), s3_factory=lambda *_: None, mlflow=None)  # type: ignore[arg-type]
+    queue = ctl.queue = RecordingQueue()  # type: ignore[assignment]
+    ctl.observed(_etj(1))
+    assert queue.keys == [("ns", "j")]  # first seen (created, or listed at start-up)
+    ctl.observed(_etj(1))
+    ctl.observed(_etj(2, observed=1, phase="Training"))  # our own status write coming back
+    ctl.observed(_etj(1))  # an older event after it
+    assert queue.keys == [("ns", "j")]
+    ctl.observed(_etj(3, generation=2, observed=1, phase="Training"))  # the spec changed
+    assert queue.keys == [("ns", "j")] * 2
+    ctl.observed(_etj(4, generation=2, observed=2, phase="Succeeded"))
+    ctl.observed(_etj(4, generation=2, observed=2, phase="Succeeded"), deleted=True)
+    assert queue.keys == [("ns", "j")] * 2 and ctl._bodies == {}
+    # Bound for edge clusters: nothing until kopf's finalizer is on (its deletion must find the trainers).
+    ctl.observed(_etj(10, edge=True))
+    assert len(queue.keys) == 2
+    ctl.observed(_etj(11, edge=True, finalizers=(FINALIZER,)))
+    assert len(queue.keys) == 3
+
+
+def test_only_jobs_that_may_have_edge_trainers_need_the_finalizer() -> None:
+    from edgetune_operator.controllers.training_job import needs_finalizer  # noqa: PLC0415
+
+    assert not needs_finalizer(_etj(1))
+    assert needs_finalizer(_etj(1, edge=True))
+    on_edge = _etj(1)
+    on_edge["status"] = {"targets": [{"cluster": "farm-1", "phase": "Training"}]}  # selector removed since
+    assert needs_finalizer(on_edge)

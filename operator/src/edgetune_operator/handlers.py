@@ -25,7 +25,7 @@ from edgetune_operator.clients.mlflow import Mlflow
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters
 from edgetune_operator.controllers.release import ReleaseController
-from edgetune_operator.controllers.training_job import TrainingJobController
+from edgetune_operator.controllers.training_job import FINALIZER, TrainingJobController, needs_finalizer
 from edgetune_operator.settings import Settings
 
 log = logging.getLogger("edgetune")
@@ -110,7 +110,7 @@ class _DiffBase(kopf.AnnotationsDiffBaseStorage):
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     own = SETTINGS
-    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = _DiffBase(prefix=PREFIX, key="last-handled-configuration")
     settings.posting.enabled = False  # our controllers write their own, more specific Events
@@ -148,7 +148,11 @@ def stop_resync(**_: Any) -> None:
     RUNTIME.releases.close()
 
 
-@kopf.on.delete(*JOB)
+def _edge_bound(body: kopf.Body, **_: Any) -> bool:
+    return needs_finalizer(body)
+
+
+@kopf.on.delete(*JOB, when=_edge_bound)  # kopf's finalizer only where the hub's garbage collector cannot clean up
 def training_job_deleted(body: kopf.Body, **_: Any) -> None:
     """Bounded: past the cluster-lost period an unreachable edge cluster is not waited for; its
     trainers are deleted when it answers again (``TrainingJobController.sweep``)."""

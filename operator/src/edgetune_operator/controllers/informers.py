@@ -53,16 +53,18 @@ def _slim(obj: dict[str, Any], spec_keys: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def newer(incoming: Mapping[str, Any], current: Mapping[str, Any] | None) -> bool:
+def newer(incoming: Mapping[str, Any], current: Mapping[str, Any] | None, *, strict: bool = False) -> bool:
     """Whether ``incoming`` may replace ``current``: resourceVersions are etcd revisions on every
     API server we target; an object written through (``remember``) must not be replaced by an older
-    event still in flight. Unparsable versions always replace."""
+    event still in flight. ``strict``: the same version is not newer either. Unparsable versions
+    always replace."""
     if current is None:
         return True
     try:
-        return int(incoming["metadata"]["resourceVersion"]) >= int(current["metadata"]["resourceVersion"])
+        theirs, ours = int(incoming["metadata"]["resourceVersion"]), int(current["metadata"]["resourceVersion"])
     except (KeyError, TypeError, ValueError):
         return True
+    return theirs > ours or (theirs == ours and not strict)
 
 
 class Informer:

@@ -38,7 +38,6 @@ from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus
 from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import (
-    CONFIG_MAPS,
     EDGE_CLUSTERS,
     JOBS,
     NODES,
@@ -89,6 +88,23 @@ from edgetune_operator.reconcile.training_job import (
 from edgetune_operator.settings import Settings
 
 log = logging.getLogger("edgetune.training")
+
+
+FINALIZER = "edgetune.io/finalizer"
+"""kopf's finalizer (``handlers.configure``): only on jobs that may have trainers on edge clusters."""
+
+
+def needs_finalizer(body: Mapping[str, Any]) -> bool:
+    """Whether deleting the job needs the operator: trainers on edge clusters are not collected by
+    the hub's garbage collector. Hub trainers follow their owner reference, so a hub job carries no
+    finalizer (one request less per job)."""
+    placement = (body.get("spec") or {}).get("placement") or {}
+    targets = (body.get("status") or {}).get("targets") or []
+    return placement.get("clusterSelector") is not None or any(t.get("cluster", LOCAL) != LOCAL for t in targets)
+
+
+def _finalized(body: Mapping[str, Any]) -> bool:
+    return FINALIZER in ((body.get("metadata") or {}).get("finalizers") or [])
 
 
 class RetryableError(RuntimeError):
@@ -155,25 +171,41 @@ class TrainingJobController:
         if deleted:
             self._bodies.pop(key, None)
             self._uids.pop(meta["uid"], None)
+            self.forget(meta["uid"])  # a hub job has no finalizer: its deletion ends here
             return
         current = self._bodies.get(key)
-        if current is not None and current["metadata"]["uid"] == meta["uid"] and not newer(body, current):
+        if current is not None and current["metadata"]["uid"] == meta["uid"] and not newer(body, current, strict=True):
             return
         self._remember(body)
         status = body.get("status") or {}
         first = current is None or current["metadata"]["uid"] != meta["uid"]
         changed = status.get("observedGeneration") != meta.get("generation")
         finished = status.get("phase") in ("Succeeded", "Failed") and not changed
-        if (first or changed) and not finished and not meta.get("deletionTimestamp") and self.queue is not None:
+        # A job bound for edge clusters waits for the event that shows kopf's finalizer on it.
+        finalized = _finalized(body) and (first or not _finalized(current or {}))
+        if needs_finalizer(body) and not _finalized(body):
+            return
+        wanted = first or changed or finalized
+        if wanted and not finished and not meta.get("deletionTimestamp") and self.queue is not None:
             self.queue.put(key)
 
     def _remember(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
-        kept = ("name", "namespace", "uid", "generation", "resourceVersion", "deletionTimestamp", "labels")
+        kept = (
+            "name",
+            "namespace",
+            "uid",
+            "generation",
+            "resourceVersion",
+            "deletionTimestamp",
+            "labels",
+            "finalizers",
+        )
         self._bodies[(meta["namespace"], meta["name"])] = {
             "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-            "metadata": {k: meta[k] for k in kept if k in meta}, "spec": body.get("spec") or {},
-            "status": body.get("status") or {},
+            # Plain dicts, not kopf's views: those keep the whole raw object alive (managedFields too).
+            "metadata": {k: meta[k] for k in kept if k in meta}, "spec": dict(body.get("spec") or {}),
+            "status": dict(body.get("status") or {}),
         }  # fmt: skip
         self._uids[meta["uid"]] = (meta["namespace"], meta["name"])
 
@@ -261,7 +293,8 @@ class TrainingJobController:
         # reconcile, and only when some cluster starts trainers.
         credentials = functools.cache(functools.partial(self._credentials, spec, job))
         for cluster in names:
-            self._observe_cluster(spec, job, cluster, obs, old_targets, credentials=credentials)
+            self._observe_cluster(spec, job, cluster, obs, old_targets, credentials=credentials,
+                                  finalized=_finalized(body))  # fmt: skip
         self._results(spec, job, body, obs, old)
         self._schedule_retry(job, obs)
         new = summarize(spec, job.generation, old, obs)
@@ -358,13 +391,16 @@ class TrainingJobController:
     def _observe_cluster(
         self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, obs: Observation,
         old_targets: dict[tuple[str, str | None], TargetStatus], *, credentials: Callable[[], Issuer],
+        finalized: bool,
     ) -> None:  # fmt: skip
         try:
             kube = self.clusters.get(cluster)
             watched = self.informers(cluster, kube)
             children = _owned(watched, kube, JOBS, job)
             fresh = False
-            if not children and not spec.suspend:
+            # Never an edge trainer the job's deletion could not find: not before kopf's finalizer is on.
+            may_start = cluster == LOCAL or finalized
+            if not children and not spec.suspend and may_start:
                 children = self._start(spec, job, cluster, kube, obs, credentials=credentials)
                 for child in children:
                     watched.jobs.remember(child)  # before its watch event: the next reconcile must see it
@@ -788,13 +824,11 @@ def _pending(edge_cluster: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 def _delete_children(kube: Kube, namespace: str, uid: str, *, edge: bool) -> None:
     """A job's trainer Jobs (by label) and, on an edge cluster, their Secrets by the Jobs' names:
-    never listed or read (on the hub, owner references take them). ConfigMaps by label too: what
-    trainers started before their configuration moved into the Secret still hold."""
-    for resource in (JOBS, CONFIG_MAPS):
-        for child in kube.list(resource, namespace, labels={LABEL_JOB_UID: uid}):
-            kube.delete(resource, child["metadata"]["name"], namespace)
-            if resource is JOBS and edge:
-                kube.delete(SECRETS, child["metadata"]["name"], namespace)
+    never listed or read (on the hub, owner references take them)."""
+    for child in kube.list(JOBS, namespace, labels={LABEL_JOB_UID: uid}):
+        kube.delete(JOBS, child["metadata"]["name"], namespace)
+        if edge:
+            kube.delete(SECRETS, child["metadata"]["name"], namespace)
 
 
 def _owned(watched: ClusterInformers, kube: Kube, resource: Resource, job: JobRef) -> list[dict[str, Any]]:

@@ -1,0 +1,229 @@
+"""Benchmark the operator's cost per registered edge cluster, and one job spread over all of them.
+
+Run with ``.venv/bin/python bench/bench_clusters.py [--clusters N]`` (default 20). Prints one JSON
+line.
+
+What runs: a hub control plane and N edge control planes (each: etcd, kube-apiserver,
+controller-manager, scheduler, kwok with 6 simulated nodes), every edge registered as an
+EdgeCluster (heartbeat every 10 s) whose kubeconfig names a user of its own, ``edgetune-operator``,
+so each edge's audit log counts exactly the operator's requests; a real S3 server; the operator as
+a process. Trainer pods are completed by kwok without running, so each trainer ends Failed
+(VerificationFailed: no package), a full life cycle on every cluster.
+
+Phases and keys:
+- idle with 0 clusters, then with N registered: ``operator_cpu_ms_per_s_idle_{0,N}``,
+  ``operator_rss_mb_idle_{0,N}``, ``edge_requests_per_cluster_per_min_idle`` (heartbeat: version +
+  node list; watches counted apart as ``watches_per_cluster``);
+- with one job of N trainers in flight on the N clusters: ``all_trainers_created_s`` and
+  ``all_trainers_bound_s`` from the job's creation, ``job_terminal_s``,
+  ``edge_requests_per_cluster_job`` (the operator's requests to each edge for the job, watches
+  excluded) and ``hub_requests_job``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+
+from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.nodes import default_fleet
+from edgetune_testenv.operator_proc import OperatorProcess
+from edgetune_testenv.servers import S3Server
+
+REPO = Path(__file__).resolve().parents[1]
+USER = "edgetune-operator"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def requests(plane: ControlPlane, since: float, until: float) -> tuple[int, int]:
+    """(requests, watches) the operator's user made to ``plane`` between two wall-clock times."""
+    calls = watches = 0
+    for event in plane.audit_events():
+        if (event.get("user") or {}).get("username") != USER:
+            continue
+        when = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+        if since <= when <= until:
+            if event.get("verb") == "watch":
+                watches += 1
+            else:
+                calls += 1
+    return calls, watches
+
+
+def idle(pid: int, seconds: float) -> tuple[float, float]:
+    """(CPU ms per second, RSS MB) of ``pid`` over ``seconds``."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return round(1000 * (cpu_seconds(pid) - before) / seconds, 1), round(rss_mb(pid), 1)
+
+
+def eventually(what: str, probe: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def main() -> None:  # noqa: PLR0915 - one linear script
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clusters", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    n = args.clusters
+    result: dict[str, Any] = {"clusters": n}
+    with tempfile.TemporaryDirectory(prefix="edgetune-clusters-") as tmp:
+        root = Path(tmp)
+        hub = ControlPlane("hub", root / "hub", audit_users=(USER,))
+        edges = [ControlPlane(f"edge-{i:02d}", root / f"edge-{i:02d}", audit_users=(USER,)) for i in range(n)]
+        s3 = S3Server(root / "s3")
+        try:
+            started = time.monotonic()
+            hub.start()
+            s3.start()
+            with ThreadPoolExecutor(4) as pool:  # 2 cores: a few at a time
+                list(pool.map(lambda e: (e.start(), e.add_nodes(default_fleet(e.name))), edges))
+            result["control_planes_up_s"] = round(time.monotonic() - started, 1)
+            hub.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+            hub.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+            hub.kubectl("create", "namespace", "edgetune-system")
+            hub.kubectl("create", "namespace", "bench")
+            s3.create_bucket("adapters")
+            operator = OperatorProcess(hub, root, {
+                "KUBECONFIG": str(hub.user_kubeconfig(USER, ("system:masters",))),
+                "EDGETUNE_TRAINER_LABELS": "{}", "EDGETUNE_RESYNC_SECONDS": "10",
+                "EDGETUNE_S3_ENDPOINT": s3.endpoint, **{k: v for k, v in s3.env().items() if k.startswith("AWS_")},
+            }, "edgetune/trainer:bench")  # fmt: skip
+            with operator:
+                if operator.proc is None:
+                    raise RuntimeError("the operator did not start")
+                pid = operator.proc.pid
+                time.sleep(10)
+                result["operator_cpu_ms_per_s_idle_0"], result["operator_rss_mb_idle_0"] = idle(pid, args.idle_seconds)
+                for edge in edges:
+                    kubeconfig = edge.user_kubeconfig(USER, ("system:masters",))
+                    hub.kubectl("-n", "edgetune-system", "create", "secret", "generic", f"{edge.name}-kubeconfig",
+                                f"--from-file=kubeconfig={kubeconfig}")  # fmt: skip
+                    hub.kubectl("apply", "-f", "-", input_text=json.dumps({
+                        "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeCluster",
+                        "metadata": {"name": edge.name, "labels": {"fleet": "bench"}},
+                        "spec": {"kubeconfigSecretRef": {"name": f"{edge.name}-kubeconfig",
+                                                         "namespace": "edgetune-system"}, "heartbeatInterval": "10s"},
+                    }))  # fmt: skip
+                custom = k8s.CustomObjectsApi(hub.api_client())
+
+                def reachable() -> bool:
+                    items = custom.list_cluster_custom_object("edgetune.io", "v1alpha1", "edgeclusters")["items"]
+                    return sum(1 for i in items if (i.get("status") or {}).get("reachable")) == n
+
+                eventually("every edge cluster reachable", reachable, 120)
+                time.sleep(10)
+                since = time.time()
+                cpu, rss = idle(pid, args.idle_seconds)
+                until = time.time()
+                result[f"operator_cpu_ms_per_s_idle_{n}"], result[f"operator_rss_mb_idle_{n}"] = cpu, rss
+                per = [requests(e, since, until) for e in edges]
+                minutes = (until - since) / 60
+                result["edge_requests_per_cluster_per_min_idle"] = round(
+                    statistics.mean(c for c, _ in per) / minutes, 2
+                )
+
+                # One job, one trainer on a CPU node of every cluster.
+                since = time.time()
+                custom.create_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs", {
+                    "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeTrainingJob", "metadata": {"name": "spread"},
+                    "spec": {
+                        "baseModel": {"uri": "builtin:timeseries-cnn"},
+                        "data": {"source": {"hostPath": "/var/lib/edgetune/data"}, "format": "npy"},
+                        "budgets": {"memory": "1Gi"},
+                        "placement": {"accelerator": "cpu", "clusterSelector": {"matchLabels": {"fleet": "bench"}}},
+                        "output": {"s3": {"bucket": "adapters"}, "mlflow": {"registeredModel": "bench"}},
+                    },
+                })  # fmt: skip
+                created = time.monotonic()
+                marks: dict[str, float] = {}
+                lock = threading.Lock()
+
+                def follow(edge: ControlPlane) -> None:
+                    core = k8s.CoreV1Api(edge.api_client())
+                    while time.monotonic() - created < 300:
+                        pods = core.list_namespaced_pod("bench").items if _has_ns(core) else []
+                        now = time.monotonic() - created
+                        with lock:
+                            if pods:
+                                marks.setdefault(f"{edge.name}/created", now)
+                            if any(p.spec.node_name for p in pods):
+                                marks[f"{edge.name}/bound"] = now
+                                return
+                        time.sleep(0.2)
+
+                with ThreadPoolExecutor(n) as pool:
+                    list(pool.map(follow, edges))
+                result["all_trainers_created_s"] = round(max(v for k, v in marks.items() if k.endswith("/created")), 1)
+                result["all_trainers_bound_s"] = round(max(v for k, v in marks.items() if k.endswith("/bound")), 1)
+
+                def terminal() -> bool:
+                    job = custom.get_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs",
+                                                              "spread")  # fmt: skip
+                    return (job.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+                eventually("the job to finish", terminal, 300)
+                result["job_terminal_s"] = round(time.monotonic() - created, 1)
+                time.sleep(5)
+                until = time.time()
+                heartbeats = result["edge_requests_per_cluster_per_min_idle"] * (until - since) / 60
+                per = [requests(e, since, until) for e in edges]
+                result["edge_requests_per_cluster_job"] = round(statistics.mean(c for c, _ in per) - heartbeats, 1)
+                result["watches_per_cluster"] = round(statistics.mean(w for _, w in per), 1)
+                result["hub_requests_job"] = requests(hub, since, until)[0]
+                result["operator_peak_rss_mb"] = round(
+                    int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                             if line.startswith("VmHWM:")).split()[1]) / 1024, 1)  # fmt: skip
+        finally:
+            for plane in (*edges, hub, s3):
+                plane.stop()
+    per_cluster_cpu = (result[f"operator_cpu_ms_per_s_idle_{n}"] - result["operator_cpu_ms_per_s_idle_0"]) / n
+    result["operator_cpu_ms_per_s_per_cluster"] = round(per_cluster_cpu, 2)
+    result["operator_rss_mb_per_cluster"] = round(
+        (result[f"operator_rss_mb_idle_{n}"] - result["operator_rss_mb_idle_0"]) / n, 2
+    )
+    print(json.dumps(result), flush=True)
+
+
+def _has_ns(core: Any) -> bool:
+    try:
+        core.read_namespace("bench")
+    except k8s.ApiException:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
