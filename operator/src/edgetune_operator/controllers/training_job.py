@@ -150,6 +150,15 @@ class TrainingJobController:
         once: a restarted operator picks up where it was)."""
         self.queue = WorkQueue(self._work, self.settings.workers)
         self.informers(LOCAL, self.hub)
+        # The first job must not wait for boto3 to load (~0.5 s): the S3 client its trainers' upload
+        # policies are signed with is built now, in the background.
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            self.s3_factory(self.settings.s3_endpoint, {})
+        except Exception:  # only a head start: the first job builds it otherwise
+            log.debug("S3 client warm-up failed", exc_info=True)
 
     def close(self) -> None:
         self.stop.set()
@@ -298,6 +307,13 @@ class TrainingJobController:
         self._results(spec, job, body, obs, old)
         self._schedule_retry(job, obs)
         new = summarize(spec, job.generation, old, obs)
+        if obs.created and self.queue is not None:
+            # Trainers just started: their status is written by the reconcile their first changes
+            # wake (batched), so a burst of new jobs gets its trainers created first, at two requests
+            # per trainer, and a trainer already running by then costs one status write, not two.
+            self.queue.put_after((job.namespace, job.name), self.settings.batch_seconds)
+            self._polled[job.uid] = (time.monotonic(), False)
+            return new
         if not same(old, new):
             written = self.hub.replace_status(TRAINING_JOBS, job.name, job.namespace, new.to_wire())
             if written.get("metadata", {}).get("uid") == job.uid:
@@ -405,6 +421,7 @@ class TrainingJobController:
                 for child in children:
                     watched.jobs.remember(child)  # before its watch event: the next reconcile must see it
                 fresh = all(not c.get("status") for c in children)  # just created: no pods yet
+                obs.created += len(children)
             pods = _owned(watched, kube, PODS, job) if children and not fresh else []
             for child in sorted(children, key=lambda c: c["metadata"]["name"]):
                 annotations = child["metadata"].get("annotations") or {}

@@ -31,6 +31,8 @@ class Observation:
     """One per trainer, in a stable order."""
     waiting: list[str] = field(default_factory=list)
     """Why clusters have no trainers yet (data, matching nodes)."""
+    created: int = 0
+    """Trainers this reconcile started."""
     unreachable: dict[str, str] = field(default_factory=dict)
     """Clusters that did not answer (or cannot be reached at all), with why."""
     result: TrainingResult | None = None
