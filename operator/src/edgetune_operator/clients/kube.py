@@ -210,10 +210,10 @@ class Kube:
             if not token:
                 return items
 
-    def list_versioned(self, resource: Resource, *, selector: str) -> tuple[builtins.list[dict[str, Any]], str]:
-        """Every object (all namespaces) matching ``selector``, and the list's resourceVersion, from
-        which a watch resumes; in pages of 500."""
-        query = [("labelSelector", selector), ("limit", "500")]
+    def list_versioned(self, resource: Resource, *, selector: str | None) -> tuple[builtins.list[dict[str, Any]], str]:
+        """Every object (all namespaces) matching ``selector`` (every object without one), and the
+        list's resourceVersion, from which a watch resumes; in pages of 500."""
+        query = ([("labelSelector", selector)] if selector else []) + [("limit", "500")]
         items: list[dict[str, Any]] = []
         token, version = None, ""
         while True:

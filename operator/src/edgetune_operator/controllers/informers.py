@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgetune_operator import metrics
-from edgetune_operator.clients.kube import JOBS, PODS, Kube, KubeError, Resource, UnreachableError
+from edgetune_operator.clients.kube import JOBS, NODES, PODS, Kube, KubeError, Resource, UnreachableError
+from edgetune_operator.reconcile.placement import Node
 
 log = logging.getLogger("edgetune.informer")
 
@@ -41,15 +42,17 @@ def backoff_delay(attempt: int, first: float = BACKOFF_FIRST, cap: float = BACKO
     return float(min(cap, first * 2.0 ** min(attempt, 30)) * jitter)
 
 
-def _slim(obj: dict[str, Any], spec_keys: tuple[str, ...]) -> dict[str, Any]:
-    """What reconciles read of a child: identity, labels, annotations, a few spec fields, status."""
+def _slim(obj: dict[str, Any], spec_keys: tuple[str, ...], status_keys: tuple[str, ...] | None) -> dict[str, Any]:
+    """What reconciles read of an object: identity, labels, annotations, a few spec fields, the
+    status (or a few of its fields)."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
     kept = ("name", "namespace", "uid", "labels", "annotations", "resourceVersion")
     return {
         "metadata": {k: meta[k] for k in kept if k in meta},
         "spec": {k: spec[k] for k in spec_keys if k in spec},
-        "status": obj.get("status") or {},
+        "status": status if status_keys is None else {k: status[k] for k in status_keys if k in status},
     }
 
 
@@ -68,16 +71,18 @@ def newer(incoming: Mapping[str, Any], current: Mapping[str, Any] | None, *, str
 
 
 class Informer:
-    """One kind on one cluster, selected by the presence of ``label``, cached by (namespace, name)
-    and indexed by the label's value."""
+    """One kind on one cluster, selected by the presence of ``label`` (every object without one),
+    cached by (namespace, name) and indexed by the label's value."""
 
     def __init__(
-        self, cluster: str, kube: Kube, resource: Resource, label: str, on_change: OnChange, *,
-        spec_keys: tuple[str, ...] = (),
+        self, cluster: str, kube: Kube, resource: Resource, label: str | None, on_change: OnChange | None, *,
+        spec_keys: tuple[str, ...] = (), status_keys: tuple[str, ...] | None = None,
     ) -> None:  # fmt: skip
         self.cluster, self.kube, self.resource, self.label = cluster, kube, resource, label
         self.on_change = on_change
-        self.spec_keys = spec_keys
+        self.spec_keys, self.status_keys = spec_keys, status_keys
+        self.version = 0
+        """Counts changes to the cache (what a derived view is keyed by)."""
         self._lock = threading.Lock()
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
         self._by_owner: dict[str, set[tuple[str, str]]] = {}
@@ -97,13 +102,17 @@ class Informer:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    def objects(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._objects.values())
+
     def owned_by(self, owner: str) -> list[dict[str, Any]]:
         with self._lock:
             return [self._objects[key] for key in self._by_owner.get(owner, ()) if key in self._objects]
 
     def remember(self, obj: dict[str, Any]) -> None:
         """Write-through: an object this operator just created or changed, before its watch event."""
-        self._put(_slim(obj, self.spec_keys))
+        self._put(_slim(obj, self.spec_keys, self.status_keys))
 
     def __len__(self) -> int:
         with self._lock:
@@ -114,11 +123,12 @@ class Informer:
     def _put(self, obj: dict[str, Any]) -> str | None:
         meta = obj["metadata"]
         key = (meta.get("namespace", ""), meta["name"])
-        owner = (meta.get("labels") or {}).get(self.label)
+        owner = (meta.get("labels") or {}).get(self.label) if self.label else None
         with self._lock:
             if not newer(obj, self._objects.get(key)):
                 return None
             self._objects[key] = obj
+            self.version += 1
             if owner:
                 self._by_owner.setdefault(owner, set()).add(key)
         return owner
@@ -129,7 +139,8 @@ class Informer:
             obj = self._objects.pop(key, None)
             if obj is None:
                 return None
-            owner = (obj["metadata"].get("labels") or {}).get(self.label)
+            self.version += 1
+            owner = (obj["metadata"].get("labels") or {}).get(self.label) if self.label else None
             if owner and owner in self._by_owner:
                 self._by_owner[owner].discard(key)
                 if not self._by_owner[owner]:
@@ -137,7 +148,7 @@ class Informer:
         return owner
 
     def _notify(self, namespace: str, owner: str | None) -> None:
-        if owner:
+        if owner and self.on_change is not None:
             try:
                 self.on_change(self.cluster, namespace, owner)
             except Exception:
@@ -147,7 +158,8 @@ class Informer:
 
     def _relist(self) -> str:
         items, version = self.kube.list_versioned(self.resource, selector=self.label)
-        fresh = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]): _slim(o, self.spec_keys) for o in items}
+        fresh = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]): _slim(o, self.spec_keys, self.status_keys)
+                 for o in items}  # fmt: skip
         with self._lock:
             gone = [k for k in self._objects if k not in fresh]
         changed = [(key[0], self._drop(*key)) for key in gone]
@@ -178,7 +190,7 @@ class Informer:
                     if kind == "DELETED":
                         owner = self._drop(meta.get("namespace", ""), meta.get("name", ""))
                     else:
-                        owner = self._put(_slim(obj, self.spec_keys))
+                        owner = self._put(_slim(obj, self.spec_keys, self.status_keys))
                     self._notify(meta.get("namespace", ""), owner)
                     attempt = 0
             except KubeError as exc:
@@ -203,12 +215,28 @@ class Informer:
 
 
 class ClusterInformers:
-    """A cluster's trainer Jobs and pods, watched together for one client of that cluster."""
+    """A cluster's trainer Jobs and pods, watched together for one client of that cluster, and its
+    nodes (placement reads them: a 1000-node list per new job, or every few seconds, was the
+    slowest part of starting one)."""
 
     def __init__(self, cluster: str, kube: Kube, label: str, on_change: OnChange) -> None:
         self.cluster, self.kube = cluster, kube
         self.jobs = Informer(cluster, kube, JOBS, label, on_change, spec_keys=("suspend",)).start()
         self.pods = Informer(cluster, kube, PODS, label, on_change, spec_keys=("nodeName",)).start()
+        self.nodes = Informer(cluster, kube, NODES, None, None, spec_keys=("unschedulable",),
+                              status_keys=("allocatable", "conditions")).start()  # fmt: skip
+        self._node_view: tuple[int, list[Node]] = (-1, [])
+
+    def node_list(self) -> list[Node] | None:
+        """The cluster's nodes as placement reads them; None until the node watch is in sync."""
+        if not self.nodes.synced.is_set():
+            return None
+        version, view = self._node_view
+        if version != self.nodes.version:
+            version = self.nodes.version
+            view = [Node.from_wire(n) for n in self.nodes.objects()]
+            self._node_view = (version, view)
+        return view
 
     @property
     def synced(self) -> bool:
@@ -221,3 +249,4 @@ class ClusterInformers:
     def stop(self) -> None:
         self.jobs.stop()
         self.pods.stop()
+        self.nodes.stop()

@@ -64,6 +64,7 @@ from edgetune_operator.controllers.locks import PerObjectLocks
 from edgetune_operator.controllers.workqueue import WorkQueue
 from edgetune_operator.delta.trust import verify_trained
 from edgetune_operator.reconcile import placement, registration
+from edgetune_operator.reconcile.placement import Node
 from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
     ANNOTATION_CLUSTER,
@@ -417,7 +418,8 @@ class TrainingJobController:
             # Never an edge trainer the job's deletion could not find: not before kopf's finalizer is on.
             may_start = cluster == LOCAL or finalized
             if not children and not spec.suspend and may_start:
-                children = self._start(spec, job, cluster, kube, obs, credentials=credentials)
+                children = self._start(spec, job, cluster, kube, obs, credentials=credentials,
+                                       nodes=watched.node_list())  # fmt: skip
                 for child in children:
                     watched.jobs.remember(child)  # before its watch event: the next reconcile must see it
                 fresh = all(not c.get("status") for c in children)  # just created: no pods yet
@@ -492,9 +494,10 @@ class TrainingJobController:
 
     def _start(
         self, spec: EdgeTrainingJobSpec, job: JobRef, cluster: str, kube: Kube, obs: Observation, *,
-        credentials: Callable[[], Issuer],
+        credentials: Callable[[], Issuer], nodes: list[Node] | None,
     ) -> list[dict[str, Any]]:  # fmt: skip
-        nodes = self.clusters.nodes(cluster, kube)
+        if nodes is None:  # the node watch is not in sync yet: a (cached) list
+            nodes = self.clusters.nodes(cluster, kube)
         plan = placement.plan(cluster, spec, nodes, self.settings.accelerator_profiles)
         if plan.waiting:
             obs.waiting.append(plan.waiting)
