@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +40,7 @@ from kubernetes import client as k8s
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
+from edgetune_testenv.procs import wait_for
 from edgetune_testenv.servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,16 +80,6 @@ def idle(pid: int, seconds: float) -> tuple[float, float]:
     before = cpu_seconds(pid)
     time.sleep(seconds)
     return round(1000 * (cpu_seconds(pid) - before) / seconds, 1), round(rss_mb(pid), 1)
-
-
-def eventually(what: str, probe: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def main() -> None:  # noqa: PLR0915 - one linear script
@@ -146,7 +136,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                     items = custom.list_cluster_custom_object("edgetune.io", "v1alpha1", "edgeclusters")["items"]
                     return sum(1 for i in items if (i.get("status") or {}).get("reachable")) == n
 
-                eventually("every edge cluster reachable", reachable, 120)
+                wait_for("every edge cluster reachable", reachable, 120)
                 time.sleep(10)
                 since = time.time()
                 cpu, rss = idle(pid, args.idle_seconds)
@@ -197,7 +187,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                                                               "spread")  # fmt: skip
                     return (job.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
-                eventually("the job to finish", terminal, 300)
+                wait_for("the job to finish", terminal, 300)
                 result["job_terminal_s"] = round(time.monotonic() - created, 1)
                 time.sleep(5)
                 until = time.time()

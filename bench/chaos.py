@@ -58,7 +58,7 @@ from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import LocalImage, PodExecutor
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
-from edgetune_testenv.procs import ManagedProcess, free_port
+from edgetune_testenv.procs import ManagedProcess, free_port, wait_for
 from edgetune_testenv.servers import MlflowServer, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,13 +146,7 @@ def _phase(world: World, name: str) -> str:
 
 
 def _wait(what: str, probe: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if probe():
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+    wait_for(what, probe, timeout, tolerate=(Exception,))  # a server coming back may refuse meanwhile
 
 
 def _restart(proc: ManagedProcess, seconds: float, ready: Callable[[], bool]) -> None:

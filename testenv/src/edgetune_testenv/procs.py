@@ -21,9 +21,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 from edgetune_testenv.errors import ComponentCrashedError, EnvironmentSetupError
+
+T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -142,6 +144,22 @@ class ManagedProcess:
         # Children that ignored SIGTERM but share the group (e.g. a server's workers).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float, *, every: float = 0.5,
+    tolerate: tuple[type[BaseException], ...] = (),
+) -> T:  # fmt: skip
+    """Poll ``probe`` until it returns something truthy (returned); exceptions of the ``tolerate``
+    kinds count as not yet. TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(*tolerate):
+            value = probe()
+            if value:
+                return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
