@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from kubernetes import client as k8s
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
-from edgetune_testenv.procs import wait_for
+from edgetune_testenv.procs import memory_mb, wait_for
 from edgetune_testenv.servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,33 +52,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def requests(plane: ControlPlane, since: float, until: float) -> tuple[int, int]:
     """(requests, watches) the operator's user made to ``plane`` between two wall-clock times."""
-    calls = watches = 0
-    for event in plane.audit_events():
-        if (event.get("user") or {}).get("username") != USER:
-            continue
-        when = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
-        if since <= when <= until:
-            if event.get("verb") == "watch":
-                watches += 1
-            else:
-                calls += 1
-    return calls, watches
+    events = plane.audit_events(USER, since, until)
+    watches = sum(1 for e in events if e.get("verb") == "watch")
+    return len(events) - watches, watches
 
 
 def idle(pid: int, seconds: float) -> tuple[float, float]:
     """(CPU ms per second, RSS MB) of ``pid`` over ``seconds``."""
     before = cpu_seconds(pid)
     time.sleep(seconds)
-    return round(1000 * (cpu_seconds(pid) - before) / seconds, 1), round(rss_mb(pid), 1)
+    return round(1000 * (cpu_seconds(pid) - before) / seconds, 1), round(memory_mb(pid), 1)
 
 
 def main() -> None:  # noqa: PLR0915 - one linear script
@@ -196,9 +180,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                 result["edge_requests_per_cluster_job"] = round(statistics.mean(c for c, _ in per) - heartbeats, 1)
                 result["watches_per_cluster"] = round(statistics.mean(w for _, w in per), 1)
                 result["hub_requests_job"] = requests(hub, since, until)[0]
-                result["operator_peak_rss_mb"] = round(
-                    int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                             if line.startswith("VmHWM:")).split()[1]) / 1024, 1)  # fmt: skip
+                result["operator_peak_rss_mb"] = round(memory_mb(pid, "VmHWM"), 1)
         finally:
             for plane in (*edges, hub, s3):
                 plane.stop()

@@ -35,6 +35,7 @@ from kubernetes import watch
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.nodes import scale_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
+from edgetune_testenv.procs import memory_mb
 from edgetune_testenv.servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,13 +124,6 @@ def call_stats(text: str) -> dict[str, Any]:
     }
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 OPERATOR_USER = "edgetune-operator"
 
 
@@ -137,15 +131,13 @@ def api_requests(plane: ControlPlane, since: float, until: float) -> dict[str, A
     """The operator's requests as the API server saw them (audit log), watches excluded, between two
     wall-clock times: total and by verb/resource."""
     tally: dict[str, int] = {}
-    for event in plane.audit_events():
-        if event.get("verb") == "watch" or (event.get("user") or {}).get("username") != OPERATOR_USER:
+    for event in plane.audit_events(OPERATOR_USER, since, until):
+        if event.get("verb") == "watch":
             continue
-        when = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
-        if since <= when <= until:
-            ref = event.get("objectRef") or {}
-            resource = "/".join(x for x in (ref.get("resource", "?"), ref.get("subresource")) if x)
-            key = f"{event['verb']} {resource}"
-            tally[key] = tally.get(key, 0) + 1
+        ref = event.get("objectRef") or {}
+        resource = "/".join(x for x in (ref.get("resource", "?"), ref.get("subresource")) if x)
+        key = f"{event['verb']} {resource}"
+        tally[key] = tally.get(key, 0) + 1
     return {"total": sum(tally.values()), "by_call": dict(sorted(tally.items(), key=lambda kv: -kv[1]))}
 
 
@@ -307,7 +299,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             elapsed = time.monotonic() - started
             result["reconciles_per_s"] = round((reconciles(operator.metrics()) - before) / elapsed, 1)
             if operator.proc is not None:
-                result["operator_peak_rss_mb_1000jobs"] = round(peak_rss_mb(operator.proc.pid), 1)
+                result["operator_peak_rss_mb_1000jobs"] = round(memory_mb(operator.proc.pid, "VmHWM"), 1)
             time.sleep(20)  # two resync periods with every job finished: what idling costs
             calls = api_requests(plane, wall_started, time.time())
             result["api_requests_per_job"] = round(calls["total"] / jobs, 2)

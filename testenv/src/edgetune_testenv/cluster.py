@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -280,11 +281,20 @@ class ControlPlane(ProcessGroup):
         return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
                 "--audit-log-maxsize=0"]  # fmt: skip
 
-    def audit_events(self) -> list[dict[str, Any]]:
-        """The audit log's events so far (``audit_users`` only)."""
+    def audit_events(self, user: str, since: float, until: float) -> list[dict[str, Any]]:
+        """The requests ``user`` (one of ``audit_users``) made between two wall-clock times, as the
+        audit log recorded them (a watch when it ended)."""
         if not self.audit_log.exists():
             return []
-        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+        events = []
+        for line in self.audit_log.read_text().splitlines():
+            event = json.loads(line) if line.strip() else {}
+            if (event.get("user") or {}).get("username") != user:
+                continue
+            when = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+            if since <= when <= until:
+                events.append(event)
+        return events
 
     def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
         """A kubeconfig for a client certificate of ``user`` in ``groups`` (e.g. ``system:masters``):

@@ -162,6 +162,14 @@ def wait_for(
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory from ``/proc/<pid>/status``: ``VmRSS`` now, ``VmHWM`` its peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
     """True when ``url`` answers 2xx."""
     try:

@@ -201,23 +201,20 @@ class Kube:
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
         if not labels:
             query.append(("limit", "200"))
-        items: list[dict[str, Any]] = []
-        token = None
-        while True:
-            page = self.call("GET", resource.path(namespace), query=query + ([("continue", token)] if token else []))
-            items.extend(page.get("items") or [])
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return items
+        return self._pages(resource.path(namespace), query)[0]
 
     def list_versioned(self, resource: Resource, *, selector: str | None) -> tuple[builtins.list[dict[str, Any]], str]:
         """Every object (all namespaces) matching ``selector`` (every object without one), and the
         list's resourceVersion, from which a watch resumes; in pages of 500."""
         query = ([("labelSelector", selector)] if selector else []) + [("limit", "500")]
+        return self._pages(resource.path(), query)
+
+    def _pages(self, path: str, query: builtins.list[tuple[str, str]]) -> tuple[builtins.list[dict[str, Any]], str]:
+        """A list request followed through its ``continue`` tokens: the items and the resourceVersion."""
         items: list[dict[str, Any]] = []
         token, version = None, ""
         while True:
-            page = self.call("GET", resource.path(), query=query + ([("continue", token)] if token else []))
+            page = self.call("GET", path, query=query + ([("continue", token)] if token else []))
             items.extend(page.get("items") or [])
             meta = page.get("metadata") or {}
             version = meta.get("resourceVersion") or version

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -88,7 +87,6 @@ class Informer:
         self._by_owner: dict[str, set[tuple[str, str]]] = {}
         self.synced = threading.Event()
         self.stopped = threading.Event()
-        self.relists = 0
         self._thread = threading.Thread(
             target=self._run, name=f"informer-{cluster}-{resource.plural}", daemon=True
         )  # fmt: skip
@@ -113,10 +111,6 @@ class Informer:
     def remember(self, obj: dict[str, Any]) -> None:
         """Write-through: an object this operator just created or changed, before its watch event."""
         self._put(_slim(obj, self.spec_keys, self.status_keys))
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._objects)
 
     # -- cache ----------------------------------------------------------------------------------
 
@@ -165,7 +159,6 @@ class Informer:
         changed = [(key[0], self._drop(*key)) for key in gone]
         changed += [(key[0], self._put(obj)) for key, obj in fresh.items()]
         self.synced.set()
-        self.relists += 1
         for namespace, owner in changed:
             self._notify(namespace, owner)
         return version
@@ -241,10 +234,6 @@ class ClusterInformers:
     @property
     def synced(self) -> bool:
         return self.jobs.synced.is_set() and self.pods.synced.is_set()
-
-    def wait_synced(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        return self.jobs.synced.wait(timeout) and self.pods.synced.wait(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         self.jobs.stop()

@@ -232,7 +232,7 @@ class TrainingJobController:
             return
         uid = body["metadata"]["uid"]
         try:
-            self.reconcile(body, refetch=False)
+            self.reconcile(body)
         except Exception:
             attempts = self._failures[uid] = self._failures.get(uid, 0) + 1
             if self.queue is not None:
@@ -256,9 +256,8 @@ class TrainingJobController:
         if informers is not None:
             informers.stop()
 
-    def reconcile(self, body: dict[str, Any], *, refetch: bool = True) -> EdgeTrainingJobStatus:
-        """``refetch``: read the job again first (the caller's copy may be older than a status this
-        operator wrote meanwhile)."""
+    def reconcile(self, body: dict[str, Any]) -> EdgeTrainingJobStatus:
+        """``body``: the cached copy, which our own status writes keep current (``_remember``)."""
         meta = body["metadata"]
         status = body.get("status") or {}
         finished = status.get("phase") in ("Succeeded", "Failed")
@@ -268,7 +267,7 @@ class TrainingJobController:
         result = "ok"
         try:
             with self._locks.hold(meta["uid"]):
-                return self._reconcile(body, refetch=refetch)
+                return self._reconcile(body)
         except Exception as exc:
             result = "error"
             self._report_error(body, exc)
@@ -277,18 +276,13 @@ class TrainingJobController:
             metrics.RECONCILES.labels("EdgeTrainingJob", result).inc()
             metrics.RECONCILE_SECONDS.labels("EdgeTrainingJob").observe(time.perf_counter() - started)
 
-    def _reconcile(self, body: dict[str, Any], *, refetch: bool) -> EdgeTrainingJobStatus:
+    def _reconcile(self, body: dict[str, Any]) -> EdgeTrainingJobStatus:
+        """Not called for a finished job (``reconcile`` returns before)."""
         meta = body["metadata"]
-        job = JobRef(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)))
-        if refetch:
-            body = self.hub.get_or_none(TRAINING_JOBS, job.name, job.namespace) or body
-        if body["metadata"]["uid"] != job.uid or body["metadata"].get("deletionTimestamp"):
+        if meta.get("deletionTimestamp"):
             return EdgeTrainingJobStatus()
-        job = JobRef(job.name, job.namespace, job.uid, int(body["metadata"].get("generation", 1)))
+        job = JobRef(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)))
         old = EdgeTrainingJobStatus.model_validate(body.get("status") or {})
-        if old.phase in ("Succeeded", "Failed") and old.observed_generation == job.generation:
-            self._count_phase(job.uid, old.phase)
-            return old  # finished: nothing left to watch
         spec = EdgeTrainingJobSpec.model_validate(body["spec"])
         obs = Observation()
         old_targets = {(t.cluster, t.node): t for t in old.targets}
