@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -161,3 +161,17 @@ def operator_proc(
     with proc:
         prometheus.add_target("edgetune-operator", f"127.0.0.1:{proc.metrics_port}")
         yield proc
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test that ran against the operator process gets the operator's last log lines in its
+    report, with every thread's stack (a CI log then says what the operator was doing, or waiting on)."""
+    report = yield
+    operator = getattr(item, "funcargs", {}).get("operator_proc")
+    if call.when == "call" and report.failed and isinstance(operator, OperatorProcess):
+        operator.dump_stacks()
+        report.sections.append(("operator log (tail)", operator.log_tail(12000)))
+    return report

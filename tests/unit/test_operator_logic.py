@@ -14,6 +14,7 @@ from edgetune_api import codec
 from edgetune_api.delta import DeltaManifest, FileEntry, Lineage, verify_package
 from edgetune_api.meta import LabelSelector
 from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
+from edgetune_operator import discovery
 from edgetune_operator.clients.object_store import Verified
 from edgetune_operator.controllers.clusters import count_nodes
 from edgetune_operator.delta.aggregate import aggregate
@@ -270,3 +271,29 @@ def test_the_operator_calls_no_s3_endpoint_outside_its_allow_list(named: str) ->
     assert s3_endpoint(settings, None) == "http://minio.storage:9000"  # the job names none: the operator's own
     assert s3_endpoint(settings, "http://minio.storage:9000/") == "http://minio.storage:9000"
     assert s3_endpoint(settings, "https://eu-west-1.s3.amazonaws.com") == "https://eu-west-1.s3.amazonaws.com"
+
+
+class _Discovery:
+    """Answers discovery as an API server does in the moment after a CRD became Established: the
+    group is listed first without its resources, then with them."""
+
+    def __init__(self, steps: list[tuple[bool, list[str]]]) -> None:
+        self.steps = steps
+        self.calls = 0
+
+    def call(self, method: str, path: str) -> dict[str, object]:
+        listed, resources = self.steps[min(self.calls // 2, len(self.steps) - 1)]
+        self.calls += 1
+        if path == "/apis":
+            return {"groups": [{"name": "edgetune.io", "versions": [{"version": "v1alpha1"}]}] if listed else []}
+        return {"resources": [{"name": r} for r in resources]}
+
+
+def test_start_up_waits_until_discovery_serves_every_edgetune_resource() -> None:
+    kube = _Discovery([(False, []), (True, ["edgetrainingjobs"]), (True, list(discovery.RESOURCES))])
+    assert discovery.missing(kube) == sorted(discovery.RESOURCES)  # type: ignore[arg-type]
+    discovery.wait_until_served(kube, timeout=5, poll=0.01)  # type: ignore[arg-type]
+    assert kube.calls >= 6  # it did wait for the third answer
+    late = _Discovery([(True, ["edgetrainingjobs"])])
+    with pytest.raises(discovery.ResourcesNotServedError, match="does not serve adapterreleases, edgeclusters"):
+        discovery.wait_until_served(late, timeout=0.05, poll=0.01)  # type: ignore[arg-type]

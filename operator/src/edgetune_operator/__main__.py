@@ -4,9 +4,11 @@ one of several replicas, elected over a Lease)."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import http.server
 import logging
 import os
+import signal
 import socket
 import threading
 import uuid
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("kopf.objects").addFilter(
         lambda record: "'training_job_event' succeeded" not in record.getMessage()
     )
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: what a stuck operator is waiting on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = handlers.SETTINGS
     election = _elect(settings.health_port) if settings.leader_election else None
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None

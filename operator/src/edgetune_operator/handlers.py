@@ -19,7 +19,7 @@ from typing import Any
 import kopf
 
 from edgetune_api.meta import GROUP, VERSION
-from edgetune_operator import metrics
+from edgetune_operator import discovery, metrics
 from edgetune_operator.clients.kube import EDGE_CLUSTERS, InCluster, Kube
 from edgetune_operator.clients.mlflow import Mlflow
 from edgetune_operator.clients.prometheus import Prometheus
@@ -117,7 +117,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = own.workers
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    build_runtime(own, Kube.from_environment())
+    local = Kube.from_environment()
+    # Before kopf reads discovery (once): CRDs just installed may not be listed there yet.
+    try:
+        discovery.wait_until_served(local, own.crd_wait_seconds)
+    except discovery.ResourcesNotServedError as exc:
+        raise kopf.PermanentError(str(exc)) from None  # the operator stops (and its pod restarts), no retry loop
+    build_runtime(own, local)
     metrics.serve(own.metrics_port)
     log.info("edgetune operator started: resync %ss, %d workers", own.resync_seconds, own.workers)
 
@@ -135,6 +141,8 @@ async def training_job_event(body: kopf.Body, type: str | None, **_: Any) -> Non
 @kopf.on.startup()
 def start_resync(**_: Any) -> None:
     """One loop for all jobs instead of a kopf timer per object (a task and its state each)."""
+    if not hasattr(RUNTIME, "jobs"):
+        raise kopf.PermanentError("not configured: see the 'configure' activity's error")
     RUNTIME.jobs.start()
     RUNTIME.resync = threading.Thread(target=RUNTIME.jobs.resync_loop, name="resync", daemon=True)
     RUNTIME.resync.start()

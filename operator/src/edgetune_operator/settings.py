@@ -70,6 +70,9 @@ class Settings(BaseModel):
     call; any other is refused with a clear condition."""
     pushgateway_url: str | None = None
     """Where trainers push their metrics (Prometheus cannot scrape pods on remote edge clusters)."""
+    crd_wait_seconds: Annotated[float, Field(ge=0)] = 120.0
+    """At start-up, how long to wait for the API server to serve edgetune's CRDs before stopping
+    with an error that says to install them (``discovery``)."""
     resync_seconds: Annotated[float, Field(gt=0)] = 10.0
     """How often an unfinished job waiting for what no watch reports (an unreachable cluster, data,
     nodes) is reconciled again."""

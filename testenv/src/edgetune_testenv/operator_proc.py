@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,6 +64,12 @@ class OperatorProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             return str(response.read().decode())
+
+    def dump_stacks(self) -> None:
+        """Have the operator write every thread's stack into its log (its SIGUSR1 handler)."""
+        if self.proc and self.proc.alive() and self.proc.proc is not None:
+            self.proc.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.proc.log_tail(chars) if self.proc else "(not started)"
