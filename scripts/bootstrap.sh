@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 say() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 
-# 1. Debian packages: Prometheus and its Pushgateway for the metric and analysis tests.
+# 1. Debian packages: Prometheus and its Pushgateway for the metric and analysis tests; buildah,
+#    runc and mmdebstrap to build the images offline and run them as real containers (docs/images.md).
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
+for tool in buildah runc mmdebstrap; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
 if ((${#missing[@]})); then
   sudo=""
   if [ "$(id -u)" != 0 ]; then

@@ -49,6 +49,15 @@ def test_gpu_trainer_job_requests_the_gpu_and_is_locked_down() -> None:
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
     }  # fmt: skip
     assert pod["automountServiceAccountToken"] is False
+    # The one root process: the init container handing the root-owned hostPath checkpoint folder to
+    # the trainer's user, with CAP_CHOWN only (and the trainer image, so nothing more is pulled).
+    (init,) = pod["initContainers"]
+    assert init["image"] == container["image"] and init["args"] == ["prepare-work-dir", "/work", "--owner",
+                                                                    "10001:10001"]  # fmt: skip
+    assert init["securityContext"]["runAsUser"] == 0 and init["securityContext"]["capabilities"] == {
+        "drop": ["ALL"], "add": ["CHOWN"]}  # fmt: skip
+    assert init["securityContext"]["readOnlyRootFilesystem"] and not init["securityContext"]["allowPrivilegeEscalation"]
+    assert init["volumeMounts"] == [{"name": "work", "mountPath": "/work"}]
     data_mount = next(m for m in container["volumeMounts"] if m["name"] == "data")
     assert data_mount == {"name": "data", "mountPath": "/data", "readOnly": True}
     assert next(v for v in pod["volumes"] if v["name"] == "data")["hostPath"]["path"] == "/var/lib/edgetune/vibration"

@@ -437,3 +437,11 @@ def test_text_sequences_have_the_declared_length_and_can_be_packed() -> None:
     packed = task(sequenceLength=8, packing=True)._text_batch(texts)
     assert packed["input_ids"].tolist() == [[97, 98, 99, 0, 100, 101, 102, 103], [104, 105, 106, 0, 0, 0, 0, 0]]
     assert packed["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]
+
+
+def test_a_saved_base_model_is_readable_by_the_non_root_trainer_and_agent(tmp_path: Path) -> None:
+    from edgetune_trainer import models  # noqa: PLC0415
+
+    models.save_builtin(models.TimeSeriesCNN(3, 2), tmp_path / "base", ["a", "b"])
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "base" / name).stat().st_mode & 0o444 == 0o444, name  # safetensors alone writes 0600

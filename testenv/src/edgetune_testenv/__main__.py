@@ -2,6 +2,8 @@
 
 binaries        build (once) and verify every Go-built binary; print where they are
 manifests       print deploy/edgetune.yaml (CRDs + the chart rendered with default values)
+images [NAME]   build (once, cached by input hash) the operator, trainer and agent images from their
+                Dockerfiles with buildah, on a base made offline from Debian packages (docs/images.md)
 demo            the product's story, end to end (edgetune_testenv.demo.story): the operator
                 installed with Helm, training on the edge nodes, a good and a bad release;
                 a summary table and PNG plots under --results (default ./demo-results/<time>);
@@ -48,6 +50,17 @@ def render_manifests() -> str:
 def _binaries() -> int:
     for name, path in binaries.ensure_all().items():
         print(f"{name:12} {path}")
+    return 0
+
+
+def _images(names: list[str]) -> int:
+    from edgetune_testenv.images import ImageBuilder  # noqa: PLC0415
+
+    builder = ImageBuilder()
+    for name in names:
+        image = builder.build(name)
+        took = f"built in {image.build_seconds:.0f} s" if image.build_seconds else "cached"
+        print(f"{name:9} {image.reference:45} {image.size_bytes / 1e6:7.0f} MB  {took}")
     return 0
 
 
@@ -109,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("binaries", help="build and verify the Go-built binaries")
     sub.add_parser("manifests", help="print the plain kubectl-apply manifests rendered from the chart")
+    images = sub.add_parser("images", help="build (once, cached) the operator, trainer and agent images")
+    images.add_argument("names", nargs="*", default=["operator", "trainer", "agent"])
     demo = sub.add_parser("demo", help="run the product demo end to end")
     demo.add_argument("--hold", action="store_true", help="keep everything up after the story, until Ctrl-C")
     demo.add_argument("--headless", action="store_true", help="plain lines instead of live tables")
@@ -121,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "binaries":
             return _binaries()
+        if args.command == "images":
+            return _images(args.names)
         if args.command == "manifests":
             sys.stdout.write(render_manifests())
             return 0

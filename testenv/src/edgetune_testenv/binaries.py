@@ -124,7 +124,7 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def locked(root: Path) -> Iterator[None]:
     """Serialise builds across processes (pytest-xdist workers, a demo beside a test run)."""
     root.mkdir(parents=True, exist_ok=True)
     with (root / ".lock").open("w") as fh:
@@ -233,7 +233,7 @@ def ensure(component: Component, *, log: bool = True) -> Path:
     if is_cached(component):
         return final
     root = cache_root()
-    with _locked(root):
+    with locked(root):
         if is_cached(component):  # another process built it while we waited for the lock
             return final
         if log:
@@ -272,7 +272,7 @@ def python_tool(package: str, version: str, command: str) -> Path:
     root = cache_root().parent / "tools" / f"{package}-{version}"
     exe = root / "bin" / command
     done = root / ".complete"
-    with _locked(root.parent):
+    with locked(root.parent):
         if done.exists() and exe.exists():
             return exe
         shutil.rmtree(root, ignore_errors=True)

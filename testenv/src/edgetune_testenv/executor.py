@@ -4,7 +4,10 @@ Test and development infrastructure, not product code. kwok simulates every othe
 pods labelled ``edgetune.io/executor=local`` (see ``cluster.EXECUTOR_LABEL``) are left to
 this executor once the real scheduler has bound them to a node. For each such pod it:
 
-- maps the container image to a local environment (explicit configuration: ``LocalImage``);
+- maps the container image to a local environment (explicit configuration: ``LocalImage``), or,
+  for images built from the project's Dockerfiles (``ContainerImage``, see ``images``), runs the
+  container for real with ``runc``: the image's root filesystem, user, read-only root, capabilities,
+  seccomp, mounts and cgroup limits as a kubelet would set them (``containers``);
 - materialises volumes (emptyDir, hostPath under a per-node root so each simulated node
   has its own disk, PVCs that outlive pods, ConfigMaps, Secrets, projected volumes) and
   rewrites the container's paths that fall under a mount to the local directory;
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -47,6 +51,7 @@ from kubernetes.client.exceptions import ApiException
 
 from edgetune_api.assignment import format_downward_map
 from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
+from edgetune_testenv.containers import ContainerConfigError, ContainerImage, image_env, runtime_spec
 from edgetune_testenv.procs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -165,6 +170,47 @@ def _copy_log(stream: Any, label: str, run: _ContainerRun, lock: threading.Lock)
                     cri.write(b"%s %s %s %s\n" % (stamp, label.encode(), tag, content))
 
 
+def _runc_failure(log_path: Path) -> str | None:
+    """runc's own error, when it (not the container's process) failed: the container never started."""
+    with contextlib.suppress(OSError):
+        for line in reversed(log_path.read_text(errors="replace").splitlines()[-5:]):
+            if "runc run failed" in line or "runc create failed" in line:
+                return line.split('msg="', 1)[-1].rstrip('"')[:TERMINATION_MESSAGE_LIMIT]
+    return None
+
+
+def _nested_mount_points(mounts: list[tuple[str, Path, bool]]) -> None:
+    """A volume mounted inside another (``/etc/edgetune/keys`` in ``/etc/edgetune``) needs its mount
+    point in the outer volume; runc cannot make it there once the outer one is mounted read-only,
+    so it is made beforehand, in the outer volume's folder here."""
+    for target, source, _ in mounts:
+        for outer_target, outer_source, _ in mounts:
+            outer = outer_target.rstrip("/")
+            if target != outer_target and target.startswith(outer + "/") and outer_source.is_dir():
+                point = outer_source / target[len(outer) + 1 :]
+                if source.is_dir():
+                    point.mkdir(parents=True, exist_ok=True)
+                elif not point.exists():
+                    point.parent.mkdir(parents=True, exist_ok=True)
+                    point.touch()
+
+
+def _cgroup(runc_id: str) -> str:
+    return f"/edgetune-executor/{runc_id}"
+
+
+def _oom_killed(cgroup: str) -> bool:
+    """Whether the kernel's OOM killer acted in a container's memory cgroup (v1 or v2); read after
+    the container exited (``runc run --keep`` leaves its cgroup until ``runc delete``)."""
+    relative = cgroup.lstrip("/")
+    for path in (Path("/sys/fs/cgroup/memory") / relative / "memory.oom_control",
+                 Path("/sys/fs/cgroup") / relative / "memory.events"):  # fmt: skip
+        with contextlib.suppress(OSError, ValueError):
+            counts = dict(line.split() for line in path.read_text().splitlines() if len(line.split()) == 2)
+            return int(counts.get("oom_kill", "0")) > 0
+    return False
+
+
 @dataclass
 class _ContainerRun:
     name: str
@@ -185,7 +231,7 @@ class PodExecutor:
     def __init__(
         self,
         cluster: ControlPlane,
-        images: Mapping[str, LocalImage],
+        images: Mapping[str, LocalImage | ContainerImage],
         root: Path | None = None,
         label_selector: str = f"{EXECUTOR_LABEL}=local",
         restart_backoff: float = 1.0,
@@ -201,6 +247,7 @@ class PodExecutor:
         self._lock = threading.Lock()
         self._pods: dict[str, _PodRun] = {}
         self._thread = threading.Thread(target=self._watch_loop, name=f"executor-{cluster.name}", daemon=True)
+        self.runc_root = self.root / "runc"
 
     # -- public --------------------------------------------------------------------------
 
@@ -243,10 +290,9 @@ class PodExecutor:
             runs = [r for r in self._pods.values() if r.namespace == namespace and r.name.startswith(pod_prefix)]
         hit = []
         for run in runs:
-            for proc in list(run._procs.values()):
+            for name, proc in list(run._procs.items()):
                 if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
+                    run.signal_container(name, proc)
                     hit.append(run.name)
         return hit
 
@@ -328,6 +374,8 @@ class _PodRun:
         self._killed = threading.Event()
         self._kill_reason = ""
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._runc_ids: dict[str, str] = {}
+        """container name -> runc container id, while it runs (container mode)."""
         self._thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
         self.started_at = _now()
         self.pod_ip = _next_pod_ip()
@@ -367,9 +415,19 @@ class _PodRun:
     def kill(self, reason: str) -> None:
         self._kill_reason = reason
         self._killed.set()
-        for proc in list(self._procs.values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        for name, proc in list(self._procs.items()):
+            self.signal_container(name, proc)
+
+    def signal_container(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a container: its process group here, or through runc (a container's processes are
+        in a session of their own, so killing ``runc run`` would leave them running)."""
+        cid = self._runc_ids.get(name)
+        if cid is not None:
+            subprocess.run(["runc", "--root", str(self.ex.runc_root), "kill", "--all", cid, "KILL"],
+                           capture_output=True, check=False)  # fmt: skip
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     # -- main ----------------------------------------------------------------------------
 
@@ -493,10 +551,14 @@ class _PodRun:
             else:
                 path = self.sandbox / "volumes" / name
                 path.mkdir(parents=True, exist_ok=True)
+                if "emptyDir" in vol:
+                    path.chmod(0o777)  # as the kubelet makes it: writable by any container user
                 if "configMap" in vol:
                     self._materialise(path, self._config_map(vol["configMap"]["name"]), vol["configMap"].get("items"))
+                    self._permissions(path, vol["configMap"])
                 elif "secret" in vol:
                     self._materialise(path, self._secret(vol["secret"]["secretName"]), vol["secret"].get("items"))
+                    self._permissions(path, vol["secret"])
                 elif "projected" in vol:
                     self._projected(path, vol["projected"])
                 elif "downwardAPI" in vol:
@@ -512,6 +574,19 @@ class _PodRun:
                 target = path / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(data[key])
+
+    def _permissions(self, path: Path, source: dict[str, Any]) -> None:
+        """The files' mode (``defaultMode``, or an item's ``mode``) and, with the pod's ``fsGroup``,
+        their group, as the kubelet sets them: a non-root container reads a 0440 Secret through it."""
+        group = (self.spec.get("securityContext") or {}).get("fsGroup")
+        modes = {i["path"]: i["mode"] for i in source.get("items") or [] if "mode" in i}
+        for file in (p for p in path.rglob("*") if p.is_file()):
+            file.chmod(modes.get(str(file.relative_to(path)), source.get("defaultMode", 0o644)))
+            if group is not None:
+                os.chown(file, -1, int(group))
+        if group is not None:
+            for folder in (path, *(p for p in path.rglob("*") if p.is_dir())):
+                os.chown(folder, -1, int(group))
 
     def _projected(self, path: Path, projected: dict[str, Any]) -> None:
         for source in projected.get("sources") or []:
@@ -625,7 +700,7 @@ class _PodRun:
 
     # -- containers ----------------------------------------------------------------------
 
-    def _image(self, name: str) -> LocalImage:
+    def _image(self, name: str) -> LocalImage | ContainerImage:
         if name in self.ex.images:
             return self.ex.images[name]
         for pattern, image in self.ex.images.items():
@@ -643,6 +718,8 @@ class _PodRun:
             self.containers[name] = run
         run.termination_path.write_bytes(b"")
         image = self._image(container.get("image", ""))
+        if isinstance(image, ContainerImage):
+            return self._run_in_container(container, volumes, init, run, image)
         mounts = {
             m["mountPath"]: volumes[m["name"]] / m.get("subPath", "") for m in container.get("volumeMounts") or []
         }
@@ -661,6 +738,15 @@ class _PodRun:
         limit = (container.get("resources") or {}).get("limits", {}).get("memory")
         limit_bytes = parse_quantity_bytes(limit) if limit else None
 
+        return self._execute(container, run, init, argv, env=env, cwd=workdir, limit_bytes=limit_bytes)
+
+    def _execute(
+        self, container: dict[str, Any], run: _ContainerRun, init: bool, argv: list[str], *, env: dict[str, str] | None,
+        cwd: Path, limit_bytes: int | None, runc_id: str | None = None,
+    ) -> int:  # fmt: skip
+        """Start ``argv`` (the container's process, or ``runc run``), copy its output to the logs,
+        supervise it and report how it ended."""
+        name = container["name"]
         started = _now()
         run.state = {"running": {"startedAt": started}}
         self._report_containers(init)
@@ -668,7 +754,7 @@ class _PodRun:
             proc = subprocess.Popen(
                 argv,
                 env=env,
-                cwd=workdir,
+                cwd=cwd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 stdin=subprocess.DEVNULL,
@@ -681,6 +767,8 @@ class _PodRun:
             self._report_containers(init)
             return 128
         self._procs[name] = proc
+        if runc_id is not None:
+            self._runc_ids[name] = runc_id
         lock = threading.Lock()
         readers = [
             threading.Thread(target=_copy_log, args=(stream, label, run, lock), daemon=True)
@@ -693,18 +781,79 @@ class _PodRun:
         for reader in readers:
             reader.join(timeout=5)
         self._procs.pop(name, None)
+        self._runc_ids.pop(name, None)
+        if runc_id is not None:
+            oom = _oom_killed(_cgroup(runc_id))  # the cgroup's OOM killer, as the kubelet reads it
         if code < 0:
             code = 128 - code  # killed by signal N -> 128+N, as a container runtime reports it
         reason = "OOMKilled" if oom else ("Completed" if code == 0 else "Error")
+        failed_start = _runc_failure(run.log_path) if runc_id is not None and code != 0 and not oom else None
+        if failed_start:  # runc could not create the container: the runtime's StartError, with its words
+            reason = "StartError"
         if self._kill_reason.startswith("DeadlineExceeded"):
             reason = "DeadlineExceeded"
         terminated: dict[str, Any] = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": _now()}
-        message = self._termination_message(container, run, code)
+        message = failed_start or self._termination_message(container, run, code)
         if message:
             terminated["message"] = message
         run.state = {"terminated": terminated}
         self._report_containers(init)
         return code
+
+    def _run_in_container(
+        self, container: dict[str, Any], volumes: dict[str, Path], init: bool, run: _ContainerRun,
+        image: ContainerImage,
+    ) -> int:  # fmt: skip
+        """The container for real: an OCI bundle from the pod spec and the image, run by ``runc``."""
+        name = container["name"]
+        cid = f"et{os.getpid()}-{self.uid[:8]}-{name}-{run.restart_count}"
+        cdir = run.log_path.parent
+        bundle = cdir / f"bundle-{run.restart_count}"
+        bundle.mkdir(parents=True, exist_ok=True)
+        base = {**image_env(image.config), "HOSTNAME": self.name, "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(self.ex.cluster.api_port)}  # fmt: skip
+        env = {**base, **self._env(container, base)}
+        mounts = [(m["mountPath"], volumes[m["name"]] / m.get("subPath", ""), bool(m.get("readOnly")))
+                  for m in container.get("volumeMounts") or []]  # fmt: skip
+        run.termination_path.chmod(0o666)  # as the kubelet makes it: any container user may write it
+        mounts.append((container.get("terminationMessagePath", "/dev/termination-log"), run.termination_path, False))
+        _nested_mount_points(mounts)
+        readonly = bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem"))
+        rootfs = image.rootfs
+        try:
+            if not readonly:
+                rootfs = self._writable_root(image.rootfs, cdir / f"root-{run.restart_count}")
+            spec = runtime_spec(pod=self.pod, container=container, image=image, env=env, mounts=mounts,
+                                rootfs=rootfs, readonly_root=readonly, cgroup=_cgroup(cid),
+                                parse_bytes=parse_quantity_bytes)  # fmt: skip
+        except (ContainerConfigError, OSError, subprocess.CalledProcessError) as exc:
+            if rootfs != image.rootfs:
+                subprocess.run(["umount", "-l", str(rootfs)], capture_output=True, check=False)
+            # The kubelet leaves such a container waiting (the pod Pending) until the pod goes away.
+            run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)[:1024]}}
+            self._report_containers(init)
+            self._killed.wait()
+            return 128
+        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+        argv = ["runc", "--root", str(self.ex.runc_root), "run", "--keep", "--bundle", str(bundle), cid]
+        try:
+            return self._execute(container, run, init, argv, env=None, cwd=bundle, limit_bytes=None, runc_id=cid)
+        finally:
+            subprocess.run(["runc", "--root", str(self.ex.runc_root), "delete", "--force", cid],
+                           capture_output=True, check=False)  # fmt: skip
+            if not readonly:
+                subprocess.run(["umount", "-l", str(rootfs)], capture_output=True, check=False)
+
+    @staticmethod
+    def _writable_root(lower: Path, where: Path) -> Path:
+        """A writable root filesystem for one container: an overlay of its own over the image's
+        (read-only, shared) root, as a container runtime's snapshotter gives it."""
+        for part in ("upper", "work", "merged"):
+            (where / part).mkdir(parents=True, exist_ok=True)
+        options = f"lowerdir={lower},upperdir={where / 'upper'},workdir={where / 'work'}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(where / "merged")],
+                       capture_output=True, check=True)  # fmt: skip
+        return where / "merged"
 
     def _supervise(self, proc: subprocess.Popen[bytes], limit_bytes: int | None) -> bool:
         """Wait for ``proc``; kill it for exceeding its memory limit or the pod deadline. True on OOM."""

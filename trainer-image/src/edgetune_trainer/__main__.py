@@ -266,6 +266,23 @@ def classify(exc: BaseException) -> str:
     return "Failed"
 
 
+def prepare_work_dir(argv: list[str]) -> int:
+    """``prepare-work-dir DIR --owner UID:GID``: the trainer pod's init container. The checkpoint
+    folder is a hostPath the kubelet creates owned by root (mode 0755); the trainer runs as a
+    non-root user, so this hands the folder to it (as root with CAP_CHOWN only, nothing else)."""
+    parser = argparse.ArgumentParser(prog="python -m edgetune_trainer prepare-work-dir",
+                                     description=prepare_work_dir.__doc__)  # fmt: skip
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--owner", required=True, help="UID:GID the trainer runs as")
+    args = parser.parse_args(argv)
+    uid, _, gid = args.owner.partition(":")
+    target = args.directory.stat()
+    if (target.st_uid, target.st_gid) != (int(uid), int(gid or uid)):
+        os.chown(args.directory, int(uid), int(gid or uid))
+        print(f"{args.directory}: owner {target.st_uid}:{target.st_gid} -> {uid}:{gid or uid}")  # noqa: T201
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:
@@ -276,10 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         from edgetune_trainer import pretrain  # noqa: PLC0415
 
         return pretrain.main(argv[1:])
+    if argv[:1] == ["prepare-work-dir"]:
+        return prepare_work_dir(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m edgetune_trainer", description=__doc__,
         epilog="subcommands: `evaluate --help` (score a base or a package on a data set), "
-        "`pretrain --help` (build a base model folder from labelled series)",
+        "`pretrain --help` (build a base model folder from labelled series), "
+        "`prepare-work-dir --help` (the pod's init container: hand the checkpoint folder to the trainer's user)",
     )  # fmt: skip
     parser.add_argument("--config", help="trainer configuration (JSON); default: $EDGETUNE_TRAINER_CONFIG")
     parser.add_argument("--data-dir", help="override runtime.dataDir (where the data is mounted)")

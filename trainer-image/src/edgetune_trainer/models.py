@@ -104,6 +104,9 @@ def save_builtin(model: TimeSeriesCNN, folder: Path, labels: list[str]) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / BUILTIN_CONFIG).write_text(json.dumps({**model.config, "labels": labels}, indent=2))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / BUILTIN_WEIGHTS))
+    # safetensors writes 0600: on a node's disk the trainers and agents (non-root) could not read
+    # the base then. Weights are not secrets: readable by all, as config.json already is.
+    (folder / BUILTIN_WEIGHTS).chmod(0o644)
     return weights_sha256(folder)
 
 

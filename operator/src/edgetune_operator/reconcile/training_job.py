@@ -275,6 +275,25 @@ def trainer_job(
         "nodeSelector": node_selector,
         **({"affinity": affinity} if affinity else {}),
         "tolerations": tolerations,
+        # The checkpoint folder is a hostPath the kubelet creates as root:root 0755; the trainer is
+        # not root. This init container hands it over, as root with CAP_CHOWN and nothing else.
+        "initContainers": [
+            {
+                "name": "work-dir",
+                "image": settings.trainer_image,
+                "imagePullPolicy": settings.trainer_image_pull_policy,
+                "args": ["prepare-work-dir", WORK_DIR, "--owner", f"{TRAINER_UID}:{TRAINER_UID}"],
+                "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+                "securityContext": {
+                    "runAsUser": 0,
+                    "runAsNonRoot": False,
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+                },
+                "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}],
+            }
+        ],
         "containers": [
             {
                 "name": "trainer",
