@@ -1,0 +1,72 @@
+"""Image builds: cold (empty cache: base from Debian's packages, then operator, trainer, agent, all
+dependencies downloaded), warm (everything cached: nothing to do) and after a source change (only
+the layers after the sources are copied). Prints one JSON line; results go to docs/benchmarks.md.
+
+    .venv/bin/python bench/bench_images.py            # into a fresh temporary cache (~7 min, ~14 GB disk)
+
+Needs buildah, runc, mmdebstrap (scripts/bootstrap.sh) and PyPI (the trainer's CUDA torch: ~4 GB).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgetune_testenv.images import CONTEXT_INPUTS, ImageBuilder
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("operator", "trainer", "agent")
+
+
+def _copy_inputs(dest: Path) -> None:
+    for relative in (*CONTEXT_INPUTS, ".dockerignore", "operator/Dockerfile", "trainer-image/Dockerfile",
+                     "agent/Dockerfile"):  # fmt: skip
+        source, target = REPO / relative, dest / relative
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+
+
+def _timed(builder: ImageBuilder, names: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in names:
+        started = time.monotonic()
+        builder.build(name)
+        out[name] = round(time.monotonic() - started, 1)
+    return out
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="edgetune-images-") as tmp:
+        root, repo = Path(tmp) / "cache", Path(tmp) / "repo"
+        _copy_inputs(repo)
+        builder = ImageBuilder(repo=repo, root=root)
+        started = time.monotonic()
+        builder.base()
+        base_s = round(time.monotonic() - started, 1)
+        cold = _timed(builder, NAMES)  # the agent's figure excludes the trainer it builds on (already there)
+        warm = _timed(builder, NAMES)
+        marker = repo / "trainer-image/src/edgetune_trainer/__init__.py"
+        marker.write_text(marker.read_text() + "\n# a source change\n")
+        changed = _timed(builder, NAMES)
+        sizes = {name: round(builder.build(name).size_bytes / 1e6) for name in NAMES}
+        try:
+            builder.prune()
+        finally:
+            subprocess.run(["umount", "-R", str(root / "storage" / "overlay")], capture_output=True, check=False)
+    print(json.dumps({
+        "base_cold_s": base_s, "cold_s": cold, "warm_s": warm, "after_source_change_s": changed,
+        "total_cold_s": round(base_s + sum(cold.values()), 1), "size_mb": sizes,
+    }))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
