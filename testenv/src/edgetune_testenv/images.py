@@ -228,8 +228,8 @@ class ImageBuilder:
     def prune(self) -> None:
         """Remove every cached image and container (``make images-clean``)."""
         if (self.root / "storage").exists():
-            subprocess.run(self._command("rm", "--all"), check=False)
-            subprocess.run(self._command("rmi", "--all", "--force"), check=False)
+            subprocess.run(self._command("rm", "--all"), capture_output=True, check=False)
+            subprocess.run(self._command("rmi", "--all", "--force"), capture_output=True, check=False)
 
 
 def _default_driver() -> str:
