@@ -203,6 +203,9 @@ class ImageBuilder:
             if not self._exists("container", container):
                 self.buildah("from", "--pull=never", "--quiet", "--name", container, reference)
             rootfs = Path(self.buildah("mount", container))
+            if not (rootfs / "usr").is_dir():  # buildah's record says mounted, the kernel disagrees (a reboot)
+                self.buildah("umount", "--all")
+                rootfs = Path(self.buildah("mount", container))
             info = json.loads(self.buildah("inspect", "--type", "image", reference))
         config = (info.get("OCIv1") or {}).get("config") or {}
         layers = json.loads(info.get("Manifest") or "{}").get("layers") or []
