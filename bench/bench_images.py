@@ -10,28 +10,15 @@ Needs buildah, runc, mmdebstrap (scripts/bootstrap.sh) and PyPI (the trainer's C
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from edgetune_testenv.images import CONTEXT_INPUTS, ImageBuilder
+from edgetune_testenv.images import ImageBuilder, copy_inputs
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ("operator", "trainer", "agent")
-
-
-def _copy_inputs(dest: Path) -> None:
-    for relative in (*CONTEXT_INPUTS, ".dockerignore", "operator/Dockerfile", "trainer-image/Dockerfile",
-                     "agent/Dockerfile"):  # fmt: skip
-        source, target = REPO / relative, dest / relative
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, target)
 
 
 def _timed(builder: ImageBuilder, names: tuple[str, ...]) -> dict[str, float]:
@@ -46,7 +33,7 @@ def _timed(builder: ImageBuilder, names: tuple[str, ...]) -> dict[str, float]:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgetune-images-") as tmp:
         root, repo = Path(tmp) / "cache", Path(tmp) / "repo"
-        _copy_inputs(repo)
+        copy_inputs(repo)
         builder = ImageBuilder(repo=repo, root=root)
         started = time.monotonic()
         builder.base()

@@ -37,13 +37,7 @@ def test_image_requirements_expand_the_projects_own_extras_and_leave_out_torch()
 
 
 def test_the_cache_key_changes_with_what_the_dockerfile_reads_and_only_that(tmp_path: Path) -> None:
-    for relative in (*images.CONTEXT_INPUTS, "operator/Dockerfile", ".dockerignore"):
-        source, target = REPO / relative, tmp_path / relative
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, target)
+    images.copy_inputs(tmp_path)
     recipe = images.RECIPES["operator"]
     key = images.input_key(tmp_path, recipe, ["BASE_IMAGE=x"])
     (tmp_path / "docs").mkdir()

@@ -116,6 +116,19 @@ def input_key(repo: Path, recipe: Recipe, extra: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def copy_inputs(dest: Path, repo: Path = REPO) -> None:
+    """Copy what the image builds read (Dockerfiles and their COPY sources) into ``dest``: a build
+    context of its own, for a benchmark or a test that changes a file."""
+    dockerfiles = [r.dockerfile for r in RECIPES.values()]
+    for relative in (*CONTEXT_INPUTS, ".dockerignore", *dockerfiles):
+        source, target = repo / relative, dest / relative
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+
+
 class ImageBuilder:
     """Builds and caches the images; one instance per process is enough (builds are serialised
     across processes with a file lock)."""
