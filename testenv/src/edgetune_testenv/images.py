@@ -213,6 +213,7 @@ class ImageBuilder:
             if not self._exists("image", reference):
                 self._bud(recipe, args, reference)
                 built = True
+                self._drop_older(name, container)
             if not self._exists("container", container):
                 self.buildah("from", "--pull=never", "--quiet", "--name", container, reference)
             rootfs = Path(self.buildah("mount", container))
@@ -241,8 +242,17 @@ class ImageBuilder:
                      *volumes, *build_args, "-f", recipe.dockerfile, "-t", reference, str(self.repo),
                      log=log)  # fmt: skip
 
+    def _drop_older(self, name: str, keep: str) -> None:
+        """Once a new version of an image is built, the older ones' containers (and their mounts) and
+        tags go: the cache holds one version per image, plus the layers they share."""
+        listed = self.buildah("containers", "--format", "{{.ContainerName}}")
+        for old in (c for c in listed.splitlines() if c.startswith(f"edgetune-{name}-") and c != keep):
+            subprocess.run(self._command("rm", old), capture_output=True, check=False)
+            subprocess.run(self._command("rmi", f"localhost/edgetune/{name}:{old.rsplit('-', 1)[1]}"),
+                           capture_output=True, check=False)  # fmt: skip
+
     def prune(self) -> None:
-        """Remove every cached image and container (``make images-clean``)."""
+        """Remove every cached image and container (the benchmark's temporary cache)."""
         if (self.root / "storage").exists():
             subprocess.run(self._command("rm", "--all"), capture_output=True, check=False)
             subprocess.run(self._command("rmi", "--all", "--force"), capture_output=True, check=False)
