@@ -9,6 +9,7 @@ Needs buildah, runc, mmdebstrap (scripts/bootstrap.sh) and PyPI (the trainer's C
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def _timed(builder: ImageBuilder, names: tuple[str, ...]) -> dict[str, float]:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     with tempfile.TemporaryDirectory(prefix="edgetune-images-") as tmp:
         root, repo = Path(tmp) / "cache", Path(tmp) / "repo"
         copy_inputs(repo)

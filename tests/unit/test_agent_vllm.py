@@ -49,7 +49,10 @@ def test_add_activate_and_swap_in_place(tmp_path: Path) -> None:
         folder = tmp_path / "adapters" / "a1"
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
         assert sorted(load_file(str(folder / "adapter_model.safetensors"))) == sorted(KEYS)
-        assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+        written = json.loads((folder / "adapter_config.json").read_text())
+        assert written["r"] == 8 and written["target_modules"] == ["q_proj"]
+        # The package's slim configuration, written out in full: vLLM reads it without peft's defaults.
+        assert written["lora_dropout"] == 0.0 and written["bias"] == "none" and "use_rslora" in written
         assert "sensors-a1" in b.models() and "sensors" not in b.models()  # resident, not yet serving
         assert b.predict(prompt("hi"), {}, None)[0]["data"] == ["base-model|-|hi"]
 

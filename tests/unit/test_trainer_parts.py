@@ -202,7 +202,7 @@ def test_signed_package_verifies_and_tampering_is_named(tmp_path: Path) -> None:
     private, public = _key()
     digest = _build(tmp_path, private)
     files = read_folder(tmp_path)
-    assert sorted(files) == ["adapter.safetensors.zst", "adapter_config.json", "manifest.json", "manifest.sig"]
+    assert sorted(files) == ["adapter.safetensors.zst", "manifest.json", "manifest.sig"]
     manifest = verify_package(files, public, expected_digest=digest)
     assert manifest.lineage.samples == 10 and manifest.encoding == "int8-zstd"
 
@@ -240,10 +240,10 @@ def test_a_manifest_naming_files_outside_a_flat_package_is_refused(tmp_path: Pat
     _build(tmp_path, private)
     files = read_folder(tmp_path)
     forged = json.loads(files["manifest.json"])
-    forged["files"][name] = forged["files"].pop("adapter_config.json")
+    forged["files"][name] = forged["files"].pop("adapter.safetensors.zst")
     raw = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
     signed = {**files, "manifest.json": raw, "manifest.sig": package_sign(raw, private)}
-    signed[name] = signed.pop("adapter_config.json")
+    signed[name] = signed.pop("adapter.safetensors.zst")
     with pytest.raises(DeltaVerificationError, match=r"not a valid edgetune\.delta/v1 manifest") as refused:
         verify_package(signed, public)
     assert refused.value.reason == "InvalidManifest"
@@ -253,7 +253,7 @@ def test_a_manifest_declaring_an_oversized_file_is_refused(tmp_path: Path) -> No
     _build(tmp_path, None)
     files = read_folder(tmp_path)
     forged = json.loads(files["manifest.json"])
-    forged["files"]["adapter_config.json"]["bytes"] = 2**31
+    forged["files"]["adapter.safetensors.zst"]["bytes"] = 2**31
     with pytest.raises(DeltaVerificationError, match="less than or equal to 1073741824"):
         verify_package({**files, "manifest.json": json.dumps(forged).encode()})
 
@@ -445,3 +445,15 @@ def test_a_saved_base_model_is_readable_by_the_non_root_trainer_and_agent(tmp_pa
     models.save_builtin(models.TimeSeriesCNN(3, 2), tmp_path / "base", ["a", "b"])
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "base" / name).stat().st_mode & 0o444 == 0o444, name  # safetensors alone writes 0600
+
+
+def test_the_peft_configuration_is_stored_once_without_its_defaults_and_restores_losslessly() -> None:
+    import peft  # noqa: PLC0415
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv1", "conv2"], lora_dropout=0.1)
+    slim = package.slim_peft_config(config)
+    assert slim == {"peft_type": "LORA", "peft_version": slim["peft_version"], "r": 4, "lora_alpha": 8,
+                    "target_modules": ["conv1", "conv2"], "lora_dropout": 0.1}  # fmt: skip
+    assert len(json.dumps(slim)) < 200 < len(json.dumps(config.to_dict(), default=str))  # was ~1 KB, twice
+    restored = peft.PeftConfig.from_peft_type(**slim)
+    assert json.dumps(restored.to_dict(), default=sorted) == json.dumps(config.to_dict(), default=sorted)

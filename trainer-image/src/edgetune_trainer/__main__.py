@@ -195,8 +195,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         if encoding != "fp32":
             metrics.update({f"{k}_encoded": round(v, 6) for k, v in choice.metrics.items()})
         metrics["train_loss"] = outcome.history[-1]["loss"] if outcome.history else float("nan")
-        peft_config = outcome.model.peft_config["default"].to_dict()
-        peft_config = json.loads(json.dumps(peft_config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        peft_config = package.slim_peft_config(outcome.model.peft_config["default"])
         lineage = Lineage(
             base_model_uri=uri, base_model_sha256=base.sha256, data_sha256=info.sha256, samples=info.samples,
             data_format=spec.data.format, job_namespace=rt.job_namespace, job_name=rt.job_name, job_uid=rt.job_uid,

@@ -8,6 +8,7 @@ number measured.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime
@@ -34,6 +35,25 @@ def decode(data: bytes, encoding: str) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v.copy()) for k, v in codec.decode(data, encoding).items()}
 
 
+PEFT_KEPT = ("peft_type", "r", "lora_alpha", "target_modules")
+"""Kept even at their defaults: what a reader checks first (agents refuse a non-LoRA package)."""
+
+
+def slim_peft_config(config: Any) -> dict[str, Any]:
+    """A peft config as JSON without the fields at their defaults (``PeftConfig.from_peft_type``
+    restores them: lossless). peft's own dump is ~1 KB of nulls and defaults, more than an int4
+    adapter of a small model."""
+    defaults: dict[str, Any] = {}
+    for spec in dataclasses.fields(config):
+        if spec.default is not dataclasses.MISSING:
+            defaults[spec.name] = spec.default
+        elif spec.default_factory is not dataclasses.MISSING:
+            defaults[spec.name] = spec.default_factory()
+    full = json.loads(json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    plain = json.loads(json.dumps(defaults, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    return {k: v for k, v in full.items() if k in PEFT_KEPT or k not in plain or plain[k] != v}
+
+
 def build(
     folder: Path,
     state: dict[str, torch.Tensor],
@@ -56,10 +76,9 @@ def build(
     for old in folder.iterdir():
         old.unlink()
     weights = encode(state, encoding)
-    files = {
-        WEIGHTS[encoding]: weights,
-        "adapter_config.json": json.dumps(peft_config, sort_keys=True, indent=1).encode(),
-    }
+    # The peft configuration lives in the manifest only (it was also a second file, adapter_config.json:
+    # the encoded weights are no PEFT folder anyway; the vLLM backend writes one from the manifest).
+    files = {WEIGHTS[encoding]: weights}
     for name, data in files.items():
         (folder / name).write_bytes(data)
     manifest = DeltaManifest(

@@ -75,7 +75,7 @@ class VllmBackend:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.astype("float16") for k, v in delta.tensors.items()}, str(tmp / "adapter_model.safetensors"))
-        (tmp / "adapter_config.json").write_text(json.dumps(delta.peft_config, sort_keys=True))
+        (tmp / "adapter_config.json").write_text(json.dumps(_peft_folder_config(delta.peft_config), sort_keys=True))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         self.paths[name] = target
@@ -114,3 +114,13 @@ class VllmBackend:
 
     def close(self) -> None:
         self.http.clear()
+
+
+def _peft_folder_config(slim: dict[str, Any]) -> dict[str, Any]:
+    """The full adapter_config.json a PEFT folder carries: packages store only the fields that differ
+    from peft's defaults, and vLLM reads the file without peft's defaults at hand."""
+    from peft import PeftConfig  # noqa: PLC0415
+
+    full = PeftConfig.from_peft_type(**slim).to_dict()  # type: ignore[no-untyped-call]
+    return dict(json.loads(json.dumps(full, default=lambda o: sorted(o) if isinstance(o, set) else str(o))))
+

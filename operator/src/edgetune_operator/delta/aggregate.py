@@ -7,7 +7,6 @@ so a retried aggregation after an operator restart uploads and registers the ide
 from __future__ import annotations
 
 import hashlib
-import json
 
 from edgetune_api import codec
 from edgetune_api.delta import (
@@ -47,10 +46,7 @@ def aggregate(
     merged = fedavg(adapters, samples)
     encoding = first.encoding
     weights = codec.encode(merged, encoding)
-    files = {
-        codec.WEIGHTS[encoding]: weights,
-        "adapter_config.json": json.dumps(first.peft, sort_keys=True, indent=1).encode(),
-    }
+    files = {codec.WEIGHTS[encoding]: weights}  # the peft configuration is in the manifest
     total = sum(samples)
     manifest = DeltaManifest(
         encoding=encoding,
