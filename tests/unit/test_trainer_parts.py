@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -457,3 +458,14 @@ def test_the_peft_configuration_is_stored_once_without_its_defaults_and_restores
     assert len(json.dumps(slim)) < 200 < len(json.dumps(config.to_dict(), default=str))  # was ~1 KB, twice
     restored = peft.PeftConfig.from_peft_type(**slim)
     assert json.dumps(restored.to_dict(), default=sorted) == json.dumps(config.to_dict(), default=sorted)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root (as the init container runs)")
+def test_prepare_work_dir_hands_the_checkpoint_folder_to_the_trainers_user(tmp_path: Path) -> None:
+    from edgetune_trainer.__main__ import main  # noqa: PLC0415
+
+    work = tmp_path / "work"
+    work.mkdir(mode=0o755)
+    assert main(["prepare-work-dir", str(work), "--owner", "10001:10001"]) == 0
+    assert (work.stat().st_uid, work.stat().st_gid) == (10001, 10001)
+    assert main(["prepare-work-dir", str(work), "--owner", "10001:10001"]) == 0  # idempotent (a retried pod)
