@@ -22,12 +22,14 @@ from edgetune_testenv.images import ImageBuilder, copy_inputs
 NAMES = ("operator", "trainer", "agent")
 
 
-def _timed(builder: ImageBuilder, names: tuple[str, ...]) -> dict[str, float]:
+def _timed(builder: ImageBuilder, names: tuple[str, ...], sizes: dict[str, int] | None = None) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in names:
         started = time.monotonic()
-        builder.build(name)
+        image = builder.build(name)
         out[name] = round(time.monotonic() - started, 1)
+        if sizes is not None:
+            sizes[name] = round(image.size_bytes / 1e6)
     return out
 
 
@@ -44,8 +46,8 @@ def main() -> int:
         warm = _timed(builder, NAMES)
         marker = repo / "trainer-image/src/edgetune_trainer/__init__.py"
         marker.write_text(marker.read_text() + "\n# a source change\n")
-        changed = _timed(builder, NAMES)
-        sizes = {name: round(builder.build(name).size_bytes / 1e6) for name in NAMES}
+        sizes: dict[str, int] = {}
+        changed = _timed(builder, NAMES, sizes)
         try:
             builder.prune()
         finally:

@@ -70,15 +70,16 @@ class ContainerImage:
     config: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _expand(text: str, env: Mapping[str, str]) -> str:
+def expand_vars(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: defined names are replaced, ``$$`` escapes, others stay."""
     return _VAR_REF.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
 def argv(container: Mapping[str, Any], image: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
     """Kubernetes' rule: ``command`` replaces the image's Entrypoint (and drops its Cmd), ``args``
     replace its Cmd; ``$(VAR)`` is expanded in both."""
-    command = [_expand(a, env) for a in container.get("command") or []]
-    args = [_expand(a, env) for a in container.get("args") or []]
+    command = [expand_vars(a, env) for a in container.get("command") or []]
+    args = [expand_vars(a, env) for a in container.get("args") or []]
     if command:
         return command + args
     result = list(image.get("Entrypoint") or []) + (args or list(image.get("Cmd") or []))

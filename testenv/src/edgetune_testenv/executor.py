@@ -51,7 +51,7 @@ from kubernetes.client.exceptions import ApiException
 
 from edgetune_api.assignment import format_downward_map
 from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
-from edgetune_testenv.containers import ContainerConfigError, ContainerImage, image_env, runtime_spec
+from edgetune_testenv.containers import ContainerConfigError, ContainerImage, expand_vars, image_env, runtime_spec
 from edgetune_testenv.procs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes, as the kubelet enforces
 FALLBACK_LOG_LINES = 80
 FALLBACK_LOG_BYTES = 2048
-_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
@@ -77,18 +76,6 @@ def parse_quantity_bytes(value: str) -> int:
     if not match or (match.group(2) and match.group(2) not in _UNITS):
         raise ValueError(f"not a memory quantity: {value!r}")
     return int(float(match.group(1)) * _UNITS.get(match.group(2), 1))
-
-
-def expand_vars(text: str, env: Mapping[str, str]) -> str:
-    """Kubernetes ``$(VAR)`` expansion: defined names are replaced, ``$$`` escapes, others stay."""
-
-    def repl(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name = m.group(1)
-        return env.get(name, m.group(0))
-
-    return _VAR_REF.sub(repl, text)
 
 
 def rewrite_paths(text: str, mounts: Mapping[str, Path]) -> str:
@@ -296,6 +283,10 @@ class PodExecutor:
                     hit.append(run.name)
         return hit
 
+    def runc(self, *args: str) -> list[str]:
+        """A runc command line on this executor's container state (container mode)."""
+        return ["runc", "--root", str(self.runc_root), *args]
+
     def node_root(self, node: str) -> Path:
         """The directory standing for ``node``'s filesystem: hostPath volumes resolve under it."""
         path = self.root / "nodes" / node
@@ -423,8 +414,7 @@ class _PodRun:
         in a session of their own, so killing ``runc run`` would leave them running)."""
         cid = self._runc_ids.get(name)
         if cid is not None:
-            subprocess.run(["runc", "--root", str(self.ex.runc_root), "kill", "--all", cid, "KILL"],
-                           capture_output=True, check=False)  # fmt: skip
+            subprocess.run(self.ex.runc("kill", "--all", cid, "KILL"), capture_output=True, check=False)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -661,13 +651,16 @@ class _PodRun:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.sandbox / "home"),
-            # What the kubelet injects for the `kubernetes` Service: here the apiserver on loopback.
-            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-            "KUBERNETES_SERVICE_PORT": str(self.ex.cluster.api_port),
-            "HOSTNAME": self.name,
+            **self._kubelet_env(),
             "LANG": "C.UTF-8",
             **image.env,
         }
+
+    def _kubelet_env(self) -> dict[str, str]:
+        """What the kubelet injects: the pod's hostname and the `kubernetes` Service (here the
+        apiserver on loopback)."""
+        return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(self.ex.cluster.api_port),
+                "HOSTNAME": self.name}  # fmt: skip
 
     def _env(self, container: dict[str, Any], base: dict[str, str]) -> dict[str, str]:
         """The container's declared env, resolved (``$(VAR)`` may refer to ``base``)."""
@@ -810,8 +803,7 @@ class _PodRun:
         cdir = run.log_path.parent
         bundle = cdir / f"bundle-{run.restart_count}"
         bundle.mkdir(parents=True, exist_ok=True)
-        base = {**image_env(image.config), "HOSTNAME": self.name, "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                "KUBERNETES_SERVICE_PORT": str(self.ex.cluster.api_port)}  # fmt: skip
+        base = {**image_env(image.config), **self._kubelet_env()}
         env = {**base, **self._env(container, base)}
         mounts = [(m["mountPath"], volumes[m["name"]] / m.get("subPath", ""), bool(m.get("readOnly")))
                   for m in container.get("volumeMounts") or []]  # fmt: skip
@@ -835,12 +827,11 @@ class _PodRun:
             self._killed.wait()
             return 128
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
-        argv = ["runc", "--root", str(self.ex.runc_root), "run", "--keep", "--bundle", str(bundle), cid]
+        argv = self.ex.runc("run", "--keep", "--bundle", str(bundle), cid)
         try:
             return self._execute(container, run, init, argv, env=None, cwd=bundle, limit_bytes=None, runc_id=cid)
         finally:
-            subprocess.run(["runc", "--root", str(self.ex.runc_root), "delete", "--force", cid],
-                           capture_output=True, check=False)  # fmt: skip
+            subprocess.run(self.ex.runc("delete", "--force", cid), capture_output=True, check=False)
             if not readonly:
                 subprocess.run(["umount", "-l", str(rootfs)], capture_output=True, check=False)
 

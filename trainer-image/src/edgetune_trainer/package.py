@@ -49,8 +49,8 @@ def slim_peft_config(config: Any) -> dict[str, Any]:
             defaults[spec.name] = spec.default
         elif spec.default_factory is not dataclasses.MISSING:
             defaults[spec.name] = spec.default_factory()
-    full = json.loads(json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-    plain = json.loads(json.dumps(defaults, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    full, plain = (json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+                   for d in (config.to_dict(), defaults))  # fmt: skip
     return {k: v for k, v in full.items() if k in PEFT_KEPT or k not in plain or plain[k] != v}
 
 
