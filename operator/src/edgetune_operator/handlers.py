@@ -14,13 +14,14 @@ import datetime
 import functools
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import kopf
 
 from edgetune_api.meta import GROUP, VERSION
 from edgetune_operator import discovery, metrics
-from edgetune_operator.clients.kube import EDGE_CLUSTERS, InCluster, Kube
+from edgetune_operator.clients.kube import EDGE_CLUSTERS, Connection, InCluster, Kube
 from edgetune_operator.clients.mlflow import Mlflow
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters
@@ -80,18 +81,25 @@ def build_runtime(settings: Settings, local: Kube) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """kopf's own connection: the pod's service account (``InCluster``, which honours
-    ``EDGETUNE_SERVICE_ACCOUNT_DIR``), else whatever the kubernetes client finds ($KUBECONFIG).
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's own connection: the one the operator's client uses (``Connection``): the pod's service
+    account (``InCluster``, which honours ``EDGETUNE_SERVICE_ACCOUNT_DIR``), else ``$KUBECONFIG``.
 
     The token is projected and rotated by the kubelet; marking it expired after a few minutes makes
     kopf read the file again instead of holding an old token until the API server refuses it."""
     pod = InCluster.detect()
-    if pod is None:
-        return kopf.login_via_client(**kwargs)
-    expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
-    return kopf.ConnectionInfo(server=pod.server, ca_path=pod.ca_path, scheme="Bearer", token=pod.token(),
-                               default_namespace=pod.namespace, expiration=expires)  # fmt: skip
+    connection = Connection.from_service_account(pod) if pod else Connection.from_kubeconfig_files()
+    token, expires = connection.token, None
+    if connection.token_path:
+        token = Path(connection.token_path).read_text(encoding="utf-8").strip()
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+    return kopf.ConnectionInfo(
+        server=connection.server, ca_path=connection.ca_path, ca_data=connection.ca_pem,
+        insecure=connection.insecure, certificate_path=connection.cert_path, certificate_data=connection.cert_pem,
+        private_key_path=connection.key_path, private_key_data=connection.key_pem, username=connection.username,
+        password=connection.password, scheme="Bearer" if token else None, token=token,
+        default_namespace=connection.namespace, expiration=expires,
+    )  # fmt: skip
 
 
 class _DiffBase(kopf.AnnotationsDiffBaseStorage):
