@@ -380,3 +380,43 @@ def test_pretrain_builds_a_pinned_base_that_a_job_then_adapts(
     assert next(e for e in log if e["event"] == "base_model")["sha256"] == built["sha256"]
     assert main(["pretrain", "--data", str(tmp_path / "nothing"), "--format", "npy", "--out", str(tmp_path / "x")]) == 2
     assert "pretrain:" in capsys.readouterr().err
+
+
+def test_on_a_laptop_an_edgetrainingjob_manifest_runs_as_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest a user would apply, without S3, MLflow or runtime paths: the data is read at its
+    hostPath, the work goes to ./edgetune-work, the summary to stdout (no /dev/termination-log here)."""
+    data = sine_classes(tmp_path / "site-data")
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(f"""
+apiVersion: edgetune.io/v1alpha1
+kind: EdgeTrainingJob
+metadata: {{name: try-it, namespace: factory}}
+spec:
+  baseModel: {{uri: "builtin:timeseries-cnn"}}
+  data: {{source: {{hostPath: "{data}"}}, format: npy}}
+  training: {{maxSteps: 4, batchSize: 16}}
+  budgets: {{memory: 4Gi}}
+""")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EDGETUNE_TERMINATION_LOG", raising=False)
+    assert main(["--config", str(manifest)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads(out[-1])
+    assert summary["status"] == "Succeeded" and summary["deltaUri"] == str(tmp_path / "edgetune-work" / "package")
+    manifest_read = verify_package(
+        read_folder(tmp_path / "edgetune-work" / "package"), expected_digest=summary["sha256"]
+    )
+    assert (manifest_read.lineage.job_name, manifest_read.lineage.job_namespace) == ("try-it", "factory")
+    assert next(e for e in events(out) if e["event"] == "data")["samples"] == 240
+
+
+def test_a_local_run_says_where_the_data_must_be_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path, tmp_path, runtime={"dataDir": None})
+    cfg["spec"]["data"]["source"] = {"persistentVolumeClaim": {"claimName": "site-data"}}
+    assert main(["--config", str(write_config(tmp_path, cfg))]) == 2
+    summary = termination(tmp_path)
+    assert summary["reason"] == "InvalidInput"
+    assert "where is the data? data.source names a PersistentVolumeClaim" in summary["message"]
+    assert "--data-dir FOLDER" in summary["message"]

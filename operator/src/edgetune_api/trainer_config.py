@@ -1,8 +1,9 @@
 """The trainer's configuration: the EdgeTrainingJob spec plus where things are inside the pod.
 
-The operator writes it as JSON (a ConfigMap mounted into the trainer pod, or a file on the
-command line); the trainer parses it with these same models, so a field means the same on
-both sides.
+The operator writes it as JSON (a Secret mounted into the trainer pod); a person running the trainer
+by hand writes it as JSON or YAML, or hands over an EdgeTrainingJob manifest. The trainer parses it
+with these same models, so a field means the same on both sides; only what matters to the operator
+alone (where the data is mounted from, S3 and MLflow) is optional here (``TrainerSpec``).
 """
 
 from __future__ import annotations
@@ -12,20 +13,63 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from edgetune_api.meta import ApiModel
-from edgetune_api.training_job import EdgeTrainingJobSpec
+from edgetune_api.training_job import (
+    DataSource,
+    DataSpec,
+    EdgeTrainingJobSpec,
+    MlflowOutput,
+    OutputSpec,
+    S3Output,
+)
+
+
+class TrainerDataSpec(DataSpec):
+    """``spec.data`` as the trainer reads it: ``source`` may be left out (runtime.dataDir says where)."""
+
+    source: DataSource | None = None  # type: ignore[assignment]
+    """Where the data lives on the node. Under the operator it is mounted at runtime.dataDir; a run by
+    hand without runtime.dataDir (or --data-dir) reads the hostPath folder itself."""
+
+
+class TrainerOutputSpec(OutputSpec):
+    """``spec.output`` as the trainer reads it: S3 and MLflow are the operator's business (the
+    trainer uploads with the policy it is handed; without one the package stays in workDir)."""
+
+    s3: S3Output | None = None  # type: ignore[assignment]
+    """Ignored by the trainer (the operator's upload policy, or runtime.s3Bucket by hand)."""
+    mlflow: MlflowOutput | None = None  # type: ignore[assignment]
+    """Ignored by the trainer (the operator registers the verified package)."""
+
+
+class TrainerSpec(EdgeTrainingJobSpec):
+    """The EdgeTrainingJob spec as the trainer reads it: the same fields and rules, except that those
+    only the operator acts on may be left out, so a local run names what it uses and nothing else."""
+
+    data: TrainerDataSpec
+    """The node-local data."""
+    output: TrainerOutputSpec = Field(default_factory=TrainerOutputSpec)
+    """Encoding and its quality bound (S3, MLflow and signing are the operator's)."""
+
+    @classmethod
+    def of(cls, spec: EdgeTrainingJobSpec) -> TrainerSpec:
+        """The trainer's view of a validated job spec (what the operator hands every trainer)."""
+        return cls.model_validate(spec.model_dump(by_alias=True, exclude_unset=True))
 
 
 class TrainerRuntime(ApiModel):
     """Paths, identities and endpoints of one trainer run."""
 
-    data_dir: str = "/data"
-    """Where the node-local data is mounted (read-only)."""
+    data_dir: str | None = None
+    """Where the node-local data is (mounted read-only under the operator, at /data). Left out in a run
+    by hand, the trainer reads spec.data.source.hostPath."""
     eval_data_dir: str | None = None
     """Where spec.data.evalSource is mounted (none without one)."""
-    work_dir: str = "/work"
-    """Checkpoints and the package under construction; survives pod retries (a PVC or hostPath)."""
-    termination_log: str = "/dev/termination-log"
-    """Where the JSON summary is written on exit (Kubernetes reads at most 4 KiB)."""
+    work_dir: str | None = None
+    """Checkpoints and the package under construction; survives pod retries (a hostPath at /work under
+    the operator). Left out in a run by hand: ``edgetune-work`` in the current folder."""
+    termination_log: str | None = None
+    """Where the JSON summary is written on exit (Kubernetes reads at most 4 KiB). Left out: the
+    container's /dev/termination-log when there is one, else standard output."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     """Serve Prometheus metrics on this port; 0 disables the server."""
     pushgateway_url: str | None = None
@@ -104,7 +148,7 @@ class BaseFiles(ApiModel):
 class TrainerConfig(ApiModel):
     """Everything one trainer run needs."""
 
-    spec: EdgeTrainingJobSpec
-    """The job's spec, as validated by the apiserver."""
+    spec: TrainerSpec
+    """The job's spec, as validated by the apiserver (by hand: what the trainer uses of it)."""
     runtime: TrainerRuntime = Field(default_factory=TrainerRuntime)
     """Where things are inside the pod."""

@@ -1,4 +1,6 @@
-"""``python -m edgetune_trainer --config job.json``: train, package, sign, upload, report.
+"""``python -m edgetune_trainer --config job.json``: train, package, sign, upload, report. The file is
+what the operator writes, or, run by hand, the same in YAML or an EdgeTrainingJob manifest: see
+docs/trainer.md, "On a laptop".
 (``python -m edgetune_trainer evaluate …`` scores a base or a package on a data set: ``evaluate.py``;
 ``python -m edgetune_trainer pretrain …`` builds a base model folder from labelled series: ``pretrain.py``.)
 
@@ -22,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from edgetune_api.delta import SIGNATURE, TRAINER_SIGNATURE, Lineage
@@ -60,11 +63,25 @@ def plain(exc: ValidationError) -> str:
 
 
 def load_config(path: str | None) -> TrainerConfig:
+    """The configuration from ``path`` (or ``$EDGETUNE_TRAINER_CONFIG``): a trainer configuration in
+    JSON (what the operator writes) or YAML, or an EdgeTrainingJob manifest, whose spec is used as it
+    is (the job's name and namespace go into the lineage)."""
     raw = Path(path).read_text() if path else os.environ.get("EDGETUNE_TRAINER_CONFIG", "")
     if not raw:
         raise ConfigError("no configuration: pass --config FILE or set EDGETUNE_TRAINER_CONFIG to the JSON")
     try:
-        config = TrainerConfig.model_validate_json(raw)
+        document = json.loads(raw)
+    except ValueError:
+        try:
+            document = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the configuration is neither JSON nor YAML: {exc}") from None
+    if isinstance(document, dict) and document.get("kind") == "EdgeTrainingJob":
+        meta = document.get("metadata") or {}
+        document = {"spec": document.get("spec"), "runtime": {"jobName": meta.get("name"),
+                                                              "jobNamespace": meta.get("namespace")}}  # fmt: skip
+    try:
+        config = TrainerConfig.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(f"invalid trainer configuration: {plain(exc)}") from None
     base = config.spec.base_model
@@ -72,6 +89,24 @@ def load_config(path: str | None) -> TrainerConfig:
         raise ConfigError(f"spec.baseModel.sha256 is required for {base.uri}: the trainer only trains on a base "
                           "model whose weights it can verify (builtin:… bases need none)")  # fmt: skip
     return config
+
+
+LOCAL_WORK_DIR = "edgetune-work"
+"""Checkpoints and the package of a run by hand that names no work folder (in the current folder)."""
+
+
+def locate(config: TrainerConfig) -> TrainerConfig:
+    """Fill in where the data and the work folder are when the configuration leaves them out (a run by
+    hand; the operator always names both): the data at ``spec.data.source.hostPath``, the work in
+    ``./edgetune-work``."""
+    rt, source = config.runtime, config.spec.data.source
+    data_dir = rt.data_dir or (source.host_path if source else None)
+    if not data_dir:
+        where = "data.source names a PersistentVolumeClaim, which" if source else "the configuration names no data, and"
+        raise ConfigError(f"where is the data? {where} only Kubernetes can mount: pass --data-dir FOLDER "
+                          "(or set runtime.dataDir or data.source.hostPath)")  # fmt: skip
+    runtime = rt.model_copy(update={"data_dir": data_dir, "work_dir": rt.work_dir or str(Path.cwd() / LOCAL_WORK_DIR)})
+    return config.model_copy(update={"runtime": runtime})
 
 
 def _s3_client(endpoint: str | None) -> Any:
@@ -122,7 +157,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     report = _Report()
     try:
         salt = Path(rt.salt_path).read_bytes().strip() if rt.salt_path else None
-        dataset = NodeDataset(Path(rt.data_dir), spec.data, salt,
+        dataset = NodeDataset(Path(str(rt.data_dir)), spec.data, salt,
                               eval_root=Path(rt.eval_data_dir) if rt.eval_data_dir else None)  # fmt: skip
         info = dataset.scan()
         reporter.gauge("samples", info.samples)
@@ -149,7 +184,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
                 "result on more data with `python -m edgetune_trainer evaluate`"
             )
             report("held_out_split_small", eval=info.eval_samples, recommended=SMALL_HELD_OUT, message=warnings[-1])
-        work = Path(rt.work_dir)
+        work = Path(str(rt.work_dir))
         work.mkdir(parents=True, exist_ok=True)
         remote_model = spec.base_model.remote and not rt.base_files_path
         needs_s3 = (rt.s3_bucket and not rt.upload_policy_path) or remote_model  # a trainer run by hand
@@ -300,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         "`pretrain --help` (build a base model folder from labelled series), "
         "`prepare-work-dir --help` (the pod's init container: hand the checkpoint folder to the trainer's user)",
     )  # fmt: skip
-    parser.add_argument("--config", help="trainer configuration (JSON); default: $EDGETUNE_TRAINER_CONFIG")
+    parser.add_argument(
+        "--config",
+        help="trainer configuration (JSON or YAML) or an EdgeTrainingJob manifest; default: $EDGETUNE_TRAINER_CONFIG",
+    )
     parser.add_argument("--data-dir", help="override runtime.dataDir (where the data is mounted)")
     parser.add_argument("--work-dir", help="override runtime.workDir (checkpoints, package)")
     parser.add_argument("--termination-log", help="override runtime.terminationLog")
@@ -326,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                      "salt_path": args.salt_file, "trainer_key_path": args.trainer_key,
                      "upload_policy_path": args.upload_policy, "base_files_path": args.base_files}  # fmt: skip
         runtime = config.runtime.model_copy(update={k: v for k, v in overrides.items() if v})
-        config = config.model_copy(update={"runtime": runtime})
-        termination = Path(config.runtime.termination_log)
+        if runtime.termination_log:
+            termination = Path(runtime.termination_log)
+        config = locate(config.model_copy(update={"runtime": runtime}))
         summary = run(config)
     except BaseException as exc:  # every failure must reach the termination message
         if isinstance(exc, KeyboardInterrupt):

@@ -382,7 +382,7 @@ class TrainingRun:
         self.scheduler = make_scheduler(self.optimizer, self.tr.max_steps)
         self.autocast = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
-        self.checkpoints = Path(self.rt.work_dir) / "checkpoints"
+        self.checkpoints = Path(str(self.rt.work_dir)) / "checkpoints"
         self.writer = ckpt.BackgroundWriter(self.checkpoints)
         self.identity = run_identity(config, base, self.info)
         self.state = ckpt.TrainState(0, ckpt.Cursor(), None, 0, [], 0.0, 0.0, identity=self.identity)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from edgetune_api.meta import API_VERSION, Condition, parse_duration
-from edgetune_api.trainer_config import TrainerConfig, TrainerRuntime
+from edgetune_api.trainer_config import TrainerConfig, TrainerRuntime, TrainerSpec
 from edgetune_api.training_job import DataSource, EdgeTrainingJobSpec, TargetStatus
 from edgetune_operator.settings import AcceleratorProfile, Settings
 
@@ -77,7 +77,7 @@ def s3_prefix(spec: EdgeTrainingJobSpec, job: JobRef, target: Target) -> str:
 def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: Settings) -> TrainerConfig:
     """What the trainer pod reads from its Secret's ``config.json``: the spec as validated, plus its runtime."""
     return TrainerConfig(
-        spec=spec,
+        spec=TrainerSpec.of(spec),
         runtime=TrainerRuntime(
             data_dir=DATA_DIR,
             eval_data_dir=EVAL_DATA_DIR if spec.data.eval_source else None,
