@@ -123,4 +123,3 @@ def _peft_folder_config(slim: dict[str, Any]) -> dict[str, Any]:
 
     full = PeftConfig.from_peft_type(**slim).to_dict()  # type: ignore[no-untyped-call]
     return dict(json.loads(json.dumps(full, default=lambda o: sorted(o) if isinstance(o, set) else str(o))))
-
