@@ -420,3 +420,25 @@ def test_a_local_run_says_where_the_data_must_be_named(tmp_path: Path, capsys: p
     assert summary["reason"] == "InvalidInput"
     assert "where is the data? data.source names a PersistentVolumeClaim" in summary["message"]
     assert "--data-dir FOLDER" in summary["message"]
+
+
+def test_baselines_train_the_head_or_every_weight_and_package_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What LoRA recovers, measured against a linear probe and full fine-tuning on the same data,
+    split and loop; a later adapter run never resumes from a baseline's checkpoints."""
+    data = sine_classes(tmp_path / "data")
+    whole = sum(p.numel() for p in TimeSeriesCNN(3, 3).parameters())
+    head = TimeSeriesCNN(3, 3).head
+    for baseline, trainable in (("head", head.weight.numel() + head.bias.numel()), ("full", whole)):
+        path = write_config(tmp_path, config(tmp_path, data))
+        assert main(["--config", str(path), "--baseline", baseline]) == 0
+        summary = termination(tmp_path)
+        assert summary["baseline"] == baseline and summary["trainableParameters"] == trainable, summary
+        assert summary["steps"] == 12 and 0 <= summary["metrics"]["eval_accuracy"] <= 1
+        assert "deltaUri" not in summary and not (tmp_path / "work" / "package").exists()
+        log = events(capsys.readouterr().out.splitlines())
+        assert next(e for e in log if e["event"] == "baseline")["trainable_parameters"] == trainable
+    code, summary, log = run(tmp_path, capsys)  # the adapter, in the same work folder
+    assert code == 0 and summary["sha256"]
+    assert next(e for e in log if e["event"] == "checkpoints_set_aside")["differ"] == ["baseline"]

@@ -45,6 +45,11 @@ def test_every_encoding_round_trips_shapes_within_its_quantisation_error(
     levels = {"fp32": math.inf, "fp16": 2048, "int8-zstd": 127, "int4-zstd": 7}[encoding]
     for name, original in tensors.items():
         assert decoded[name].shape == original.shape
+        if encoding == "int4-zstd":
+            # Least squared error per block and level table: never worse than plain absmax scaling.
+            plain = codec.dequantize_int4(*codec.quantize_int4(original, search=False), original.shape)
+            assert ((decoded[name] - original) ** 2).sum() <= ((plain - original) ** 2).sum() * 1.0001 + 1e-12
+            continue
         bound = np.abs(original).max() / levels + 1e-6 if levels != math.inf else 1e-7
         assert np.abs(decoded[name] - original).max() <= bound * 1.01
 

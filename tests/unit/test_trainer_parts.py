@@ -11,13 +11,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peft import LoraConfig, get_peft_model
+from safetensors.numpy import save as st_save
 from torch import nn
 
+from edgetune_api import codec
 from edgetune_api.delta import DeltaVerificationError, Lineage, read_folder, verify_package
 from edgetune_api.delta import sign as package_sign
 from edgetune_testenv.procs import free_port
@@ -154,21 +158,29 @@ def test_int8_encoding_round_trips_within_quantisation_error() -> None:
     assert ratio > 3.5  # 4x from int8, less the per-block scales and headers
 
 
-def test_int4_encoding_round_trips_shapes_within_half_a_level() -> None:
+def test_int4_blocks_are_never_worse_than_absmax_scaling_and_old_packages_still_decode() -> None:
     torch.manual_seed(2)
     layer = {"a": torch.randn(8, 512) * 0.02, "b": torch.randn(512, 8) * 0.01, "odd": torch.randn(3, 7)}
+    layer["a"][0, :4] = 0.2  # outliers: clipping them is closer overall
     data = package.encode(layer, "int4-zstd")
     decoded = package.decode(data, "int4-zstd")
     for name, tensor in layer.items():
+        array = tensor.numpy()
         assert decoded[name].shape == tensor.shape, name
-        flat = torch.nn.functional.pad(tensor.reshape(-1), (0, (-tensor.numel()) % package.BLOCK4))
-        step = flat.reshape(-1, package.BLOCK4).abs().amax(dim=1, keepdim=True) / 7  # one level
-        error = torch.nn.functional.pad(
-            (decoded[name] - tensor).abs().reshape(-1), (0, (-tensor.numel()) % package.BLOCK4)
-        )
-        assert torch.all(error.reshape(-1, package.BLOCK4) <= step * 0.5 * 1.01), name  # fp16 scale: 1 % slack
-    fp32 = len(package.encode(layer, "fp32"))
-    assert fp32 / len(data) > 7  # 4.125 bits per value before zstd
+        plain = codec.dequantize_int4(*codec.quantize_int4(array, search=False), array.shape)
+        ours = ((decoded[name].numpy() - array) ** 2).sum()
+        assert ours <= ((plain - array) ** 2).sum() * 1.0001, name
+    outliers = layer["a"].numpy()
+    clipped = ((decoded["a"].numpy() - outliers) ** 2).sum()
+    plain = codec.dequantize_int4(*codec.quantize_int4(outliers, search=False), outliers.shape)
+    absmax = ((plain - outliers) ** 2).sum()
+    assert clipped < 0.8 * absmax  # the search finds a better clipping point where outliers stretch a block
+    assert len(package.encode(layer, "fp32")) / len(data) > 6  # 4.5 bits per value before zstd
+    # A package from before the block size was recorded: blocks of 128, no metadata.
+    packed, scale = codec.quantize_int4(outliers, codec.BLOCK4_LEGACY, search=False)
+    raw = st_save({"a": packed, "a" + codec.SCALE_SUFFIX: scale}, metadata={"a": json.dumps(list(outliers.shape))})
+    legacy = codec.decode(zstandard.ZstdCompressor().compress(raw), "int4-zstd")["a"]
+    assert np.allclose(legacy, codec.dequantize_int4(packed, scale, outliers.shape, codec.BLOCK4_LEGACY))
 
 
 def _lineage() -> Lineage:

@@ -112,6 +112,11 @@ class TrainerRuntime(ApiModel):
     """Power assumed per busy CPU core when no meter is readable; results are labelled estimate."""
     threads: Annotated[int, Field(ge=0)] = 0
     """torch CPU threads; 0 keeps torch's default."""
+    baseline: Literal["head", "full"] | None = None
+    """A baseline run by hand instead of an adapter: train the output head alone (``head``) or every
+    weight of the base (``full``) with the same data, split, loop and budgets, and report its
+    metrics; nothing is packaged. Shows what LoRA recovers against a linear probe and against full
+    fine-tuning (docs/trainer.md)."""
 
 
 class UploadPolicy(ApiModel):

@@ -212,8 +212,20 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             """Training's peak, or the process's since then (quality gate, packaging) when higher."""
             return max(outcome.peak_memory_bytes, peak_rss_bytes() if device.type == "cpu" else 0)
 
-        state = models.adapter_state(outcome.model)
         metrics = {k: round(v, 6) for k, v in outcome.eval.items()}
+        if rt.baseline:  # measured, never shipped: the same figures a packaged run reports, no package
+            metrics["train_loss"] = outcome.history[-1]["loss"] if outcome.history else float("nan")
+            trainable = sum(p.numel() for p in outcome.model.parameters() if p.requires_grad)
+            report("baseline", baseline=rt.baseline, trainable_parameters=trainable, metrics=metrics)
+            reporter.push()
+            return {
+                "status": "Succeeded", "reason": "Succeeded", "baseline": rt.baseline, "stopReason": outcome.reason,
+                "steps": outcome.steps, "trainableParameters": trainable, "samples": info.samples, "metrics": metrics,
+                "energyJoules": round(outcome.energy_j, 3), "energyMethod": outcome.energy_method,
+                "peakMemoryBytes": whole_run_peak(), "batchSize": outcome.batch_size,
+                "durationSeconds": round(outcome.duration_s, 2), "warnings": warnings,
+            }  # fmt: skip
+        state = models.adapter_state(outcome.model)
 
         def score(decoded: dict[str, Any]) -> dict[str, float]:
             """Held-out metrics of the adapter as it will run at the edge (encoded, then decoded)."""
@@ -348,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-key", help="override runtime.trainerKeyPath (its derived key: trainer.sig)")
     parser.add_argument("--upload-policy", help="override runtime.uploadPolicyPath (presigned S3 POST policy, JSON)")
     parser.add_argument("--base-files", help="override runtime.baseFilesPath (presigned base model URLs, JSON)")
+    parser.add_argument("--baseline", choices=["head", "full"],
+                        help="train the output head alone or every weight instead of an adapter, report the "
+                             "metrics, package nothing (what LoRA recovers: docs/trainer.md)")  # fmt: skip
     args = parser.parse_args(argv)
     # Until the configuration says where, the summary goes where the command line or environment
     # says, or to the container's termination log when there is one, else to stdout: a trainer run
@@ -362,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"data_dir": args.data_dir, "work_dir": args.work_dir, "termination_log": args.termination_log,
                      "eval_data_dir": args.eval_data_dir, "signing_key_path": args.signing_key,
                      "salt_path": args.salt_file, "trainer_key_path": args.trainer_key,
-                     "upload_policy_path": args.upload_policy, "base_files_path": args.base_files}  # fmt: skip
+                     "upload_policy_path": args.upload_policy, "base_files_path": args.base_files,
+                     "baseline": args.baseline}  # fmt: skip
         runtime = config.runtime.model_copy(update={k: v for k, v in overrides.items() if v})
         if runtime.termination_log:
             termination = Path(runtime.termination_log)

@@ -8,6 +8,7 @@ you read here.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import signal
@@ -35,7 +36,7 @@ from edgetune_trainer.energy import (
     peak_rss_bytes,
     reset_peak_rss,
 )
-from edgetune_trainer.models import BaseModel, ModelError, adapter_state, attach_lora, load_adapter_state
+from edgetune_trainer.models import BaseModel, ModelError, adapter_state, attach, load_adapter_state
 
 DEFAULT_SEQUENCE_LENGTH = 128  # DataSpec.sequence_length's default, for tasks built without a spec
 LOSS_CHUNK_TOKENS = 32  # sequence positions per chunk of logits in the LM loss
@@ -368,7 +369,7 @@ class TrainingRun:
         torch.manual_seed(self.tr.seed)
         np.random.seed(self.tr.seed)  # legacy global state that libraries may use
         self.task = Task(base, self.info, device, self.spec.data)
-        self.model = attach_lora(base, self.spec.peft).to(device)
+        self.model = attach(base, self.spec.peft, self.rt.baseline).to(device)
         if self.tr.gradient_checkpointing:
             enable = getattr(base.model, "gradient_checkpointing_enable", None)
             if callable(enable):  # transformers models
@@ -445,7 +446,10 @@ class TrainingRun:
             # resuming would ship that adapter under this run's lineage. Start fresh; keep theirs aside.
             theirs = loaded.state.identity
             differ = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
-            aside = self.checkpoints.with_name(f"checkpoints-set-aside-{time.strftime('%Y%m%dT%H%M%S')}")
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            # Two runs set aside within one second (found by the baseline test) must not collide.
+            names = (f"checkpoints-set-aside-{stamp}" + (f"-{n}" if n else "") for n in itertools.count())
+            aside = next(p for name in names if not (p := self.checkpoints.with_name(name)).exists())
             self.checkpoints.rename(aside)
             self.report("checkpoints_set_aside", step=loaded.state.step, moved_to=str(aside), differ=differ,
                         reason="written by a different run; training starts from step 0")  # fmt: skip
@@ -589,6 +593,7 @@ def run_identity(config: TrainerConfig, base: BaseModel, info: DataInfo) -> dict
         "peft": digest(spec.peft.model_dump(mode="json")),
         "training": digest(spec.training.model_dump(mode="json")),
         "job": config.runtime.job_uid or "",
+        **({"baseline": config.runtime.baseline} if config.runtime.baseline else {}),
     }
 
 

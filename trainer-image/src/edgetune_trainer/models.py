@@ -1,5 +1,6 @@
 """Base models (built-in sensor models or Hugging Face transformers), their verified loading,
-and the LoRA adapter that is the only trainable part.
+and the LoRA adapter that is the only trainable part (or, for a baseline run by hand, the head or
+the whole base).
 
 A base model is a folder: ``config.json`` plus weights in safetensors. Its SHA-256 (what
 ``spec.baseModel.sha256`` pins) is the digest of its single ``*.safetensors`` file, or, for
@@ -15,7 +16,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -271,14 +272,57 @@ def attach_lora(base: BaseModel, spec: PeftSpec, *, trainable_head: bool = False
         raise ModelError(f"cannot attach LoRA to the base model: {exc}") from exc
 
 
-def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The trainable adapter weights only (what the delta package carries)."""
-    from peft import get_peft_model_state_dict  # noqa: PLC0415
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+Baseline = Literal["head", "full"]
+"""What a baseline run trains instead of an adapter (``--baseline``, a run by hand): the output head
+alone (a linear probe on frozen features) or every weight of the base (full fine-tuning)."""
 
 
-def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+def head_module(model: nn.Module) -> nn.Module:
+    """The output layer: ``head`` of the built-in models; a transformers model's output embeddings
+    (causal LM) or its ``score``/``classifier`` (sequence classification)."""
+    if isinstance(model, TimeSeriesCNN):
+        return model.head
+    for name in ("score", "classifier"):
+        found = getattr(model, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    if isinstance(output, nn.Module):
+        return output
+    raise ModelError(f"cannot tell the output layer of {type(model).__name__} for a head-only baseline")
+
+
+def attach(base: BaseModel, spec: PeftSpec, baseline: Baseline | None = None) -> nn.Module:
+    """What trains: a LoRA adapter on the frozen base, or, for a baseline, the base itself with its
+    head (``head``) or every weight (``full``) unfrozen."""
+    if baseline is None:
+        return attach_lora(base, spec)
+    trainable = base.model.parameters() if baseline == "full" else head_module(base.model).parameters()
+    for param in trainable:
+        param.requires_grad_(True)
+    return base.model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights only: the adapter's (what the delta package carries), or a baseline's
+    unfrozen ones (what its checkpoints hold)."""
+    if isinstance(model, PeftModel):
+        from peft import get_peft_model_state_dict  # noqa: PLC0415
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if not isinstance(model, PeftModel):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            raise ModelError(f"checkpoint does not fit this baseline: {sorted(set(state) ^ trainable)[:5]}")
+        model.load_state_dict(state, strict=False)
+        return
     from peft import set_peft_model_state_dict  # noqa: PLC0415
 
     result = set_peft_model_state_dict(model, state)

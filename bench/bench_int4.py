@@ -1,0 +1,214 @@
+"""int4 encodings of trained LoRA adapters on several real sensor data sets: how much accuracy and
+update fidelity each int4 scheme keeps.
+
+Run with ``.venv/bin/python bench/bench_int4.py [--quick]``. For each UCR data set shipped in the
+sktime wheel: a base model is trained on half the series ("site A"), the other half is distorted the
+way another site's meters would (gain, offset, clock shift: "site B"), a LoRA adapter (r=4, all
+adaptable layers) is trained on 70 % of site B, and the adapter is scored on the other 30 %
+as trained (fp32) and after each encoding's round trip. Schemes:
+
+- ``int4-legacy``: blocks of 128, scale = absmax / 7 (the format until 2026-11-29);
+- ``int4-b32``: blocks of 32, absmax;
+- ``int4-b32-mse``: blocks of 32, each block's clipping point chosen for least squared error;
+- ``int4-b32-mse-refit``: the above plus error feedback (``lora_B`` refitted by least squares to the
+  quantised ``lora_A``, so the update ``B·A`` rather than each factor is kept close) — measured,
+  not shipped;
+- ``int4-zstd``: what the codec ships: blocks of 32, least-squares clipping, and per tensor evenly
+  spaced or normal-quantile levels, whichever is closer;
+- ``int8-zstd`` for reference.
+
+The last line printed is one JSON object: per data set and scheme, held-out accuracy, its drop in
+points against fp32, the relative error of each layer's update ``B·A`` (mean and max) and the
+package's weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_SETS = ("ItalyPowerDemand", "GunPoint", "ArrowHead", "BasicMotions", "OSULeaf")
+
+
+def load_ucr(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from edgetune_api.training_job import DataSpec  # noqa: PLC0415
+    from edgetune_trainer.data import NodeDataset  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("sktime")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the sktime wheel (data only) is missing: run scripts/bootstrap.sh")
+    root = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    data = NodeDataset(root, DataSpec.model_validate({"source": {"hostPath": "/d"}, "format": "ts",
+                                                      "evalFraction": 0.01}))  # fmt: skip
+    samples = list(data.iterate("train")) + list(data.iterate("eval"))
+    x = np.stack([np.asarray(s.x) for s in samples]).astype(np.float32)
+    labels = sorted({str(s.y) for s in samples})
+    return x, np.array([labels.index(str(s.y)) for s in samples])
+
+
+def lora_pairs(names: Any) -> dict[str, str]:
+    """``lora_A`` tensor name -> its ``lora_B`` partner (peft's naming)."""
+    return {
+        n: n.replace(".lora_A.", ".lora_B.")
+        for n in names
+        if ".lora_A." in n and n.replace(".lora_A.", ".lora_B.") in names
+    }
+
+
+def refit_b(a: np.ndarray, b: np.ndarray, a_decoded: np.ndarray) -> np.ndarray:
+    """The B' that makes B'·Â closest to B·A in least squares (conv weights flattened)."""
+    rank = a.shape[0]
+    a2, b2, ahat = a.reshape(rank, -1), b.reshape(b.shape[0], rank), a_decoded.reshape(rank, -1)
+    gram = ahat.astype(np.float64) @ ahat.T.astype(np.float64)
+    refit = (b2.astype(np.float64) @ (a2.astype(np.float64) @ ahat.T.astype(np.float64))) @ np.linalg.inv(gram)
+    return refit.astype(np.float32).reshape(b.shape)
+
+
+SCHEMES = ("int4-legacy", "int4-b32", "int4-b32-mse", "int4-b32-mse-refit", "int4-zstd", "int8-zstd")
+
+
+def encode_variant(state: dict[str, np.ndarray], scheme: str) -> tuple[dict[str, np.ndarray], int]:
+    """The decoded adapter and the encoded weight bytes, for one scheme."""
+    import zstandard  # noqa: PLC0415
+    from safetensors.numpy import save as st_save  # noqa: PLC0415
+
+    from edgetune_api import codec  # noqa: PLC0415
+
+    if scheme in ("int4-zstd", "int8-zstd"):
+        data = codec.encode(state, scheme)
+        return codec.decode(data, scheme), len(data)
+    block, search = {"int4-legacy": (128, False), "int4-b32": (32, False)}.get(scheme, (32, True))
+    arrays = dict(state)
+    if scheme.endswith("-refit"):
+        for a_name, b_name in lora_pairs(arrays).items():
+            a = arrays[a_name]
+            arrays[b_name] = refit_b(a, arrays[b_name], codec.dequantize_int4(*codec.quantize_int4(a), a.shape))
+    out, decoded = {}, {}
+    for name, array in arrays.items():
+        packed, scale = codec.quantize_int4(array, block, search=search)
+        out[name], out[name + codec.SCALE_SUFFIX] = packed, scale
+        decoded[name] = codec.dequantize_int4(packed, scale, array.shape, block)
+    size = len(zstandard.ZstdCompressor(level=19).compress(st_save(out)))
+    return decoded, size
+
+
+def update_errors(state: dict[str, np.ndarray], decoded: dict[str, np.ndarray]) -> list[float]:
+    """Relative Frobenius error of each LoRA layer's update B·A."""
+    errors = []
+    for a_name, b_name in lora_pairs(state).items():
+        rank = state[a_name].shape[0]
+
+        def product(s: dict[str, np.ndarray], a: str = a_name, b: str = b_name, r: int = rank) -> np.ndarray:
+            return s[b].reshape(s[b].shape[0], r) @ s[a].reshape(r, -1)
+
+        exact = product(state)
+        errors.append(float(np.linalg.norm(product(decoded) - exact) / max(np.linalg.norm(exact), 1e-12)))
+    return errors
+
+
+def one_data_set(name: str, steps: int, seed: int) -> dict[str, Any]:
+    import torch  # noqa: PLC0415
+
+    from edgetune_api.training_job import PeftSpec  # noqa: PLC0415
+    from edgetune_trainer.models import (  # noqa: PLC0415
+        TimeSeriesCNN,
+        adapter_state,
+        attach_lora,
+        load_adapter_state,
+        load_base,
+        save_builtin,
+    )
+
+    torch.manual_seed(seed)
+    x, y = load_ucr(name)
+    classes = int(y.max()) + 1
+    site_a = np.arange(len(x)) % 2 == 0
+    base_net = TimeSeriesCNN(channels=x.shape[1], classes=classes)
+    base_net.input_mean.fill_(float(x.mean()))
+    base_net.input_std.fill_(float(x.std()))
+
+    def fit(model: torch.nn.Module, xs: np.ndarray, ys: np.ndarray, n: int, lr: float) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        tx, ty = torch.from_numpy(xs), torch.from_numpy(ys)
+        model.train()
+        for _ in range(n):
+            idx = torch.randint(0, len(tx), (min(64, len(tx)),))
+            loss = torch.nn.functional.cross_entropy(model(tx[idx]), ty[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+
+    fit(base_net, x[site_a], y[site_a], 300, 3e-3)
+    xb = np.roll(x[~site_a] * 1.6 - 0.8, 3, axis=-1).astype(np.float32)  # site B's meters
+    yb = y[~site_a]
+    order = np.random.default_rng(seed).permutation(len(xb))
+    cut = int(0.7 * len(xb))
+    train_i, eval_i = order[:cut], order[cut:]
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = save_builtin(base_net, Path(tmp), [str(c) for c in range(classes)])
+        base = load_base(Path(tmp), digest)
+    model = attach_lora(base, PeftSpec(r=4, alpha=8, dropout=0.0))
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(xb[eval_i]))
+        return float((logits.argmax(-1).numpy() == yb[eval_i]).mean())
+
+    with torch.no_grad():
+        frozen = float((base_net(torch.from_numpy(xb[eval_i])).argmax(-1).numpy() == yb[eval_i]).mean())
+    fit(model, xb[train_i], yb[train_i], steps, 5e-3)
+    state = {k: v.numpy() for k, v in adapter_state(model).items()}
+    trained = accuracy()
+    result: dict[str, Any] = {"frozen_accuracy": frozen, "fp32_accuracy": trained, "eval_samples": len(eval_i),
+                              "fp32_bytes": sum(v.nbytes for v in state.values())}  # fmt: skip
+    for scheme in SCHEMES:
+        decoded, size = encode_variant(state, scheme)
+        load_adapter_state(model, {k: torch.from_numpy(v) for k, v in decoded.items()})
+        errors = update_errors(state, decoded)
+        acc = accuracy()
+        result[scheme] = {"accuracy": round(acc, 4), "drop_pt": round(100 * (trained - acc), 2), "bytes": size,
+                          "update_error_mean": round(statistics.fmean(errors), 4),
+                          "update_error_max": round(max(errors), 4)}  # fmt: skip
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two data sets, fewer steps")
+    parser.add_argument("--seeds", type=int, default=2, help="training seeds per data set (the spread)")
+    args = parser.parse_args()
+    sys.path[:0] = [str(REPO / "operator/src"), str(REPO / "trainer-image/src")]
+    names = DATA_SETS[:2] if args.quick else DATA_SETS
+    steps = 60 if args.quick else 200
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for name in names:
+        for seed in range(args.seeds):
+            results[f"{name}/seed{seed}"] = run = one_data_set(name, steps, seed)
+            print(name, seed, json.dumps(run), flush=True)
+    summary = {
+        scheme: {
+            "drop_pt_mean": round(statistics.fmean(r[scheme]["drop_pt"] for r in results.values()), 2),
+            "drop_pt_max": max(r[scheme]["drop_pt"] for r in results.values()),
+            "update_error_mean": round(statistics.fmean(r[scheme]["update_error_mean"] for r in results.values()), 4),
+            "bytes_vs_fp32": round(statistics.fmean(r["fp32_bytes"] / r[scheme]["bytes"] for r in results.values()), 2),
+        }
+        for scheme in SCHEMES
+    }  # fmt: skip
+    print(json.dumps({"summary": summary, "runs": results, "seconds": round(time.perf_counter() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()
