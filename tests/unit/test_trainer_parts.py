@@ -427,6 +427,32 @@ def test_the_encoding_gate_falls_back_until_the_bound_holds() -> None:
     assert encoding_gate.degradation({"eval_loss": 2.0}, {"eval_loss": 2.1}) == pytest.approx(0.05)
 
 
+def test_a_fallback_encodes_the_trained_adapter_not_the_coarser_weights_scored_before_it() -> None:
+    """The gate loads each decoded candidate into the model to score it; the state it encodes must be
+    a snapshot, or int4's decoded weights would become what int8 re-encodes and ships."""
+    from edgetune_api.training_job import PeftSpec  # noqa: PLC0415
+    from edgetune_trainer import encoding_gate, models  # noqa: PLC0415
+
+    model = models.attach(models.builtin_random("timeseries-cnn", 2, 3, 0), PeftSpec(r=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # a trained adapter, not peft's zero initialisation
+    state = models.adapter_state(model)
+    trained = {k: v.clone() for k, v in state.items()}
+
+    def score(decoded: dict[str, torch.Tensor]) -> dict[str, float]:
+        models.load_adapter_state(model, decoded)  # as __main__.run scores a candidate
+        error = encoding_gate.weight_error(trained, decoded)
+        return {"eval_accuracy": 0.5 if error > 0.02 else 0.8}
+
+    choice = encoding_gate.choose("int4-zstd", state, {"eval_accuracy": 0.8}, 0.02, score)
+    assert choice.encoding == "int8-zstd"
+    assert all(torch.equal(state[k], trained[k]) for k in trained)  # untouched by the candidates loaded
+    shipped = package.decode(package.encode(state, choice.encoding), choice.encoding)
+    assert encoding_gate.weight_error(trained, shipped) < 0.01  # int8 of the trained weights
+
+
 def test_text_sequences_have_the_declared_length_and_can_be_packed() -> None:
     from edgetune_api.training_job import DataSpec  # noqa: PLC0415
     from edgetune_trainer.data import DataInfo  # noqa: PLC0415

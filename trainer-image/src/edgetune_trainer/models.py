@@ -313,7 +313,10 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         state = get_peft_model_state_dict(model)
     else:
         state = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # A copy, never a view of the live parameters: the encoding gate loads decoded weights into the
+    # model to score them, and a view would then silently turn into those degraded weights (and be
+    # what a fallback encoding re-encodes and ships; found by bench_adapters, 2026-11-29).
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
