@@ -152,7 +152,7 @@ def encode(state: Mapping[str, Array], encoding: str) -> bytes:
             out[name], out[name + SCALE_SUFFIX] = quantize_int8(array)
     else:
         for name, array in state.items():
-            out[name], out[name + SCALE_SUFFIX], table = _best_int4(np.asarray(array, dtype=np.float32))
+            out[name], out[name + SCALE_SUFFIX], table = best_int4(np.asarray(array, dtype=np.float32))
             shapes[name] = json.dumps(list(array.shape))
             if table != "int":
                 shapes[name + LEVELS_SUFFIX] = table
@@ -161,9 +161,9 @@ def encode(state: Mapping[str, Array], encoding: str) -> bytes:
     return bytes(zstandard.ZstdCompressor(level=19).compress(raw))
 
 
-def _best_int4(array: Array) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float16], str]:
-    """The tensor in whichever level table leaves the smaller squared error."""
-    tried = {table: _int4(array, BLOCK4, True, table) for table in LEVELS}
+def best_int4(array: Array, block: int = BLOCK4) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float16], str]:
+    """The tensor in whichever level table leaves the smaller squared error: (packed, scales, table)."""
+    tried = {table: _int4(array, block, True, table) for table in LEVELS}
     table = min(tried, key=lambda t: tried[t][2])
     return tried[table][0], tried[table][1], table
 

@@ -183,6 +183,11 @@ def training_job_deleted(body: kopf.Body, **_: Any) -> None:
 RELEASE = (GROUP, VERSION, "adapterreleases")
 
 
+@kopf.on.event(*RELEASE)
+async def release_event(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
+    RUNTIME.releases.observed(dict(body), deleted=type == "DELETED")
+
+
 @kopf.on.resume(*RELEASE)
 @kopf.on.create(*RELEASE)
 @kopf.on.update(*RELEASE, field="spec")

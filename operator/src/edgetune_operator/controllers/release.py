@@ -101,6 +101,18 @@ class ReleaseController:
         self.watches = PodWatches(self.wake)
         self.publish_tried: dict[str, float] = {}
         self._loop_thread: int | None = None
+        self._known: dict[str, dict[str, Any]] = {}  # uid -> the latest body kopf's watch delivered
+        self._known_lock = threading.Lock()
+
+    def observed(self, body: dict[str, Any], *, deleted: bool = False) -> None:
+        """Every AdapterRelease event of kopf's watch: the resync loop walks these instead of listing
+        the releases every few seconds (0.16 requests per training job in bench_operator, with no
+        release at all)."""
+        with self._known_lock:
+            if deleted:
+                self._known.pop(body["metadata"]["uid"], None)
+            else:
+                self._known[body["metadata"]["uid"]] = body
 
     def resync_loop(self) -> None:
         """Reconcile every unfinished release when something it waits for happens: a target pod
@@ -115,11 +127,8 @@ class ReleaseController:
             self._next = math.inf
             if self.stop.is_set():
                 return
-            try:
-                items = self.hub.list(ADAPTER_RELEASES)
-            except (KubeError, UnreachableError):
-                log.warning("resync: cannot list AdapterReleases", exc_info=True)
-                continue
+            with self._known_lock:
+                items = list(self._known.values())
             for body in items:
                 status = body.get("status") or {}
                 done = status.get("phase") in FINAL and status.get("observedGeneration") == body["metadata"].get(
