@@ -31,6 +31,7 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import watch
+from kubernetes.client.rest import ApiException
 
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.nodes import scale_fleet
@@ -70,16 +71,21 @@ class BoundWatch:
     def _run(self) -> None:
         while not self._stop:
             w = watch.Watch()
-            for event in w.stream(self.core.list_namespaced_pod, self.namespace, label_selector=LABEL,
-                                  timeout_seconds=30):  # fmt: skip
-                pod = event["object"]
-                if pod.spec.node_name:
-                    job = pod.metadata.labels.get(LABEL)
-                    with self.cond:
-                        self.bound.setdefault(job, time.monotonic())
-                        self.cond.notify_all()
-                if self._stop:
-                    w.stop()
+            try:
+                for event in w.stream(self.core.list_namespaced_pod, self.namespace, label_selector=LABEL,
+                                      timeout_seconds=30):  # fmt: skip
+                    pod = event["object"]
+                    if pod.spec.node_name:
+                        job = pod.metadata.labels.get(LABEL)
+                        with self.cond:
+                            self.bound.setdefault(job, time.monotonic())
+                            self.cond.notify_all()
+                    if self._stop:
+                        w.stop()
+            except ApiException as exc:
+                # An API server behind on its watch cache under the burst answers a resumed watch with
+                # 504 "Too large resource version" (or 410 Gone): list and watch afresh, at once.
+                print(f"bench watch restarted: {exc.status} {exc.reason}", file=sys.stderr, flush=True)
 
     def wait(self, names: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
