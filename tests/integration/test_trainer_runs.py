@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgetune_api.delta import read_folder, verify_package
+from edgetune_trainer import loop
 from edgetune_trainer.__main__ import classify, main
 from edgetune_trainer.checkpoint import load_latest
 from edgetune_trainer.models import TimeSeriesCNN, save_builtin
@@ -442,3 +444,33 @@ def test_baselines_train_the_head_or_every_weight_and_package_nothing(
     code, summary, log = run(tmp_path, capsys)  # the adapter, in the same work folder
     assert code == 0 and summary["sha256"]
     assert next(e for e in log if e["event"] == "checkpoints_set_aside")["differ"] == ["baseline"]
+
+
+def test_auto_batch_size_turns_gradient_checkpointing_on_when_it_fits_twice_the_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With gradientCheckpointing left unset, ``batchSize: auto`` measures both ways and trains with
+    checkpointing when a micro-batch at least twice as large fits; set to false, it never does. The
+    probe is replaced by a fixed memory model (100 MB per sample, 40 with checkpointing, over 3000 MB)
+    so the decision is exact; the saving itself is measured in test_trainer_parts."""
+
+    def probe(model: torch.nn.Module, task: object, samples: object, size: int, **_: object) -> int:
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        return (3000 + size * (40 if checkpointing else 100)) * 10**6
+
+    monkeypatch.setattr(loop, "probe_peak", probe)  # budget 4 GiB: 90 % is 3865 MB
+    code, summary, log = run(tmp_path, capsys, training={"batchSize": "auto", "maxSteps": 2})
+    assert code == 0, summary
+    auto = next(e for e in log if e["event"] == "gradient_checkpointing_auto")
+    assert (auto["enabled"], auto["without"], auto["with_checkpointing"], summary["batchSize"]) == (True, 8, 16, 16)
+    assert next(e for e in log if e["event"] == "batch_size_fitted")["gradient_checkpointing"] is True
+    explicit = {"batchSize": "auto", "maxSteps": 2, "gradientCheckpointing": False}
+    code, summary, log = run(tmp_path, capsys, training=explicit)
+    assert code == 0 and summary["batchSize"] == 8, summary
+    assert not any(e["event"] == "gradient_checkpointing_auto" for e in log)
+    # Not even one sample fits without checkpointing, two do with it: it trains instead of failing.
+    monkeypatch.setattr(
+        loop, "probe_peak", lambda model, task, samples, size, **_: probe(model, task, samples, size * 9)
+    )
+    code, summary, log = run(tmp_path, capsys, training={"batchSize": "auto", "maxSteps": 2})
+    assert code == 0 and summary["batchSize"] == 2, summary

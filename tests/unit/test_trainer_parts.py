@@ -507,3 +507,28 @@ def test_prepare_work_dir_hands_the_checkpoint_folder_to_the_trainers_user(tmp_p
     assert main(["prepare-work-dir", str(work), "--owner", "10001:10001"]) == 0
     assert (work.stat().st_uid, work.stat().st_gid) == (10001, 10001)
     assert main(["prepare-work-dir", str(work), "--owner", "10001:10001"]) == 0  # idempotent (a retried pod)
+
+
+def test_checkpointing_the_builtin_model_block_by_block_lowers_the_training_peak() -> None:
+    """One checkpoint segment per conv block: the backward pass rebuilds one block's activations at a
+    time (one segment for the whole stack rebuilt them all at once and saved almost nothing)."""
+    from edgetune_api.training_job import PeftSpec  # noqa: PLC0415
+    from edgetune_trainer import models  # noqa: PLC0415
+    from edgetune_trainer.energy import peak_rss_bytes, reset_peak_rss, trim_heap  # noqa: PLC0415
+
+    base = models.builtin_random("timeseries-cnn", 3, 3, 0)
+    model = models.attach(base, PeftSpec(r=8))
+    x = torch.randn(32, 3, 4096)
+
+    def peak(checkpointing: bool) -> int:
+        base.model.gradient_checkpointing = checkpointing
+        trim_heap()
+        assert reset_peak_rss()
+        start = peak_rss_bytes()
+        model(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return peak_rss_bytes() - start
+
+    peak(False)  # warm-up: the first pass allocates torch's own buffers
+    plain, checkpointed = peak(False), peak(True)
+    assert checkpointed < 0.85 * plain, (plain, checkpointed)  # measured 0.73 (whole stack as one segment: 1.08)

@@ -203,8 +203,10 @@ class TrainingSpec(ApiModel):
     """Micro-batch size, or `auto` to use the largest one that fits the memory budget (measured on the node)."""
     gradient_accumulation: Annotated[int, Field(ge=1, le=1024)] = 1
     """Micro-batches accumulated per optimizer step."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, more compute."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, more compute. Unset: off, except with
+    `batchSize: auto`, where the trainer measures both and turns it on when a micro-batch at least
+    twice as large then fits the memory budget."""
     optimizer: Literal["sgd", "adamw", "adamw8bit"] = "adamw"
     """Optimizer; adamw8bit falls back to adamw (with a warning) where bitsandbytes does not support the device."""
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3

@@ -13,6 +13,9 @@ kernel and NVML interfaces, testable against a fixture sysfs tree.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import resource
 import time
@@ -179,6 +182,15 @@ def peak_rss_bytes() -> int:
 def current_rss_bytes() -> int:
     kib = _status_kib("VmRSS")
     return kib * 1024 if kib is not None else peak_rss_bytes()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the kernel (glibc's ``malloc_trim``), so that the resident size
+    measured next is what is in use, not what an earlier, larger allocation left cached. Best effort
+    (other C libraries: nothing)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> bool:

@@ -35,6 +35,7 @@ from edgetune_trainer.energy import (
     on_ac_power,
     peak_rss_bytes,
     reset_peak_rss,
+    trim_heap,
 )
 from edgetune_trainer.models import BaseModel, ModelError, adapter_state, attach, load_adapter_state
 
@@ -299,6 +300,8 @@ def probe_peak(model: nn.Module, task: Task, samples: list[Sample], size: int, *
     batch = [samples[i % len(samples)] for i in range(size)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        trim_heap()  # a larger probe before this one (or a search without checkpointing) must not count
     reset_peak_rss()
     loss, _ = task.loss(model, task.batch(batch, None, aug))
     loss.backward()  # type: ignore[no-untyped-call]
@@ -317,9 +320,10 @@ def too_big(what: str, peak: int, runtime: int, budget: int) -> str:
 
 def find_batch_size(
     model: nn.Module, task: Task, dataset: NodeDataset, *, budget_bytes: int, aug: Any, device: torch.device,
-    limit: int, runtime_bytes: int = 0,
+    limit: int,
 ) -> tuple[int, list[dict[str, int]]]:  # fmt: skip
-    """Largest micro-batch (powers of two up to ``limit``) whose measured fwd/bwd peak fits the budget."""
+    """Largest micro-batch (powers of two up to ``limit``) whose measured fwd/bwd peak fits the
+    budget, 0 when not even one sample fits; and the probes."""
     samples = probe_samples(dataset, limit)
     probes: list[dict[str, int]] = []
     best = 0
@@ -331,8 +335,6 @@ def find_batch_size(
             break
         best = size
         size *= 2
-    if best == 0:
-        raise BudgetTooSmallError(too_big("a micro-batch of 1", probes[0]["peak_bytes"], runtime_bytes, budget_bytes))
     return best, probes
 
 
@@ -370,12 +372,10 @@ class TrainingRun:
         np.random.seed(self.tr.seed)  # legacy global state that libraries may use
         self.task = Task(base, self.info, device, self.spec.data)
         self.model = attach(base, self.spec.peft, self.rt.baseline).to(device)
+        self.base_module = base.model
+        self.checkpointing = False
         if self.tr.gradient_checkpointing:
-            enable = getattr(base.model, "gradient_checkpointing_enable", None)
-            if callable(enable):  # transformers models
-                enable()
-            else:  # our built-in models
-                setattr(base.model, "gradient_checkpointing", True)  # noqa: B010 - nn.Module attribute typing
+            self._set_checkpointing(True)
         self.model.train()
         self.batch_size = self._batch_size()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -396,6 +396,34 @@ class TrainingRun:
         self.report.gauge("memory_budget", parse_quantity(self.spec.budgets.memory))
         if self.spec.budgets.energy_joules is not None:
             self.report.gauge("energy_budget", self.spec.budgets.energy_joules)
+
+    def _set_checkpointing(self, on: bool) -> None:
+        """Gradient checkpointing on the base: transformers' switch, or our built-in models' flag."""
+        switch = getattr(self.base_module, "gradient_checkpointing_enable" if on else "gradient_checkpointing_disable",
+                         None)  # fmt: skip
+        if callable(switch):  # transformers models
+            switch()
+        else:  # our built-in models
+            setattr(self.base_module, "gradient_checkpointing", on)  # noqa: B010 - nn.Module attribute typing
+        self.checkpointing = on
+
+    def _auto_checkpointing(self, plain: int, limit: int, budget: int, aug: Any) -> int:
+        """``batchSize: auto`` with ``gradientCheckpointing`` left unset: measure again with
+        checkpointing on, and keep it when it lets a micro-batch at least twice as large fit (or any,
+        where none fitted without): recomputing activations costs about a third more compute per
+        sample, and fewer, larger steps win that back. The choice and the search are reported."""
+        if plain >= limit or self.tr.gradient_checkpointing is not None:
+            return plain
+        self._set_checkpointing(True)
+        with_ckpt, probes = find_batch_size(self.model, self.task, self.dataset, budget_bytes=budget, aug=aug,
+                                            device=self.device, limit=limit)  # fmt: skip
+        chosen = with_ckpt >= max(1, 2 * plain)
+        self.report("gradient_checkpointing_auto", enabled=chosen, batch_size=with_ckpt if chosen else plain,
+                    without=plain, with_checkpointing=with_ckpt, probes=probes)  # fmt: skip
+        if not chosen:
+            self._set_checkpointing(False)
+            return plain
+        return with_ckpt
 
     def _batch_size(self) -> int:
         """The micro-batch: measured against the memory budget whether fitted (``auto``) or fixed,
@@ -421,11 +449,14 @@ class TrainingRun:
                         budget_bytes=budget)  # fmt: skip
             return size
         limit = min(512, max(1, self.info.train_samples))
-        size, probes = find_batch_size(
-            self.model, self.task, self.dataset, budget_bytes=budget, aug=aug, device=self.device, limit=limit,
-            runtime_bytes=runtime,
-        )  # fmt: skip
-        self.report("batch_size_fitted", batch_size=size, probes=probes, budget_bytes=budget, runtime_bytes=runtime)
+        size, probes = find_batch_size(self.model, self.task, self.dataset, budget_bytes=budget, aug=aug,
+                                       device=self.device, limit=limit)  # fmt: skip
+        if not self.checkpointing:
+            size = self._auto_checkpointing(size, limit, budget, aug)
+        if size == 0:
+            raise BudgetTooSmallError(too_big("a micro-batch of 1", probes[0]["peak_bytes"], runtime, budget))
+        self.report("batch_size_fitted", batch_size=size, probes=probes, budget_bytes=budget, runtime_bytes=runtime,
+                    gradient_checkpointing=self.checkpointing)  # fmt: skip
         return size
 
     def _autocast_dtype(self) -> torch.dtype | None:
