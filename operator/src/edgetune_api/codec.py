@@ -10,7 +10,7 @@ operator (which averages per-node adapters without torch) and the edge agent (wh
   closer; each block's scale chosen to minimise its squared error (clipping the largest values
   when that is closer overall). Tensor shapes, level tables and the block
   size travel in the safetensors metadata (packages written before those were recorded used
-  blocks of 128 and evenly spaced levels, and still decode). Measured: ``bench/bench_int4.py``.
+  blocks of 128 and evenly spaced levels, and still decode). Measured: ``bench/bench_adapters.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ Array = npt.NDArray[np.float32]
 
 SCALE_SUFFIX = ".__scale__"
 BLOCK = 64  # values per int8 scale: 6 % overhead, error bounded by each block's own range
-BLOCK4 = 32  # values per int4 scale (fp16): 4.5 bits per value before zstd (128 until 2026-11-29: see bench_int4)
+BLOCK4 = 32  # values per int4 scale (fp16): 4.5 bits per value before zstd (128 until 2026-11-29: bench_adapters)
 BLOCK4_LEGACY = 128  # the block size of int4 packages that do not record theirs
 BLOCK4_KEY = "__int4_block__"  # safetensors metadata: the int4 block size
 CLIP_CANDIDATES = np.linspace(0.55, 1.0, 10, dtype=np.float32)
@@ -115,7 +115,7 @@ def _int4(
         codes[start : start + _CHUNK] = index[best, rows]
         scales[start : start + _CHUNK] = tried[best, rows].astype(np.float16)
         error += float(errors[best, rows].sum())
-    pairs = codes.reshape(-1, 2).astype(np.uint8)
+    pairs = codes.reshape(-1, 2)
     return (pairs[:, 0] | (pairs[:, 1] << 4)).astype(np.uint8), scales, error
 
 

@@ -22,6 +22,10 @@ from edgetune_api.training_job import (
     S3Output,
 )
 
+Baseline = Literal["head", "full"]
+"""What a baseline run trains instead of an adapter (a run by hand): the output head alone (a linear
+probe on frozen features) or every weight of the base (full fine-tuning)."""
+
 
 class TrainerDataSpec(DataSpec):
     """``spec.data`` as the trainer reads it: ``source`` may be left out (runtime.dataDir says where)."""
@@ -112,7 +116,7 @@ class TrainerRuntime(ApiModel):
     """Power assumed per busy CPU core when no meter is readable; results are labelled estimate."""
     threads: Annotated[int, Field(ge=0)] = 0
     """torch CPU threads; 0 keeps torch's default."""
-    baseline: Literal["head", "full"] | None = None
+    baseline: Baseline | None = None
     """A baseline run by hand instead of an adapter: train the output head alone (``head``) or every
     weight of the base (``full``) with the same data, split, loop and budgets, and report its
     metrics; nothing is packaged. Shows what LoRA recovers against a linear probe and against full

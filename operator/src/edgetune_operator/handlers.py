@@ -14,14 +14,13 @@ import datetime
 import functools
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import kopf
 
 from edgetune_api.meta import GROUP, VERSION
 from edgetune_operator import discovery, metrics
-from edgetune_operator.clients.kube import EDGE_CLUSTERS, Connection, InCluster, Kube
+from edgetune_operator.clients.kube import EDGE_CLUSTERS, Connection, Kube
 from edgetune_operator.clients.mlflow import Mlflow
 from edgetune_operator.clients.prometheus import Prometheus
 from edgetune_operator.controllers.clusters import Clusters
@@ -87,11 +86,9 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
     The token is projected and rotated by the kubelet; marking it expired after a few minutes makes
     kopf read the file again instead of holding an old token until the API server refuses it."""
-    pod = InCluster.detect()
-    connection = Connection.from_service_account(pod) if pod else Connection.from_kubeconfig_files()
-    token, expires = connection.token, None
+    connection = Connection.from_environment()
+    token, expires = connection.current_token(), None
     if connection.token_path:
-        token = Path(connection.token_path).read_text(encoding="utf-8").strip()
         expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
     return kopf.ConnectionInfo(
         server=connection.server, ca_path=connection.ca_path, ca_data=connection.ca_pem,

@@ -22,13 +22,13 @@ import time
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
 from edgetune_api.delta import SIGNATURE, TRAINER_SIGNATURE, Lineage
-from edgetune_api.trainer_config import BaseFiles, TrainerConfig, UploadPolicy
+from edgetune_api.trainer_config import BaseFiles, Baseline, TrainerConfig, UploadPolicy
 
 EXIT = {"Succeeded": 0, "InvalidInput": 2, "InsufficientData": 3, "BudgetTooSmall": 4, "StorageError": 5, "Failed": 1,
         "Interrupted": 143}  # fmt: skip
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-key", help="override runtime.trainerKeyPath (its derived key: trainer.sig)")
     parser.add_argument("--upload-policy", help="override runtime.uploadPolicyPath (presigned S3 POST policy, JSON)")
     parser.add_argument("--base-files", help="override runtime.baseFilesPath (presigned base model URLs, JSON)")
-    parser.add_argument("--baseline", choices=["head", "full"],
+    parser.add_argument("--baseline", choices=get_args(Baseline),
                         help="train the output head alone or every weight instead of an adapter, report the "
                              "metrics, package nothing (what LoRA recovers: docs/trainer.md)")  # fmt: skip
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edgetune_api.delta import sha256_bytes, sha256_file
-from edgetune_api.trainer_config import BaseFiles
+from edgetune_api.trainer_config import BaseFiles, Baseline
 from edgetune_api.training_job import PeftSpec
 from edgetune_trainer.registry import resolve_mlflow_uri
 
@@ -65,8 +65,8 @@ class TimeSeriesCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std
         if self.gradient_checkpointing and self.training:
-            # One segment per conv block: recomputing the whole stack as one segment would rebuild
-            # every activation at once in the backward pass, and the peak would barely move.
+            # One segment per conv block: recomputing the whole stack as one segment rebuilt every
+            # activation at once in the backward pass, and the peak rose instead of falling.
             for start in range(0, len(self.features), 2):
                 x = checkpoint(self.features[start : start + 2], x, use_reentrant=False)
         else:
@@ -273,11 +273,6 @@ def attach_lora(base: BaseModel, spec: PeftSpec, *, trainable_head: bool = False
         return get_peft_model(base.model, config)
     except ValueError as exc:
         raise ModelError(f"cannot attach LoRA to the base model: {exc}") from exc
-
-
-Baseline = Literal["head", "full"]
-"""What a baseline run trains instead of an adapter (``--baseline``, a run by hand): the output head
-alone (a linear probe on frozen features) or every weight of the base (full fine-tuning)."""
 
 
 def head_module(model: nn.Module) -> nn.Module:

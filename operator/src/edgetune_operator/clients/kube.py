@@ -164,6 +164,18 @@ class Connection:
     def from_service_account(cls, pod: InCluster) -> Connection:
         return cls(server=pod.server, ca_path=pod.ca_path, token_path=pod.token_path, namespace=pod.namespace)
 
+    @classmethod
+    def from_environment(cls) -> Connection:
+        """The pod's service account when running in a pod (``InCluster``), else ``$KUBECONFIG``."""
+        pod = InCluster.detect()
+        return cls.from_service_account(pod) if pod else cls.from_kubeconfig_files()
+
+    def current_token(self) -> str | None:
+        """The bearer token: the token file read now (the kubelet rotates it), else ``token``."""
+        if self.token_path:
+            return Path(self.token_path).read_text(encoding="utf-8").strip()
+        return self.token
+
     def ssl_context(self) -> ssl.SSLContext:
         if self.insecure:
             context = ssl.create_default_context()
@@ -210,9 +222,6 @@ class InCluster:
             namespace = Path(folder, "namespace").read_text(encoding="utf-8").strip() or None
         server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
         return cls(server, f"{folder}/token", f"{folder}/ca.crt", namespace)
-
-    def token(self) -> str:
-        return Path(self.token_path).read_text(encoding="utf-8").strip()
 
 
 class KubeError(RuntimeError):
@@ -282,9 +291,7 @@ class Kube:
             ssl_context=connection.ssl_context() if secure else None,
         )  # fmt: skip
         self._token_lock = threading.Lock()
-        self._token: tuple[float, str | None] = (time.monotonic(), connection.token)
-        if connection.token_path:
-            self._token = (time.monotonic(), self._read_token())
+        self._token: tuple[float, str | None] = (time.monotonic(), connection.current_token())
 
     @classmethod
     def from_kubeconfig_dict(cls, kubeconfig: Any, cluster: str) -> Kube:
@@ -294,24 +301,19 @@ class Kube:
     def from_environment(cls) -> Kube:
         """The pod's service account when running in a pod (``InCluster``; the token is re-read as the
         kubelet rotates it), else ``$KUBECONFIG``."""
-        pod = InCluster.detect()
-        connection = Connection.from_service_account(pod) if pod else Connection.from_kubeconfig_files()
-        return cls(connection, "local")
+        return cls(Connection.from_environment(), "local")
 
     def close(self) -> None:
         self.http.clear()
 
     # -- raw calls --------------------------------------------------------------------------------
 
-    def _read_token(self) -> str:
-        return Path(str(self.connection.token_path)).read_text(encoding="utf-8").strip()
-
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": FIELD_MANAGER}
         token = self._token[1]
         if self.connection.token_path and time.monotonic() - self._token[0] > TOKEN_REREAD_SECONDS:
             with self._token_lock, suppress(OSError):
-                token = self._read_token()
+                token = self.connection.current_token()
                 self._token = (time.monotonic(), token)
         if token:
             headers["Authorization"] = f"Bearer {token}"
