@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -39,17 +38,11 @@ from kubernetes import client as k8s
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
-from edgetune_testenv.procs import memory_mb, wait_for
+from edgetune_testenv.procs import cpu_seconds, memory_mb, wait_for
 from edgetune_testenv.servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 USER = "edgetune-operator"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def requests(plane: ControlPlane, since: float, until: float) -> tuple[int, int]:

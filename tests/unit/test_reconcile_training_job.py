@@ -233,3 +233,28 @@ def test_observe_succeeded_and_failed_trainers() -> None:
     crashed = observe_trainer(Target(), failed, [_pod("Traceback (most recent call last): ... MemoryError")])
     assert crashed.message is not None and crashed.message.endswith("MemoryError")
     assert observe_trainer(Target(), None, []).phase == "Pending"
+
+
+def test_observe_trusts_the_pods_before_the_job_controller_catches_up() -> None:
+    """Under load the Job controller records a pod's start or success late: the trainer's phase
+    follows the pods, so the job does not pass through states that only the lag produced."""
+    created = {"metadata": {"name": "j"}, "status": {}}  # the Job controller has written nothing yet
+    summary = json.dumps({"status": "Succeeded", "steps": 3, "deltaUri": "s3://b/p"})
+    succeeded = {**_pod(summary), "metadata": {"name": "p"}}
+    succeeded["status"]["phase"] = "Succeeded"
+    status = observe_trainer(Target(), created, [succeeded])
+    assert (status.phase, status.step, status.node) == ("Packaging", 3, "n1")
+
+    running = {"metadata": {"name": "p"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}
+    assert observe_trainer(Target(), created, [running]).phase == "Training"
+    pending = {"metadata": {"name": "p"}, "spec": {}, "status": {"phase": "Pending"}}
+    assert observe_trainer(Target(), created, [pending]).phase == "Scheduled"
+    # A pod on its way out (the Job was suspended) is no longer training.
+    leaving = {**running, "metadata": {"name": "p", "deletionTimestamp": "2026-11-29T10:00:00Z"}}
+    suspended = {"metadata": {"name": "j"}, "spec": {"suspend": True}, "status": {}}
+    assert observe_trainer(Target(), suspended, [leaving]).phase == "Suspended"
+    # A failed attempt with retries left is not the trainer's outcome.
+    failed = {"metadata": {"name": "p"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Failed"}}
+    assert (
+        observe_trainer(Target(), {"metadata": {"name": "j"}, "status": {"active": 1}}, [failed]).phase == "Scheduled"
+    )

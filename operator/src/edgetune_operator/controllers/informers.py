@@ -47,7 +47,7 @@ def _slim(obj: dict[str, Any], spec_keys: tuple[str, ...], status_keys: tuple[st
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
-    kept = ("name", "namespace", "uid", "labels", "annotations", "resourceVersion")
+    kept = ("name", "namespace", "uid", "labels", "annotations", "resourceVersion", "deletionTimestamp")
     return {
         "metadata": {k: meta[k] for k in kept if k in meta},
         "spec": {k: spec[k] for k in spec_keys if k in spec},

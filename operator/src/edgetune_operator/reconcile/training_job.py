@@ -384,6 +384,11 @@ def _termination(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str
     return (parsed if isinstance(parsed, dict) else {"message": str(parsed)}), node
 
 
+def _pod_phase(pod: dict[str, Any]) -> str | None:
+    phase: str | None = (pod.get("status") or {}).get("phase")
+    return phase
+
+
 def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> TargetStatus:
     """One trainer's status from its Job and the Job's pods (as the apiserver returns them)."""
     status = TargetStatus(cluster=target.cluster, node=target.node)
@@ -409,7 +414,16 @@ def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[
         metrics = summary.get("metrics") or {}
         status.loss = metrics.get("train_loss")
         status.eval_loss = metrics.get("eval_loss")
-    if "Complete" in job_conditions:
+    # The pods say first what the Job's status says later: under load the Job controller records a
+    # pod's start or success seconds to minutes after the kubelet did, and each state seen on the way
+    # would cost the EdgeTrainingJob a status write. One pod succeeding completes the Job (one
+    # completion), so its summary is the trainer's outcome whether or not the Job says so yet.
+    live = [
+        p
+        for p in pods
+        if _pod_phase(p) in ("Pending", "Running") and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    if "Complete" in job_conditions or any(_pod_phase(p) == "Succeeded" for p in pods):
         status.phase = "Packaging" if summary and summary.get("status") == "Succeeded" else "Failed"
         if status.phase == "Failed":
             status.message = "the trainer exited 0 but left no success summary"
@@ -418,9 +432,8 @@ def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[
         status.phase = "Failed"
         detail = f"{summary.get('reason')}: {summary.get('message')}" if summary else cond.get("message", "")
         status.message = f"{cond.get('reason', 'Failed')}: {detail}"[:4096]
-    elif (job.get("status") or {}).get("active"):
-        running = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
-        status.phase = "Training" if running else "Scheduled"
+    elif live or (job.get("status") or {}).get("active"):
+        status.phase = "Training" if any(_pod_phase(p) == "Running" for p in live) else "Scheduled"
     elif (job.get("spec") or {}).get("suspend"):
         status.phase = "Suspended"
     return status
