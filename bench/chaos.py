@@ -54,6 +54,7 @@ from kubernetes import client as k8s
 
 from edgetune_api.codec import WEIGHTS
 from edgetune_api.delta import sign
+from edgetune_operator.controllers.credentials import SECRET_TTL_SECONDS
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import LocalImage, PodExecutor
 from edgetune_testenv.nodes import default_fleet
@@ -214,7 +215,9 @@ def _timed_fault(world: World, fault: str, cluster: str) -> None:
         dead = saved.replace(world.edge.server, f"https://127.0.0.1:{free_port()}")
         world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": dead}}))
         try:
-            time.sleep(rng.uniform(3.0, 12.0))
+            # The operator reads a kubeconfig Secret again within SECRET_TTL_SECONDS: the outage it sees
+            # lasts 3-12 s.
+            time.sleep(SECRET_TTL_SECONDS + rng.uniform(3.0, 12.0))
         finally:
             world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": saved}}))
 

@@ -377,6 +377,9 @@ def test_deleting_a_job_while_its_edge_cluster_is_unreachable_is_bounded_and_swe
         return dict(json.loads(hub_crds.kubectl("get", "edgecluster", "edge-b", "-o", "json").stdout))
 
     try:
+        # The kubeconfig Secret is read again within SECRET_TTL_SECONDS: the next heartbeat after that fails.
+        eventually(lambda: (edge_b().get("status") or {}).get("reachable") is False, timeout=60,
+                   what="edge-b unreachable")  # fmt: skip
         k8s.CustomObjectsApi(api).delete_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs",
                                                                   "orphan")  # fmt: skip
 

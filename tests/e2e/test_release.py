@@ -440,6 +440,9 @@ def cut(w: World, cluster: str) -> str:
     dead = plane.kubeconfig.read_text().replace(plane.server, f"https://127.0.0.1:{free_port()}")
     w.hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge", "-p",
                   json.dumps({"stringData": {"kubeconfig": dead}}))  # fmt: skip
+    # The operator reads a kubeconfig Secret again within SECRET_TTL_SECONDS: cut once a heartbeat says so.
+    eventually(lambda: (json.loads(w.hub.kubectl("get", "edgecluster", cluster, "-o", "json").stdout).get("status")
+                        or {}).get("reachable") is False, timeout=60, what=f"{cluster} unreachable")  # fmt: skip
     return str(saved)
 
 

@@ -16,7 +16,7 @@ from edgetune_api.meta import LabelSelector
 from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
 from edgetune_operator import discovery
 from edgetune_operator.clients.object_store import Verified
-from edgetune_operator.controllers.clusters import count_nodes
+from edgetune_operator.controllers.clusters import Clusters, count_nodes
 from edgetune_operator.delta.aggregate import aggregate
 from edgetune_operator.delta.fedavg import AggregationError
 from edgetune_operator.reconcile import registration
@@ -297,3 +297,21 @@ def test_start_up_waits_until_discovery_serves_every_edgetune_resource() -> None
     late = _Discovery([(True, ["edgetrainingjobs"])])
     with pytest.raises(discovery.ResourcesNotServedError, match="does not serve adapterreleases, edgeclusters"):
         discovery.wait_until_served(late, timeout=0.05, poll=0.01)  # type: ignore[arg-type]
+
+
+def _edge(generation: int, interval: str) -> dict[str, Any]:
+    spec = {"kubeconfigSecretRef": {"name": "k", "namespace": "ns"}, "heartbeatInterval": interval}
+    return {"metadata": {"name": "shop-1", "generation": generation}, "spec": spec}
+
+
+def test_heartbeat_is_due_once_per_interval_and_at_once_after_a_spec_change() -> None:
+    clusters = Clusters(None, Settings())  # type: ignore[arg-type] - due() makes no request
+    assert clusters.due(_edge(1, "30s"), now=100.0)  # first sight: probed at once
+    assert not clusters.due(_edge(1, "30s"), now=129.0)
+    assert clusters.due(_edge(1, "30s"), now=130.0)
+    assert not clusters.due(_edge(1, "30s"), now=131.0)
+    assert clusters.due(_edge(2, "5s"), now=131.5)  # a new generation: at once, at its own interval
+    assert not clusters.due(_edge(2, "5s"), now=136.0)
+    assert clusters.due(_edge(2, "5s"), now=136.5)
+    clusters.forget("shop-1")
+    assert clusters.due(_edge(2, "5s"), now=137.0)  # a cluster deleted and created again starts afresh

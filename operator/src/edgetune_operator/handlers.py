@@ -6,6 +6,7 @@ event loop, no thread), which queues a reconcile for a new job, a job listed at 
 changed spec; the trainers' own watches (``controllers/informers.py``, every cluster) queue it when
 a trainer Job or pod changes. No change handler: kopf writes no progress or diff-base annotations
 for them, only its finalizer. All lead to the same ``reconcile``; none depends on which came first.
+EdgeClusters: no kopf handler at all (``controllers.clusters.Heartbeats``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import kopf
 
 from edgetune_api.meta import GROUP, VERSION
 from edgetune_operator import discovery, metrics
-from edgetune_operator.clients.kube import EDGE_CLUSTERS, Connection, Kube
+from edgetune_operator.clients.kube import Connection, Kube
 from edgetune_operator.clients.mlflow import Mlflow
 from edgetune_operator.clients.prometheus import Prometheus
-from edgetune_operator.controllers.clusters import Clusters
+from edgetune_operator.controllers.clusters import Clusters, Heartbeats
 from edgetune_operator.controllers.release import ReleaseController
 from edgetune_operator.controllers.training_job import FINALIZER, TrainingJobController, needs_finalizer
 from edgetune_operator.settings import Settings
@@ -41,6 +42,7 @@ class Runtime:
     releases: ReleaseController
     resync: threading.Thread
     release_resync: threading.Thread
+    heartbeats: Heartbeats
 
 
 RUNTIME = Runtime()
@@ -153,10 +155,12 @@ def start_resync(**_: Any) -> None:
     RUNTIME.resync.start()
     RUNTIME.release_resync = threading.Thread(target=RUNTIME.releases.resync_loop, name="release-resync", daemon=True)
     RUNTIME.release_resync.start()
+    RUNTIME.heartbeats = Heartbeats(RUNTIME.clusters, RUNTIME.jobs.sweep, RUNTIME.jobs.forget_cluster).start()
 
 
 @kopf.on.cleanup()
 def stop_resync(**_: Any) -> None:
+    RUNTIME.heartbeats.close()
     RUNTIME.jobs.close()
     RUNTIME.releases.close()
 
@@ -202,24 +206,5 @@ def release_deleted(body: kopf.Body, **_: Any) -> None:
 
 
 # -- EdgeCluster ----------------------------------------------------------------------------------
-
-CLUSTER = (GROUP, VERSION, "edgeclusters")
-
-
-@kopf.on.resume(*CLUSTER)
-@kopf.on.create(*CLUSTER)
-@kopf.on.update(*CLUSTER, field="spec")
-@kopf.timer(*CLUSTER, interval=1.0)
-def edge_cluster_heartbeat(body: kopf.Body, **_: Any) -> None:
-    status = RUNTIME.clusters.heartbeat_if_due(dict(body))
-    if status is None:
-        return
-    RUNTIME.clusters.local.replace_status(EDGE_CLUSTERS, body["metadata"]["name"], None, status.to_wire())
-    if status.reachable:
-        RUNTIME.jobs.sweep(dict(body))  # trainers of jobs deleted while it was unreachable
-
-
-@kopf.on.delete(*CLUSTER, optional=True)
-def edge_cluster_deleted(name: str, **_: Any) -> None:
-    RUNTIME.jobs.forget_cluster(name)
-    RUNTIME.clusters.forget(name)
+# No kopf handler: ``Heartbeats`` (started with the controllers) follows EdgeClusters with a watch
+# of its own and probes each when its heartbeat is due; kopf neither watches nor annotates them.

@@ -1,12 +1,21 @@
 """The cluster registry: the local cluster (implicit) and every EdgeCluster, reached through the
 kubeconfig in its Secret. Clients are cached per cluster and rebuilt when the Secret changes.
+
+EdgeClusters are read from a watch of our own (``Informer``: listed once, then watched), so
+selecting clusters for a job, or reading one's status, costs no request; the kubeconfig Secret is
+read again at most every ``SECRET_TTL_SECONDS``. ``Heartbeats`` probes every cluster when its
+``heartbeatInterval`` is due from one loop and a small pool of threads, rather than a kopf timer per
+EdgeCluster (an asyncio task and a thread hand-off per cluster every second, whether due or not).
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,12 +26,16 @@ import yaml
 from edgetune_api.edge_cluster import EdgeClusterSpec, EdgeClusterStatus, NodeCounts
 from edgetune_api.meta import LabelSelector, parse_duration
 from edgetune_operator import metrics
-from edgetune_operator.clients.kube import EDGE_CLUSTERS, NODES, SECRETS, Kube, KubeError, UnreachableError
+from edgetune_operator.clients.kube import EDGE_CLUSTERS, NODES, Kube, KubeError, NotFoundError, UnreachableError
+from edgetune_operator.controllers.credentials import ConfigurationError, read_secret
+from edgetune_operator.controllers.informers import Informer
 from edgetune_operator.reconcile.placement import Node, accelerator_resources
 from edgetune_operator.reconcile.training_job import set_condition
 from edgetune_operator.settings import Settings
 
 LOCAL = "local"
+log = logging.getLogger("edgetune.clusters")
+SPEC_KEYS = tuple(field.alias or name for name, field in EdgeClusterSpec.model_fields.items())
 
 
 class ClusterUnavailableError(RuntimeError):
@@ -41,26 +54,55 @@ class Clusters:
         self.settings = settings
         self._cache: dict[str, _Entry] = {}
         self._probed: dict[tuple[str, Any], float] = {}
+        self._intervals: dict[tuple[str, Any], float] = {}
         self._nodes: dict[str, tuple[float, list[Node]]] = {}
         self._node_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self.watched: Informer | None = None
+        """EdgeClusters as last seen (``watch``); until it is in sync, reads go to the API server."""
+
+    def watch(self, on_change: Callable[[str], None] | None = None) -> Informer:
+        """Start following EdgeClusters; ``on_change`` hears each change (or deletion) by name."""
+
+        def changed(_cluster: str, _namespace: str, name: str) -> None:
+            if on_change is not None:
+                on_change(name)
+
+        self.watched = Informer(LOCAL, self.local, EDGE_CLUSTERS, None, changed, spec_keys=SPEC_KEYS).start()
+        return self.watched
+
+    def _synced(self) -> Informer | None:
+        watched = self.watched
+        return watched if watched is not None and watched.synced.is_set() else None
+
+    def edge_clusters(self) -> list[dict[str, Any]]:
+        watched = self._synced()
+        return watched.objects() if watched is not None else self.local.list(EDGE_CLUSTERS)
 
     def select(self, selector: LabelSelector | None) -> list[str]:
         """Names of the clusters a job's clusterSelector picks; the local cluster when it has none."""
         if selector is None:
             return [LOCAL]
         names = []
-        for obj in self.local.list(EDGE_CLUSTERS):
+        for obj in self.edge_clusters():
             labels = dict(obj["metadata"].get("labels") or {})
             if selector.matches(labels):
                 names.append(obj["metadata"]["name"])
         return sorted(names)
 
-    def edge_cluster(self, name: str) -> dict[str, Any]:
-        obj = self.local.get_or_none(EDGE_CLUSTERS, name)
+    def edge_cluster(self, name: str, *, fresh: bool = False) -> dict[str, Any]:
+        """The EdgeCluster as last watched; ``fresh``: read from the API server (for a write that
+        must carry its current resourceVersion)."""
+        watched = None if fresh else self._synced()
+        obj = watched.get("", name) if watched is not None else self.local.get_or_none(EDGE_CLUSTERS, name)
         if obj is None:
             raise ClusterUnavailableError(f"EdgeCluster {name} does not exist")
         return obj
+
+    def remember(self, edge_cluster: dict[str, Any]) -> None:
+        """An EdgeCluster as the operator just wrote it, before its watch event arrives."""
+        if self.watched is not None:
+            self.watched.remember(edge_cluster)
 
     def get(self, name: str) -> Kube:
         if name == LOCAL:
@@ -71,7 +113,10 @@ class Clusters:
         name = edge_cluster["metadata"]["name"]
         spec = EdgeClusterSpec.model_validate(edge_cluster["spec"])
         ref = spec.kubeconfig_secret_ref
-        secret = self.local.get_or_none(SECRETS, ref.name, ref.namespace)
+        try:
+            secret = read_secret(self.local, ref.namespace, ref.name)
+        except ConfigurationError as exc:  # the operator may not read it
+            raise ClusterUnavailableError(str(exc)) from None
         if secret is None:
             raise ClusterUnavailableError(f"Secret {ref.namespace}/{ref.name} (kubeconfig of {name}) does not exist")
         version = secret["metadata"].get("resourceVersion", "")
@@ -112,6 +157,8 @@ class Clusters:
     def forget(self, name: str) -> None:
         with self._lock:
             entry = self._cache.pop(name, None)
+            self._probed = {k: v for k, v in self._probed.items() if k[0] != name}
+            self._intervals = {k: v for k, v in self._intervals.items() if k[0] != name}
         if entry:
             entry.kube.close()
         with suppress(KeyError):  # a deleted EdgeCluster leaves no stale series behind
@@ -122,18 +169,22 @@ class Clusters:
 
     # -- EdgeCluster heartbeat ----------------------------------------------------------------------
 
-    def heartbeat_if_due(self, edge_cluster: dict[str, Any]) -> EdgeClusterStatus | None:
-        """A heartbeat when ``spec.heartbeatInterval`` has passed since the last probe (or the spec
-        changed), else None."""
+    def due(self, edge_cluster: dict[str, Any], now: float) -> bool:
+        """Whether ``spec.heartbeatInterval`` has passed since the cluster's last probe (a new
+        generation is probed at once); marks it probed when so."""
         meta = edge_cluster["metadata"]
-        interval = parse_duration(EdgeClusterSpec.model_validate(edge_cluster["spec"]).heartbeat_interval)
         key = (meta["name"], meta.get("generation"))
-        now = time.monotonic()
         with self._lock:
+            interval = self._intervals.get(key)
+            if interval is None:  # a new generation: parsed once, not on every tick; older ones dropped
+                self._intervals = {k: v for k, v in self._intervals.items() if k[0] != key[0]}
+                self._probed = {k: v for k, v in self._probed.items() if k[0] != key[0]}
+                spec = EdgeClusterSpec.model_validate(edge_cluster["spec"])
+                interval = self._intervals[key] = parse_duration(spec.heartbeat_interval)
             if now - self._probed.get(key, float("-inf")) < interval:
-                return None
+                return False
             self._probed[key] = now
-        return self.heartbeat(edge_cluster)
+            return True
 
     def heartbeat(self, edge_cluster: dict[str, Any], now: datetime | None = None) -> EdgeClusterStatus:
         """Probe the cluster: version, nodes by accelerator. The new status (not yet written)."""
@@ -167,6 +218,87 @@ class Clusters:
             generation=generation, now=now,
         )  # fmt: skip
         return status
+
+
+class Heartbeats:
+    """Probes every watched EdgeCluster whose heartbeat is due, writes its status and hands a
+    reachable one to ``on_reachable`` (the sweep of trainers left by jobs deleted meanwhile).
+
+    One loop over the watched copies wakes every ``TICK_SECONDS`` (at once when a cluster is added
+    or its spec changes); due probes go to a pool of ``workers`` threads, at most one per cluster, so
+    a cluster that answers slowly holds up no other. Runs on the leader only (started with the
+    controllers)."""
+
+    TICK_SECONDS = 1.0
+
+    def __init__(
+        self, clusters: Clusters, on_reachable: Callable[[dict[str, Any]], None], on_deleted: Callable[[str], None],
+        *, workers: int = 4,
+    ) -> None:  # fmt: skip
+        self.clusters = clusters
+        self.on_reachable = on_reachable
+        self.on_deleted = on_deleted
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="heartbeat")
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeats", daemon=True)
+
+    def start(self) -> Heartbeats:
+        self.clusters.watch(self.changed)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self._wake.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.clusters.watched is not None:
+            self.clusters.watched.stop()
+
+    def changed(self, name: str) -> None:
+        """From the EdgeCluster watch: a deleted cluster is forgotten, any other change looked at now."""
+        watched = self.clusters.watched
+        if watched is not None and watched.get("", name) is None:
+            self.clusters.forget(name)
+            self.on_deleted(name)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self._wake.wait(self.TICK_SECONDS)
+            self._wake.clear()
+            watched = self.clusters.watched
+            if watched is None or not watched.synced.is_set():
+                continue
+            now = time.monotonic()
+            for obj in watched.objects():
+                name = obj["metadata"]["name"]
+                with self._lock:
+                    if name in self._busy or not self.clusters.due(obj, now):
+                        continue
+                    self._busy.add(name)
+                try:
+                    self._pool.submit(self._beat, obj)
+                except RuntimeError:  # shut down meanwhile
+                    return
+
+    def _beat(self, edge_cluster: dict[str, Any]) -> None:
+        name = edge_cluster["metadata"]["name"]
+        try:
+            status = self.clusters.heartbeat(edge_cluster)
+            written = self.clusters.local.replace_status(EDGE_CLUSTERS, name, None, status.to_wire())
+            self.clusters.remember(written)
+            if status.reachable:
+                self.on_reachable(written)
+        except NotFoundError:
+            pass  # deleted meanwhile: its watch event forgets it
+        except Exception:  # the next due heartbeat tries again; the loop must go on
+            log.exception("heartbeat of EdgeCluster %s failed", name)
+        finally:
+            with self._lock:
+                self._busy.discard(name)
 
 
 def count_nodes(nodes: list[Node], settings: Settings) -> NodeCounts:

@@ -27,7 +27,8 @@ from edgetune_operator.reconcile.placement import Node
 log = logging.getLogger("edgetune.informer")
 
 OnChange = Callable[[str, str, str], None]
-"""Called with (cluster, namespace, uid label value) when a child of that job changed."""
+"""Called with (cluster, namespace, uid label value) when a child of that job changed; for an
+informer without a label, with the changed object's own name."""
 
 WATCH_SECONDS = 240
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
@@ -47,7 +48,7 @@ def _slim(obj: dict[str, Any], spec_keys: tuple[str, ...], status_keys: tuple[st
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
-    kept = ("name", "namespace", "uid", "labels", "annotations", "resourceVersion", "deletionTimestamp")
+    kept = ("name", "namespace", "uid", "generation", "labels", "annotations", "resourceVersion", "deletionTimestamp")
     return {
         "metadata": {k: meta[k] for k in kept if k in meta},
         "spec": {k: spec[k] for k in spec_keys if k in spec},
@@ -71,7 +72,8 @@ def newer(incoming: Mapping[str, Any], current: Mapping[str, Any] | None, *, str
 
 class Informer:
     """One kind on one cluster, selected by the presence of ``label`` (every object without one),
-    cached by (namespace, name) and indexed by the label's value."""
+    cached by (namespace, name) and indexed by the label's value. ``on_change`` hears of each change
+    by the label's value, or without a label by the object's name."""
 
     def __init__(
         self, cluster: str, kube: Kube, resource: Resource, label: str | None, on_change: OnChange | None, *,
@@ -125,7 +127,11 @@ class Informer:
             self.version += 1
             if owner:
                 self._by_owner.setdefault(owner, set()).add(key)
-        return owner
+        return owner if self.label else meta["name"]
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._objects.get((namespace, name))
 
     def _drop(self, namespace: str, name: str) -> str | None:
         key = (namespace, name)
@@ -134,7 +140,9 @@ class Informer:
             if obj is None:
                 return None
             self.version += 1
-            owner = (obj["metadata"].get("labels") or {}).get(self.label) if self.label else None
+            if not self.label:
+                return name
+            owner = (obj["metadata"].get("labels") or {}).get(self.label)
             if owner and owner in self._by_owner:
                 self._by_owner[owner].discard(key)
                 if not self._by_owner[owner]:

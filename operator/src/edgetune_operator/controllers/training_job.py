@@ -769,7 +769,7 @@ class TrainingJobController:
         entry = {"namespace": meta["namespace"], "job": meta["name"]}
         for _ in range(5):  # optimistic concurrency: another deletion may record its job meanwhile
             try:
-                edge = self.clusters.edge_cluster(cluster)
+                edge = self.clusters.edge_cluster(cluster, fresh=True)  # its resourceVersion guards the write
             except ClusterUnavailableError:
                 return  # the EdgeCluster itself is gone: nothing will ever come back to sweep
             pending = _pending(edge)
