@@ -172,6 +172,11 @@ def pytest_runtest_makereport(
     report = yield
     operator = getattr(item, "funcargs", {}).get("operator_proc")
     if call.when == "call" and report.failed and isinstance(operator, OperatorProcess):
+        # The log first: a stack dump of two dozen threads would otherwise fill the whole tail.
+        before = operator.log_tail(12000)
+        report.sections.append(("operator log (tail)", before))
         operator.dump_stacks()
-        report.sections.append(("operator log (tail)", operator.log_tail(12000)))
+        after, mark = operator.log_tail(40000), before[-200:]
+        cut = after.rfind(mark) if mark else -1
+        report.sections.append(("operator threads", after[cut + len(mark) :] if cut >= 0 else after))
     return report
