@@ -177,15 +177,21 @@ def _ts(value: Any) -> float:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 
-def creation_lag(custom: Any, batch: Any, names: set[str]) -> dict[str, float]:
+def training_jobs_created(custom: Any, names: set[str]) -> dict[str, float]:
+    """The named EdgeTrainingJobs' creationTimestamps (server-side, whole seconds)."""
+    jobs = custom.list_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs")["items"]
+    return {
+        j["metadata"]["name"]: _ts(j["metadata"]["creationTimestamp"]) for j in jobs if j["metadata"]["name"] in names
+    }
+
+
+def creation_lag(batch: Any, created: dict[str, float]) -> dict[str, float]:
     """Server-side: from each EdgeTrainingJob's creation to its trainer Job's creation (whole
     seconds, as creationTimestamp has them): the operator's share of the latency."""
-    jobs = custom.list_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs")["items"]
-    created = {j["metadata"]["name"]: _ts(j["metadata"]["creationTimestamp"]) for j in jobs}
     lags = []
     for child in batch.list_namespaced_job("bench", label_selector="edgetune.io/training-job-uid").items:
         name = (child.metadata.labels or {}).get(LABEL)
-        if name in names:
+        if name in created:
             lags.append(_ts(child.metadata.creation_timestamp) - created[name])
     return {"trainer_job_created_p50_s": round(statistics.median(lags), 1), "trainer_job_created_p99_s": round(
         p(lags, 0.99), 1)}  # fmt: skip
@@ -337,12 +343,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             result["pod_bound_watch_p50_s_1000jobs"] = round(statistics.median(many), 3)
             result["pod_bound_watch_p99_s_1000jobs"] = round(p(many, 0.99), 3)
             result["all_bound_s"] = round(max(pods.bound[n] for n in names) - started, 1)
-            result.update(creation_lag(custom, batch, set(names)))
-            items = custom.list_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs")[
-                "items"
-            ]
-            etj_created = {i["metadata"]["name"]: _ts(i["metadata"]["creationTimestamp"]) for i in items
-                           if i["metadata"]["name"] in set(names)}  # fmt: skip
+            etj_created = training_jobs_created(custom, set(names))
+            result.update(creation_lag(batch, etj_created))
             result["pod_bound_p50_s_1000jobs"], result["pod_bound_p99_s_1000jobs"] = server_bound(core, etj_created)
             result["operator_vs_bare_p99_ratio_1000jobs"] = round(
                 result["pod_bound_p99_s_1000jobs"] / max(result["bare_job_pod_bound_p99_s_1000"], 1.0), 2

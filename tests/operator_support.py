@@ -77,6 +77,17 @@ def wait_finished(api: Any, namespace: str, name: str, timeout: float = 300) -> 
     return eventually(finished, timeout=timeout, what=f"EdgeTrainingJob {namespace}/{name} to finish")
 
 
+def wait_unreachable(hub: ControlPlane, cluster: str, timeout: float = 60) -> None:
+    """Until a heartbeat reports the EdgeCluster unreachable: after its kubeconfig Secret was pointed
+    elsewhere, the operator reads the Secret again within SECRET_TTL_SECONDS."""
+
+    def unreachable() -> bool:
+        status = json.loads(hub.kubectl("get", "edgecluster", cluster, "-o", "json").stdout).get("status") or {}
+        return status.get("reachable") is False
+
+    eventually(unreachable, timeout=timeout, what=f"{cluster} unreachable")
+
+
 def events(plane: ControlPlane, namespace: str, name: str) -> list[tuple[str, str, str]]:
     out = plane.kubectl("-n", namespace, "get", "events", "-o", "json",
                         f"--field-selector=involvedObject.name={name}").stdout  # fmt: skip

@@ -26,7 +26,17 @@ from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
-from tests.operator_support import DATA, condition, create, events, get, job_manifest, s3_secret, wait_finished
+from tests.operator_support import (
+    DATA,
+    condition,
+    create,
+    events,
+    get,
+    job_manifest,
+    s3_secret,
+    wait_finished,
+    wait_unreachable,
+)
 from tests.support import eventually, new_namespace
 from tests.trainer_support import sine_classes
 
@@ -377,9 +387,7 @@ def test_deleting_a_job_while_its_edge_cluster_is_unreachable_is_bounded_and_swe
         return dict(json.loads(hub_crds.kubectl("get", "edgecluster", "edge-b", "-o", "json").stdout))
 
     try:
-        # The kubeconfig Secret is read again within SECRET_TTL_SECONDS: the next heartbeat after that fails.
-        eventually(lambda: (edge_b().get("status") or {}).get("reachable") is False, timeout=60,
-                   what="edge-b unreachable")  # fmt: skip
+        wait_unreachable(hub_crds, "edge-b")
         k8s.CustomObjectsApi(api).delete_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs",
                                                                   "orphan")  # fmt: skip
 

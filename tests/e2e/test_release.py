@@ -32,7 +32,7 @@ from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.agent_support import BASE_HOST_PATH, agent_pod, keypair, make_base, make_package, train, upload
-from tests.operator_support import plugin
+from tests.operator_support import plugin, wait_unreachable
 from tests.support import eventually
 from tests.trainer_support import sine_classes
 
@@ -440,9 +440,7 @@ def cut(w: World, cluster: str) -> str:
     dead = plane.kubeconfig.read_text().replace(plane.server, f"https://127.0.0.1:{free_port()}")
     w.hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge", "-p",
                   json.dumps({"stringData": {"kubeconfig": dead}}))  # fmt: skip
-    # The operator reads a kubeconfig Secret again within SECRET_TTL_SECONDS: cut once a heartbeat says so.
-    eventually(lambda: (json.loads(w.hub.kubectl("get", "edgecluster", cluster, "-o", "json").stdout).get("status")
-                        or {}).get("reachable") is False, timeout=60, what=f"{cluster} unreachable")  # fmt: skip
+    wait_unreachable(w.hub, cluster)  # cut once a heartbeat says so
     return str(saved)
 
 

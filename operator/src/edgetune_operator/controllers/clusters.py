@@ -53,8 +53,8 @@ class Clusters:
         self.local = local
         self.settings = settings
         self._cache: dict[str, _Entry] = {}
-        self._probed: dict[tuple[str, Any], float] = {}
-        self._intervals: dict[tuple[str, Any], float] = {}
+        self._beats: dict[str, tuple[Any, float, float]] = {}
+        """name -> (generation, its heartbeat interval in seconds, when last probed)."""
         self._nodes: dict[str, tuple[float, list[Node]]] = {}
         self._node_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -157,8 +157,7 @@ class Clusters:
     def forget(self, name: str) -> None:
         with self._lock:
             entry = self._cache.pop(name, None)
-            self._probed = {k: v for k, v in self._probed.items() if k[0] != name}
-            self._intervals = {k: v for k, v in self._intervals.items() if k[0] != name}
+            self._beats.pop(name, None)
         if entry:
             entry.kube.close()
         with suppress(KeyError):  # a deleted EdgeCluster leaves no stale series behind
@@ -173,17 +172,17 @@ class Clusters:
         """Whether ``spec.heartbeatInterval`` has passed since the cluster's last probe (a new
         generation is probed at once); marks it probed when so."""
         meta = edge_cluster["metadata"]
-        key = (meta["name"], meta.get("generation"))
+        name, generation = meta["name"], meta.get("generation")
         with self._lock:
-            interval = self._intervals.get(key)
-            if interval is None:  # a new generation: parsed once, not on every tick; older ones dropped
-                self._intervals = {k: v for k, v in self._intervals.items() if k[0] != key[0]}
-                self._probed = {k: v for k, v in self._probed.items() if k[0] != key[0]}
+            seen = self._beats.get(name)
+            if seen is not None and seen[0] == generation:
+                interval, probed = seen[1], seen[2]
+            else:  # a new cluster or generation: its interval parsed once, not on every tick
                 spec = EdgeClusterSpec.model_validate(edge_cluster["spec"])
-                interval = self._intervals[key] = parse_duration(spec.heartbeat_interval)
-            if now - self._probed.get(key, float("-inf")) < interval:
+                interval, probed = parse_duration(spec.heartbeat_interval), float("-inf")
+            if now - probed < interval:
                 return False
-            self._probed[key] = now
+            self._beats[name] = (generation, interval, now)
             return True
 
     def heartbeat(self, edge_cluster: dict[str, Any], now: datetime | None = None) -> EdgeClusterStatus:
