@@ -29,6 +29,7 @@ from edgetune_trainer import checkpoint as ckpt
 from edgetune_trainer import package
 from edgetune_trainer.energy import EstimateMeter, JetsonMeter, RaplMeter, battery_percent, best_meter, on_ac_power
 from edgetune_trainer.loop import causal_lm_loss
+from edgetune_trainer.models import cast_frozen_weights
 from edgetune_trainer.report import Reporter, write_termination
 from tests.support import eventually
 from tests.trainer_support import config
@@ -272,6 +273,30 @@ def test_a_manifest_declaring_an_oversized_file_is_refused(tmp_path: Path) -> No
 
 
 # -- chunked language-model loss -------------------------------------------------------------
+
+
+def test_frozen_base_weights_are_cast_and_the_adapter_and_buffers_keep_their_precision() -> None:
+    """On a GPU with bf16/fp16 autocast the frozen base is stored in that dtype (as a bare loop
+    loads it); LoRA's weights, created afterwards, stay float32 and buffers are not touched."""
+    transformers = pytest.importorskip("transformers")
+    llama = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                     intermediate_size=64, vocab_size=64)  # fmt: skip
+    model = transformers.LlamaForCausalLM(llama)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    buffers = {name: b.dtype for name, b in model.named_buffers()}
+    total = sum(p.numel() for p in model.parameters())
+    assert cast_frozen_weights(model, torch.bfloat16) == total
+    assert cast_frozen_weights(model, torch.bfloat16) == 0  # already cast
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    kinds = {(p.requires_grad, p.dtype) for p in peft_model.parameters()}
+    assert kinds == {(False, torch.bfloat16), (True, torch.float32)}
+    assert {name: b.dtype for name, b in model.named_buffers()} == buffers and torch.float32 in buffers.values()
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_loss(peft_model, ids, torch.ones_like(ids))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_chunked_lm_loss_equals_the_full_loss_and_trains_lora() -> None:

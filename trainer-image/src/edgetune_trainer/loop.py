@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,14 @@ from edgetune_trainer.energy import (
     reset_peak_rss,
     trim_heap,
 )
-from edgetune_trainer.models import BaseModel, ModelError, adapter_state, attach, load_adapter_state
+from edgetune_trainer.models import (
+    BaseModel,
+    ModelError,
+    adapter_state,
+    attach,
+    cast_frozen_weights,
+    load_adapter_state,
+)
 
 DEFAULT_SEQUENCE_LENGTH = 128  # DataSpec.sequence_length's default, for tasks built without a spec
 LOSS_CHUNK_TOKENS = 32  # sequence positions per chunk of logits in the LM loss
@@ -98,10 +106,16 @@ class Task:
             x = fit_length(np.asarray(s.x, dtype=np.float32), self.length, self.length_policy)
             xs.append(augment(x, spec_aug, rng) if rng is not None else x)
         ys = [self.label_index[str(s.y)] for s in samples]
-        return {
-            "x": torch.from_numpy(np.stack(xs)).to(self.device),
-            "y": torch.tensor(ys, dtype=torch.long, device=self.device),
-        }
+        return {"x": self._to_device(torch.from_numpy(np.stack(xs))),
+                "y": self._to_device(torch.tensor(ys, dtype=torch.long))}  # fmt: skip
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host to GPU without waiting for the GPU: a plain ``.to("cuda")`` from pageable memory
+        synchronises with everything queued, so the host could not prepare the next batch while
+        the GPU runs this one. Pinned memory and a non-blocking copy keep the stream ordered."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _tokens(self, texts: list[str]) -> tuple[list[list[int]], int, int]:
         """Token ids per text (untruncated), the separator (end of text) and the padding id."""
@@ -125,17 +139,18 @@ class Task:
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Mean loss of the batch and the number of correct predictions (classification)."""
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """Mean loss of the batch and the number of correct predictions (classification), both
+        still on the device: reading them is a host sync, which training steps must not pay."""
         if self.text:
             return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"]), 0
         logits = model(batch["x"])
         if hasattr(logits, "logits"):
             logits = logits.logits
         loss = nn.functional.cross_entropy(logits.float(), batch["y"])
-        correct = int((logits.argmax(dim=-1) == batch["y"]).sum())
+        correct = (logits.argmax(dim=-1) == batch["y"]).sum()
         return loss, correct
 
 
@@ -154,16 +169,20 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         counted = (target != -100).sum().clamp(min=1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if hidden.requires_grad else None
+        head = weight.to(hidden.dtype)  # cast once, not per chunk
+        head_fp32 = weight.float() if grad is not None else head
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], target[start : start + rows]
-            logits = (h @ weight.to(h.dtype).T).float()
+            logits = (h @ head.T).float()
             total += nn.functional.cross_entropy(logits, t, reduction="sum", ignore_index=-100)
             if grad is not None:
+                # softmax minus one-hot, padding rows zeroed; scatter and masks rather than boolean
+                # indexing, which would stop the host until the GPU reached this chunk
                 probs = logits.softmax(dim=-1)
-                valid = t != -100
-                probs[valid, t[valid]] -= 1.0
-                probs[~valid] = 0.0
-                grad[start : start + rows] = (probs @ weight.float()).to(hidden.dtype)
+                valid = (t != -100).unsqueeze(1)
+                probs.scatter_add_(1, t.clamp(min=0).unsqueeze(1), -valid.to(probs.dtype))
+                probs.masked_fill_(~valid, 0.0)
+                grad[start : start + rows] = (probs @ head_fp32).to(hidden.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         ctx.counted = counted
         return total / counted
@@ -218,7 +237,7 @@ def evaluate(model: nn.Module, task: Task, dataset: NodeDataset, batch_size: int
         loss, right = task.loss(model, task.batch(batch, None, aug))
         total_loss += float(loss) * len(batch)
         total += len(batch)
-        correct += right
+        correct += int(right)
         batch.clear()
 
     with torch.no_grad():
@@ -252,7 +271,8 @@ def make_optimizer(
                 pass
         report("optimizer_fallback", requested="adamw8bit", used="adamw",
                reason=f"bitsandbytes' 8-bit AdamW is not available on {device.type}")  # fmt: skip
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # fused: one kernel for all of the adapter's tensors on a GPU (hundreds of small ones with LoRA)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -354,6 +374,38 @@ class _Signals:
         signal.signal(signal.SIGTERM, self._old)
 
 
+class _StepLosses:
+    """Step losses read back without stalling the GPU.
+
+    ``float(loss)`` right after a step waits for every kernel queued so far: the host then builds
+    the next batch and launches its kernels while the GPU idles (several per cent of a step, found
+    by bench/bench_trainer_gpu.py). On a GPU each step's loss is copied into pinned host memory
+    behind the step's own kernels and read once the next step is queued, when that copy is long
+    done; on a CPU the value is there at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: deque[tuple[int, torch.Tensor, torch.cuda.Event | None, int, float]] = deque()
+
+    def push(self, step: int, loss: torch.Tensor, consumed: int, t0: float) -> None:
+        if not self.cuda:
+            self.pending.append((step, loss.float(), None, consumed, t0))
+            return
+        host = torch.empty((), dtype=torch.float32, pin_memory=True)
+        host.copy_(loss.float(), non_blocking=True)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        self.pending.append((step, host, event, consumed, t0))
+
+    def ready(self, keep: int) -> Iterator[tuple[int, float, int, float]]:
+        """(step, loss, samples, start time) of each pending step but the newest ``keep``, oldest first."""
+        while len(self.pending) > keep:
+            step, host, event, consumed, t0 = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            yield step, float(host), consumed, t0
+
+
 class TrainingRun:
     """One (possibly resumed) run: set up once, then ``run()`` steps until a stop condition."""
 
@@ -371,6 +423,13 @@ class TrainingRun:
         torch.manual_seed(self.tr.seed)
         np.random.seed(self.tr.seed)  # legacy global state that libraries may use
         self.task = Task(base, self.info, device, self.spec.data)
+        self.autocast = self._autocast_dtype()
+        if device.type == "cuda" and self.autocast is not None and base.kind == "transformers" and not self.rt.baseline:
+            # The frozen base in the autocast dtype, as a bare loop would load it: autocast would
+            # otherwise cast every weight again in every step (and the base take twice the memory).
+            # The adapter's weights stay float32 (peft keeps them so for stable updates).
+            cast = cast_frozen_weights(base.model, self.autocast)
+            report("base_weights_cast", dtype=str(self.autocast).removeprefix("torch."), parameters=cast)
         self.model = attach(base, self.spec.peft, self.rt.baseline).to(device)
         self.base_module = base.model
         self.checkpointing = False
@@ -381,8 +440,9 @@ class TrainingRun:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.tr.optimizer, params, self.tr.learning_rate, device, report)
         self.scheduler = make_scheduler(self.optimizer, self.tr.max_steps)
-        self.autocast = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
+        self.step_losses = _StepLosses(device)
+        self.last_reported = 0.0
         self.checkpoints = Path(str(self.rt.work_dir)) / "checkpoints"
         self.writer = ckpt.BackgroundWriter(self.checkpoints)
         self.identity = run_identity(config, base, self.info)
@@ -499,6 +559,7 @@ class TrainingRun:
 
     def save(self, *, wait: bool = False) -> None:
         """Checkpoint now (written in the background unless ``wait``)."""
+        self.report_steps()
         self.state.elapsed_s = time.monotonic() - self.started
         self.state.energy_j = self.energy()
         self.writer.submit(
@@ -514,7 +575,7 @@ class TrainingRun:
         self.writer.wait()  # the previous step's checkpoint is on disk before this step starts
         t0 = time.monotonic()
         self.optimizer.zero_grad(set_to_none=True)
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         consumed = 0
         for _ in range(self.tr.gradient_accumulation):
             item = next(micro, None)
@@ -527,11 +588,11 @@ class TrainingRun:
                 loss, _ = self.task.loss(self.model, batch)
             scaled = loss * len(samples) / (self.batch_size * self.tr.gradient_accumulation)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()  # type: ignore[no-untyped-call]
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             consumed += len(samples)
         return self._finish_step(losses, consumed, t0), False
 
-    def _finish_step(self, losses: list[float], consumed: int, t0: float) -> int:
+    def _finish_step(self, losses: list[torch.Tensor], consumed: int, t0: float) -> int:
         if not consumed:
             return 0
         if self.scaler:
@@ -542,14 +603,23 @@ class TrainingRun:
         self.scheduler.step()
         self.state.step += 1
         self.state.cursor.position += consumed
-        step_loss = float(np.mean(losses))
-        self.state.history.append({"step": self.state.step, "loss": round(step_loss, 6)})
-        rate = consumed / max(time.monotonic() - t0, 1e-9)
-        self.report("step", step=self.state.step, loss=round(step_loss, 6), samples_per_s=round(rate, 1))
-        self.report.gauge("step", self.state.step)
-        self.report.gauge("loss", step_loss)
-        self.report.gauge("samples_per_second", rate)
+        self.step_losses.push(self.state.step, torch.stack(losses).mean(), consumed, t0)
+        self.report_steps(keep=1)
         return consumed
+
+    def report_steps(self, keep: int = 0) -> None:
+        """Report the steps whose loss has reached the host, all but the newest ``keep`` (a GPU
+        step is reported once the next one is queued; ``keep=0`` before anything that reads the
+        history: evaluation, a checkpoint, the end of the run)."""
+        for step, loss, consumed, t0 in self.step_losses.ready(keep):
+            now = time.monotonic()
+            rate = consumed / max(now - max(t0, self.last_reported), 1e-9)
+            self.last_reported = now
+            self.state.history.append({"step": step, "loss": round(loss, 6)})
+            self.report("step", step=step, loss=round(loss, 6), samples_per_s=round(rate, 1))
+            self.report.gauge("step", step)
+            self.report.gauge("loss", loss)
+            self.report.gauge("samples_per_second", rate)
 
     def budget_stop(self, signals: _Signals) -> str:
         """Energy, deadline and battery checks after a step; '' means go on."""
@@ -574,6 +644,7 @@ class TrainingRun:
                     reason = "Epochs"
                 else:
                     reason, last_eval = self._epoch(signals, last_eval)
+        self.report_steps()
         if not last_eval or self.state.step % self.tr.eval_every != 0:
             last_eval = evaluate(self.model, self.task, self.dataset, self.batch_size, self.spec.data.augmentation)
         self.save(wait=True)
@@ -597,6 +668,7 @@ class TrainingRun:
                 raise Interrupted(f"SIGTERM at step {self.state.step}; checkpoint written")
             reason = ""
             if consumed and self.state.step % self.tr.eval_every == 0:
+                self.report_steps()
                 last_eval = evaluate(self.model, self.task, self.dataset, self.batch_size, self.spec.data.augmentation)
                 reason = _after_eval(self.state, last_eval, self.tr, self.report)
             if consumed and self.state.step % self.tr.checkpoint_every == 0:

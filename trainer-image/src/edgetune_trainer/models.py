@@ -240,6 +240,17 @@ def _load_transformers(folder: Path, digest: str, num_labels: int | None) -> Bas
     return BaseModel(model, "transformers", digest, labels, tokenizer=tokenizer, path=folder)
 
 
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen floating-point weights in ``dtype``; returns how many values were cast.
+    Buffers (rotary frequencies, normalisation statistics) keep their precision."""
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast
+
+
 def builtin_random(name: str, channels: int, classes: int, seed: int) -> BaseModel:
     """``builtin:<architecture>``: a randomly initialised base (seeded). For smoke tests and demos:
     a random frozen base only gives LoRA random features to work with."""
