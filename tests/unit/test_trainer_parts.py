@@ -498,6 +498,7 @@ def test_text_sequences_have_the_declared_length_and_can_be_packed() -> None:
     assert plain["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7]
     cut = task(sequenceLength=8)._text_batch(["x" * 300])
     assert cut["input_ids"].shape == (1, 8)  # truncated at the declared length (it was fixed at 128)
+    assert "attention_mask" not in cut  # nothing padded, no mask: attention takes the plain causal path
     packed = task(sequenceLength=8, packing=True)._text_batch(texts)
     assert packed["input_ids"].tolist() == [[97, 98, 99, 0, 100, 101, 102, 103], [104, 105, 106, 0, 0, 0, 0, 0]]
     assert packed["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]

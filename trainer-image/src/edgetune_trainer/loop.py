@@ -7,6 +7,7 @@ you read here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -138,6 +139,10 @@ class Task:
             rows = [r[:size] or [pad] for r in tokens]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        if all(len(r) == width for r in rows):
+            # No padding: no mask. transformers would otherwise test the mask on the GPU for being all
+            # ones (a host sync per step) and attention would not take the plain causal path.
+            return {"input_ids": self._to_device(ids)}
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         return {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
 
@@ -145,7 +150,7 @@ class Task:
         """Mean loss of the batch and the number of correct predictions (classification), both
         still on the device: reading them is a host sync, which training steps must not pay."""
         if self.text:
-            return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"]), 0
+            return causal_lm_loss(model, batch["input_ids"], batch.get("attention_mask")), 0
         logits = model(batch["x"])
         if hasattr(logits, "logits"):
             logits = logits.logits
@@ -194,7 +199,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
 
 def causal_lm_loss(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int = LOSS_CHUNK_TOKENS
 ) -> torch.Tensor:
     """Next-token loss without ever holding the full (batch x sequence x vocabulary) logits.
 
@@ -208,7 +213,7 @@ def causal_lm_loss(
     backbone = getattr(hf, "base_model", None)
     get_head = getattr(hf, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    target = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     if (
         backbone is None
         or backbone is hf
@@ -442,6 +447,7 @@ class TrainingRun:
         self.scheduler = make_scheduler(self.optimizer, self.tr.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
         self.step_losses = _StepLosses(device)
+        self.adapter_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
         self.last_reported = 0.0
         self.checkpoints = Path(str(self.rt.work_dir)) / "checkpoints"
         self.writer = ckpt.BackgroundWriter(self.checkpoints)
@@ -519,6 +525,24 @@ class TrainingRun:
                     gradient_checkpointing=self.checkpointing)  # fmt: skip
         return size
 
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        """A training forward pass in the autocast dtype. peft would first cast each adapter's
+        input to the adapter's float32 (and autocast cast it back): two copies of the activations
+        per adapted layer for nothing, so that cast is off inside; evaluation, which runs without
+        autocast, keeps it."""
+        if self.autocast is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            for layer in self.adapter_layers:
+                layer.cast_input_dtype_enabled = False
+            try:
+                yield
+            finally:
+                for layer in self.adapter_layers:
+                    layer.cast_input_dtype_enabled = True
+
     def _autocast_dtype(self) -> torch.dtype | None:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.tr.precision)
         if dtype is torch.float16 and self.device.type == "cpu":
@@ -584,7 +608,7 @@ class TrainingRun:
             samples, first = item
             rng = np.random.default_rng([self.tr.seed, self.state.cursor.epoch, first])
             batch = self.task.batch(samples, rng, self.spec.data.augmentation)
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            with self._autocast():
                 loss, _ = self.task.loss(self.model, batch)
             scaled = loss * len(samples) / (self.batch_size * self.tr.gradient_accumulation)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()  # type: ignore[no-untyped-call]
