@@ -23,6 +23,7 @@ from kubernetes import client as k8s
 from edgetune_api.delta import DeltaVerificationError, verify_signature
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
+from edgetune_testenv.faults import SlowProxy, Throttle
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
@@ -520,3 +521,117 @@ def test_an_mlflow_outage_is_retried_with_growing_delays_in_status_and_registers
     job = wait_finished(api, ns, "outage", timeout=400)
     assert job["status"]["phase"] == "Succeeded", job["status"]
     assert len(mlflow_versions(mlflow_server, "outage-adapter")) == 1  # registered exactly once
+
+
+def _point_secret(hub: ControlPlane, cluster: str, kubeconfig: str) -> dict[str, str]:
+    """The EdgeCluster's kubeconfig Secret now holds ``kubeconfig``; returns its data before, to restore."""
+    secret = f"{cluster}-kubeconfig"
+    saved = json.loads(hub.kubectl("-n", "edgetune-system", "get", "secret", secret, "-o", "json").stdout)["data"]
+    hub.kubectl("-n", "edgetune-system", "patch", "secret", secret, "--type=merge",
+                "-p", json.dumps({"stringData": {"kubeconfig": kubeconfig}}))  # fmt: skip
+    return dict(saved)
+
+
+def _restore_secret(hub: ControlPlane, cluster: str, data: dict[str, str]) -> None:
+    hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge",
+                "-p", json.dumps({"data": data}))  # fmt: skip
+
+
+def _metric(operator_proc: OperatorProcess, name: str, cluster: str) -> float:
+    return sum(float(v) for v in re.findall(rf'^{name}\{{cluster="{cluster}"[^}}]*\}} (\S+)$', operator_proc.metrics(),
+                                            re.M))  # fmt: skip
+
+
+def _reachable(hub: ControlPlane, cluster: str) -> dict[str, Any]:
+    status = json.loads(hub.kubectl("get", "edgecluster", cluster, "-o", "json").stdout).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c["type"] == "Reachable"), {})
+
+
+def _trainer_jobs(plane: ControlPlane, namespace: str, job: str) -> list[Any]:
+    edge_api = plane.api_client()
+    try:
+        return list(k8s.BatchV1Api(edge_api).list_namespaced_job(
+            namespace, label_selector=f"edgetune.io/training-job={job}").items)  # fmt: skip
+    finally:
+        edge_api.close()
+
+
+def test_an_edge_apiserver_answering_429_holds_its_part_of_the_job_and_loses_nothing(
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    edge_a_executor: PodExecutor, edge_b_executor: PodExecutor, s3: S3Server, mlflow_server: MlflowServer,
+) -> None:  # fmt: skip
+    """edge-b's real API server turns every request of the operator away with 429 (API Priority
+    and Fairness: testenv.faults.Throttle). Its heartbeat says Throttled, the 429s are counted,
+    the job's part on edge-b waits (never given up: the cluster answers) while edge-a's finishes;
+    once the server lets the operator in, edge-b's trainer starts, once, and registers, once."""
+    _hub_data(edge_a_executor, "factory-gpu-0", "factory-gpu-1")
+    _hub_data(edge_b_executor, "farm-gpu-0", "farm-gpu-1")
+    api, ns = tenant.api, tenant.namespace
+    throttle = Throttle(fleet["edge-b"])
+    saved = _point_secret(hub_crds, "edge-b", throttle.kubeconfig())
+    try:
+        with throttle:
+            reachable = eventually(lambda: (c := _reachable(hub_crds, "edge-b")).get("reason") == "Throttled" and c,
+                                   timeout=60, what="edge-b's heartbeat throttled")  # fmt: skip
+            assert reachable["status"] == "False" and "429" in reachable["message"], reachable
+            assert _metric(operator_proc, "edgetune_operator_kube_throttled_total", "edge-b") > 0
+            create(api, ns, job_manifest("throttled", placement={"accelerator": "gpu", "clusterSelector": {
+                "matchLabels": {"region": "eu"}}}))  # fmt: skip
+
+            def held() -> dict[str, Any] | None:
+                job = get(api, ns, "throttled")
+                targets = {t["cluster"]: t for t in (job.get("status") or {}).get("targets") or []}
+                a, b = targets.get("edge-a") or {}, targets.get("edge-b") or {}
+                return job if a.get("phase") == "Succeeded" and b.get("phase") == "Pending" else None
+
+            job = eventually(held, timeout=240, what="edge-a's part done while edge-b's is held")
+            assert job["status"]["phase"] not in ("Succeeded", "Failed"), job["status"]
+            held_target = next(t for t in job["status"]["targets"] if t["cluster"] == "edge-b")
+            assert "429" in held_target["message"], held_target
+            clusters = condition(job, "ClustersReachable")
+            assert (clusters["status"], clusters["reason"]) == ("False", "ClusterThrottled"), clusters
+            assert ("Warning", "ClusterThrottled") in {(t, r) for t, r, _ in events(hub_crds, ns, "throttled")}
+            assert not _trainer_jobs(fleet["edge-b"], ns, "throttled")  # every request was refused
+        job = wait_finished(api, ns, "throttled", timeout=300)
+    finally:
+        _restore_secret(hub_crds, "edge-b", saved)
+    assert job["status"]["phase"] == "Succeeded" and job["status"]["progress"] == "2/2", job["status"]
+    assert condition(job, "ClustersReachable")["status"] == "True"
+    for cluster in ("edge-a", "edge-b"):
+        assert len(_trainer_jobs(fleet[cluster], ns, "throttled")) == 1, cluster  # never a second trainer
+    assert len(mlflow_versions(mlflow_server, "throttled-adapter")) == 2  # one registration per cluster
+
+
+def test_an_edge_cluster_answering_seconds_late_slows_only_itself(
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    edge_a_executor: PodExecutor, edge_b_executor: PodExecutor, s3: S3Server, mlflow_server: MlflowServer,
+) -> None:  # fmt: skip
+    """edge-b's real API server behind a proxy that holds every request 1.5 s
+    (testenv.faults.SlowProxy): its heartbeat says how slow it is (condition and metric), edge-a's
+    heartbeat stays fast, and jobs on both clusters finish, each trainer started and registered once."""
+    _hub_data(edge_a_executor, "factory-cpu-0")
+    _hub_data(edge_b_executor, "farm-cpu-0")
+    api, ns = tenant.api, tenant.namespace
+    edge = fleet["edge-b"]
+    with SlowProxy(("127.0.0.1", edge.api_port), delay=1.5) as proxy:
+        saved = _point_secret(hub_crds, "edge-b", edge.kubeconfig.read_text().replace(edge.server, proxy.server))
+        try:
+            eventually(lambda: _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-b") >= 1.5,
+                       timeout=60, what="edge-b's heartbeat through the slow proxy")  # fmt: skip
+            reachable = _reachable(hub_crds, "edge-b")
+            took = float(re.search(r"answered in ([\d.]+) s", reachable["message"]).group(1))  # type: ignore[union-attr]
+            assert reachable["status"] == "True" and took >= 1.5, reachable  # slow, not unreachable
+            assert _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-a") < 1.0
+            for name, site in (("slow-b", "farm"), ("fast-a", "factory")):
+                create(api, ns, job_manifest(name, placement={"accelerator": "cpu", "clusterSelector": {
+                    "matchLabels": {"site": site}}}))  # fmt: skip
+            jobs = {name: wait_finished(api, ns, name, timeout=300) for name in ("fast-a", "slow-b")}
+        finally:
+            _restore_secret(hub_crds, "edge-b", saved)
+        # the proxy stays up until the operator's client for edge-b goes straight to it again
+        eventually(lambda: _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-b") < 1.0,
+                   timeout=60, what="edge-b's heartbeat fast again")  # fmt: skip
+    for name, cluster in (("fast-a", "edge-a"), ("slow-b", "edge-b")):
+        assert jobs[name]["status"]["phase"] == "Succeeded", jobs[name]["status"]
+        assert len(_trainer_jobs(fleet[cluster], ns, name)) == 1, name
+        assert len(mlflow_versions(mlflow_server, f"{name}-adapter")) == 1, name

@@ -315,3 +315,70 @@ def test_heartbeat_is_due_once_per_interval_and_at_once_after_a_spec_change() ->
     assert clusters.due(_edge(2, "5s"), now=136.5)
     clusters.forget("shop-1")
     assert clusters.due(_edge(2, "5s"), now=137.0)  # a cluster deleted and created again starts afresh
+
+
+class _Fleet:
+    """The one thing ``_carry_unreachable`` reads of the clusters: an EdgeCluster's status."""
+
+    local = None
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
+
+    def edge_cluster(self, name: str, *, fresh: bool = False) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "status": self.status}
+
+
+def _heartbeat(reason: str, at: str) -> dict[str, Any]:
+    return {"reachable": False, "lastHeartbeatTime": at,
+            "conditions": [{"type": "Reachable", "status": "False", "reason": reason}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("reason", "last_answer", "throttled", "phase"),
+    [
+        ("Unreachable", "2026-01-01T00:00:00Z", False, "Failed"),  # silent past the grace period: given up
+        ("Unreachable", "now", False, "Pending"),  # silent, within the grace period: waited for
+        ("Throttled", "2026-01-01T00:00:00Z", True, "Pending"),  # answering 429 for long: alive, never given up
+    ],
+)
+def test_a_cluster_cut_off_before_its_trainers_started_holds_its_part_of_the_job(
+    reason: str, last_answer: str, throttled: bool, phase: str
+) -> None:
+    """Before, a cluster unreachable when the job started had no target at all, and the job
+    finished (Succeeded) as soon as the other clusters' trainers did, without it."""
+    from edgetune_operator.controllers.training_job import TrainingJobController  # noqa: PLC0415
+
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if last_answer == "now" else last_answer
+    controller = TrainingJobController(Settings(), _Fleet(_heartbeat(reason, at)), s3_factory=lambda *_: None,
+                                       mlflow=None)  # type: ignore[arg-type]  # fmt: skip
+    done = target("Succeeded", cluster="a", node="n", mlflow_version="1", sha256="b" * 64)
+    obs = Observation(targets=[done], unreachable={"b": "429 Too Many Requests" if throttled else "refused"},
+                      throttled={"b"} if throttled else set())  # fmt: skip
+    controller._carry_unreachable("b", obs, {}, throttled=throttled)
+    held = obs.targets[-1]
+    assert (held.cluster, held.node, held.phase) == ("b", None, phase)
+    assert ("429" in (held.message or "")) == throttled
+    status = summarize(spec(), 1, EdgeTrainingJobStatus(), obs, NOW)
+    if phase == "Failed":
+        assert status.phase == "Succeeded" and cond(status, "Succeeded") == ("True", "PartiallySucceeded")
+    else:
+        assert status.phase not in ("Succeeded", "Failed")  # the job waits for cluster b
+    expected = "ClusterThrottled" if throttled else "ClusterUnreachable"
+    assert cond(status, "ClustersReachable") == ("False", expected)
+    # the next reconcile carries the placeholder, not two of them
+    again = Observation(targets=[done], unreachable=obs.unreachable, throttled=obs.throttled)
+    controller._carry_unreachable("b", again, {("b", None): held}, throttled=throttled)
+    assert [t.cluster for t in again.targets] == ["a", "b"] and again.targets[-1].phase == phase
+
+
+def test_a_429_is_a_throttled_error_with_the_servers_retry_after() -> None:
+    from edgetune_operator.clients.kube import ThrottledError, _api_error  # noqa: PLC0415
+    from edgetune_operator.controllers.clusters import describe  # noqa: PLC0415
+
+    body = json.dumps({"kind": "Status", "message": "Too many requests, please try again later."}).encode()
+    error = _api_error(429, "Too Many Requests", body, "2")
+    assert isinstance(error, ThrottledError) and error.retry_after == 2.0
+    assert "please try again later" in describe(error) and "retry after 2 s" in describe(error)
+    assert _api_error(429, "Too Many Requests", body, "Wed, 21 Oct 2026 07:28:00 GMT").retry_after is None  # type: ignore[attr-defined]
+    assert not isinstance(_api_error(500, "Internal", body), ThrottledError)

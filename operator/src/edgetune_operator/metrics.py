@@ -29,11 +29,20 @@ CALL_ERRORS = Counter(
 )  # fmt: skip
 CLUSTER_REACHABLE = Gauge(f"{PREFIX}_cluster_reachable", "1 when the edge cluster answered its last heartbeat.",
                           ["cluster"])  # fmt: skip
+CLUSTER_HEARTBEAT_SECONDS = Gauge(
+    f"{PREFIX}_cluster_heartbeat_seconds", "How long the edge cluster took to answer its last heartbeat (version and "
+    "node list).", ["cluster"],
+)  # fmt: skip
 CLUSTER_NODES = Gauge(f"{PREFIX}_cluster_nodes", "Nodes of an edge cluster by accelerator, from its last heartbeat.",
                       ["cluster", "accelerator"])  # fmt: skip
 REGISTRATIONS = Counter(f"{PREFIX}_registrations", "Adapter versions registered in MLflow.", ["model"])
 VERIFICATION_FAILURES = Counter(
     f"{PREFIX}_verification_failures", "Adapter packages refused by verification.", ["namespace"]
+)
+KUBE_THROTTLED = Counter(
+    f"{PREFIX}_kube_throttled",
+    "Requests an API server turned away with 429 Too Many Requests, by cluster.",
+    ["cluster"],
 )
 WATCH_RESTARTS = Counter(
     f"{PREFIX}_watch_restarts", "Watches of trainer Jobs and pods started again, by cluster, kind and reason "

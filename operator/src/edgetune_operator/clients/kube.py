@@ -240,6 +240,16 @@ class ConflictError(KubeError):
     """409: already exists, or a conflicting change."""
 
 
+class ThrottledError(KubeError):
+    """429: the API server turned the request away (API Priority and Fairness, a rate limit in
+    front of it). The server is alive: callers retry, never give the cluster up for it.
+    ``retry_after``: the seconds its Retry-After header asked for, if any."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(status, reason, message)
+        self.retry_after = retry_after
+
+
 class UnreachableError(ConnectionError):
     """The API server did not answer (connection refused, timeout, TLS failure)."""
 
@@ -340,7 +350,7 @@ class Kube:
             )
             if not 200 <= response.status < 300:
                 outcome = str(response.status)
-                raise _api_error(response.status, response.reason, response.data)
+                raise self._refused(response)
             data = json.loads(response.data) if response.data else {}
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             outcome = "unreachable"
@@ -348,6 +358,11 @@ class Kube:
         finally:
             metrics.observe_call("kubernetes", method, outcome, time.perf_counter() - started)
         return data
+
+    def _refused(self, response: Any) -> KubeError:
+        if response.status == 429:
+            metrics.KUBE_THROTTLED.labels(self.cluster).inc()
+        return _api_error(response.status, response.reason, response.data, response.headers.get("Retry-After"))
 
     # -- verbs ------------------------------------------------------------------------------------
 
@@ -409,7 +424,7 @@ class Kube:
                 timeout=urllib3.Timeout(connect=TIMEOUT[0], read=timeout_seconds + 30),
             )  # fmt: skip
             if response.status != 200:
-                raise _api_error(response.status, response.reason, response.data)
+                raise self._refused(response)
             try:
                 for line in response:
                     if not line.strip():
@@ -505,10 +520,15 @@ class Kube:
             self.call("POST", EVENTS.path(namespace), body=body)
 
 
-def _api_error(status: int, reason: str | None, body: bytes | None) -> KubeError:
+def _api_error(status: int, reason: str | None, body: bytes | None, retry_after: str | None = None) -> KubeError:
     """The API server's refusal, in its own words (the ``message`` of its Status object)."""
     message = reason or ""
     with suppress(ValueError, AttributeError):
         message = json.loads(body or b"{}").get("message", message)
+    if status == 429:
+        seconds = None
+        with suppress(TypeError, ValueError):
+            seconds = float(retry_after)  # type: ignore[arg-type]
+        return ThrottledError(status, reason or "", message, seconds)
     kind = {404: NotFoundError, 409: ConflictError}.get(status, KubeError)
     return kind(status, reason or "", message)

@@ -26,7 +26,15 @@ import yaml
 from edgetune_api.edge_cluster import EdgeClusterSpec, EdgeClusterStatus, NodeCounts
 from edgetune_api.meta import LabelSelector, parse_duration
 from edgetune_operator import metrics
-from edgetune_operator.clients.kube import EDGE_CLUSTERS, NODES, Kube, KubeError, NotFoundError, UnreachableError
+from edgetune_operator.clients.kube import (
+    EDGE_CLUSTERS,
+    NODES,
+    Kube,
+    KubeError,
+    NotFoundError,
+    ThrottledError,
+    UnreachableError,
+)
 from edgetune_operator.controllers.credentials import ConfigurationError, read_secret
 from edgetune_operator.controllers.informers import Informer
 from edgetune_operator.reconcile.placement import Node, accelerator_resources
@@ -162,6 +170,10 @@ class Clusters:
             entry.kube.close()
         with suppress(KeyError):  # a deleted EdgeCluster leaves no stale series behind
             metrics.CLUSTER_REACHABLE.remove(name)
+        with suppress(KeyError):
+            metrics.KUBE_THROTTLED.remove(name)
+        with suppress(KeyError):
+            metrics.CLUSTER_HEARTBEAT_SECONDS.remove(name)
         for accelerator in NodeCounts.model_fields:
             with suppress(KeyError):
                 metrics.CLUSTER_NODES.remove(name, accelerator)
@@ -192,6 +204,7 @@ class Clusters:
         generation = int(edge_cluster["metadata"].get("generation", 1))
         old = EdgeClusterStatus.model_validate(edge_cluster.get("status") or {})
         status = old.model_copy(update={"observed_generation": generation})
+        started = time.monotonic()
         try:
             kube = self.client_for(edge_cluster)
             version = kube.version()
@@ -200,9 +213,11 @@ class Clusters:
             metrics.CLUSTER_REACHABLE.labels(name).set(0)
             status.reachable = False
             status.conditions = set_condition(old.conditions, "Reachable", False, reason=type(exc).__name__.replace(
-                "Error", ""), message=str(exc)[:1000], generation=generation, now=now)  # fmt: skip
+                "Error", ""), message=describe(exc)[:1000], generation=generation, now=now)  # fmt: skip
             return status
+        took = time.monotonic() - started
         metrics.CLUSTER_REACHABLE.labels(name).set(1)
+        metrics.CLUSTER_HEARTBEAT_SECONDS.labels(name).set(round(took, 3))
         counts = count_nodes(nodes, self.settings)
         for accelerator, count in counts.model_dump().items():
             metrics.CLUSTER_NODES.labels(name, accelerator).set(count)
@@ -213,7 +228,8 @@ class Clusters:
         status.last_heartbeat_time = now
         status.conditions = set_condition(
             old.conditions, "Reachable", True, reason="HeartbeatSucceeded",
-            message=f"{version}, {len(nodes)} node(s): {counts.gpu} gpu, {counts.npu} npu, {counts.cpu} cpu",
+            message=f"{version}, {len(nodes)} node(s): {counts.gpu} gpu, {counts.npu} npu, {counts.cpu} cpu; "
+                    f"answered in {took:.1f} s",
             generation=generation, now=now,
         )  # fmt: skip
         return status
@@ -298,6 +314,15 @@ class Heartbeats:
         finally:
             with self._lock:
                 self._busy.discard(name)
+
+
+def describe(exc: Exception) -> str:
+    """What a failed call to a cluster means, for a condition a person reads."""
+    if isinstance(exc, ThrottledError):
+        after = f"; it asked to retry after {exc.retry_after:.0f} s" if exc.retry_after is not None else ""
+        return (f"the API server is throttling the operator (429 Too Many Requests: {exc.message}){after}; the "
+                "cluster answers, so its trainers are kept and the operator retries")  # fmt: skip
+    return str(exc)
 
 
 def count_nodes(nodes: list[Node], settings: Settings) -> NodeCounts:

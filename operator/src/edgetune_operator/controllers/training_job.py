@@ -48,11 +48,12 @@ from edgetune_operator.clients.kube import (
     Kube,
     KubeError,
     Resource,
+    ThrottledError,
     UnreachableError,
 )  # fmt: skip
 from edgetune_operator.clients.mlflow import Mlflow, MlflowError, MlflowUnavailableError
 from edgetune_operator.clients.object_store import Verified
-from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError
+from edgetune_operator.controllers.clusters import LOCAL, Clusters, ClusterUnavailableError, describe
 from edgetune_operator.controllers.credentials import (
     ConfigurationError,
     s3_credentials,
@@ -443,30 +444,40 @@ class TrainingJobController:
             obs.unreachable[cluster] = str(exc)
             self._carry_unreachable(cluster, obs, old_targets)
         except (UnreachableError, KubeError) as exc:
-            obs.unreachable[cluster] = f"{exc}"
-            self._carry_unreachable(cluster, obs, old_targets)
+            throttled = isinstance(exc, ThrottledError)
+            obs.unreachable[cluster] = describe(exc)
+            if throttled:
+                obs.throttled.add(cluster)
+            self._carry_unreachable(cluster, obs, old_targets, throttled=throttled)
         except (RetryableError, MlflowUnavailableError, ConfigurationError, MlflowError) as exc:
             obs.start_error = f"cannot issue the trainers' credentials on {cluster}: {type(exc).__name__}: {exc}"
 
     def _carry_unreachable(
-        self, cluster: str, obs: Observation, old_targets: dict[tuple[str, str | None], TargetStatus]
-    ) -> None:
+        self, cluster: str, obs: Observation, old_targets: dict[tuple[str, str | None], TargetStatus], *,
+        throttled: bool = False,
+    ) -> None:  # fmt: skip
         """Keep the last known state of an unreachable cluster's trainers; past the grace period the
-        unfinished ones fail (the rest of the job goes on)."""
-        since = self._unreachable_since(cluster)
+        unfinished ones fail (the rest of the job goes on). A cluster that throttles (429) answers:
+        it is never given up for that. A cluster with no trainer known yet holds its part of the job
+        open with one placeholder target (otherwise the job could finish without it)."""
+        since = None if throttled else self._unreachable_since(cluster)
         lost = since is not None and time.time() - since > self.settings.cluster_lost_after_seconds
-        for (c, _), previous in old_targets.items():
-            if c != cluster:
-                continue
+        gone = (f"ClusterUnreachable: cluster {cluster} has not answered for more than "
+                f"{self.settings.cluster_lost_after_seconds} s")  # fmt: skip
+        waiting = (f"cluster {cluster} is throttling the operator (429); retrying" if throttled
+                   else f"cluster {cluster} is not answering; retrying")  # fmt: skip
+        known = [
+            previous for (c, node), previous in old_targets.items() if c == cluster and (node or previous.job_name)
+        ]
+        for previous in known:
             status = previous.model_copy()
             if status.phase not in ("Succeeded", "Failed", "Packaging"):
-                if lost:
-                    status.phase = "Failed"
-                    status.message = (f"ClusterUnreachable: cluster {cluster} has not answered for more than "
-                                      f"{self.settings.cluster_lost_after_seconds} s")  # fmt: skip
-                else:
-                    status.message = f"cluster {cluster} is not answering; retrying"
+                status.phase = "Failed" if lost else status.phase
+                status.message = gone if lost else waiting
             obs.targets.append(status)
+        if not known:
+            obs.targets.append(TargetStatus(cluster=cluster, phase="Failed" if lost else "Pending",
+                                            message=gone if lost else waiting))  # fmt: skip
 
     def _unreachable_since(self, cluster: str) -> float | None:
         """When the cluster last answered a heartbeat (EdgeCluster status), as a Unix time."""
@@ -478,6 +489,11 @@ class TrainingJobController:
             return None
         beat = status.get("lastHeartbeatTime")
         if not beat or status.get("reachable") is not False:
+            return None
+        reachable: dict[str, Any] = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "Reachable"), {}
+        )
+        if reachable.get("reason") == "Throttled":  # it answers, with 429: alive, never lost for that
             return None
         return datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp()
 

@@ -34,6 +34,8 @@ class Observation:
     created: int = 0
     """Trainers this reconcile started."""
     unreachable: dict[str, str] = field(default_factory=dict)
+    throttled: set[str] = field(default_factory=set)
+    """Clusters among ``unreachable`` that answered 429 Too Many Requests (alive, busy)."""
     """Clusters that did not answer (or cannot be reached at all), with why."""
     result: TrainingResult | None = None
     """The registered adapter (single trainer or aggregate)."""
@@ -101,8 +103,8 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
     else:
         cond("DataSufficient", False, "WaitingForData", "; ".join(obs.waiting) or "no cluster selected yet")
     if obs.unreachable:
-        cond("ClustersReachable", False, "ClusterUnreachable",
-             "; ".join(f"{c}: {m}" for c, m in sorted(obs.unreachable.items())))  # fmt: skip
+        cond("ClustersReachable", False, "ClusterThrottled" if set(obs.unreachable) <= obs.throttled else
+             "ClusterUnreachable", "; ".join(f"{c}: {m}" for c, m in sorted(obs.unreachable.items())))  # fmt: skip
     else:
         cond("ClustersReachable", True, "Reachable", "every selected cluster answered")
     bound = sum(bool(t.node) and t.phase not in ("Pending",) for t in targets)
