@@ -16,6 +16,10 @@ as a process. Every job is signed (the trust chain of docs/security.md is under 
   (every watch breaks; etcd keeps the state);
 - ``mlflow-outage`` / ``s3-outage``: the server stopped for 3-12 s (connections refused);
 - ``edge-unreachable``: the edge's kubeconfig points nowhere for 3-12 s, then back;
+- ``edge-throttled``: the edge's real API server answers 429 to every operator request for 3-12 s
+  (API Priority and Fairness, ``testenv.faults.Throttle``);
+- ``edge-slow``: the edge's API server answers each request 1.5 s late for 5-15 s
+  (``testenv.faults.SlowProxy``);
 - ``trainer-disk-full``: the nodes' work folders are small filesystems of their own (tmpfs, 8 MiB:
   needs root); the fault fills them for 5-15 s (checkpoints and packaging hit ENOSPC), then frees
   them: the trainer fails with ``StorageError``, the Job retries, the next pod resumes;
@@ -57,6 +61,7 @@ from edgetune_api.delta import sign
 from edgetune_operator.controllers.credentials import SECRET_TTL_SECONDS
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import LocalImage, PodExecutor
+from edgetune_testenv.faults import SlowProxy, Throttle
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.procs import ManagedProcess, free_port, wait_for
@@ -71,10 +76,11 @@ DATA = "/var/lib/edgetune/sensors"
 NS = "chaos"
 PACKAGE_FAULTS = ("package-tampered", "package-truncated", "package-wrongly-signed", "package-unsigned")
 FAULTS = ("operator-kill", "trainer-kill", "hub-apiserver-restart", "edge-apiserver-restart", "mlflow-outage",
-          "s3-outage", "edge-unreachable", "trainer-disk-full", *PACKAGE_FAULTS)  # fmt: skip
+          "s3-outage", "edge-unreachable", "edge-throttled", "edge-slow", "trainer-disk-full",
+          *PACKAGE_FAULTS)  # fmt: skip
 WORK_ROOT = "/var/lib/edgetune/work"  # the operator's default work_host_path
 WORK_FS_BYTES = 8 << 20
-EDGE_ONLY = ("edge-apiserver-restart", "edge-unreachable")
+EDGE_ONLY = ("edge-apiserver-restart", "edge-unreachable", "edge-throttled", "edge-slow")
 
 
 @dataclass
@@ -91,6 +97,8 @@ class World:
     """How long jobs took so far (create to finished): faults are timed to land while one runs."""
     work_roots: dict[str, list[Path]] = field(default_factory=dict)
     """Per cluster, the CPU nodes' work folders, each a small filesystem of its own (disk-full fault)."""
+    throttle: Throttle | None = None
+    """The edge's API Priority and Fairness jail for the operator's identity (edge-throttled fault)."""
 
     def moment(self) -> float:
         """A random delay after a job's creation that falls inside a typical job's life."""
@@ -209,17 +217,39 @@ def _timed_fault(world: World, fault: str, cluster: str) -> None:
         finally:
             for fill in fills:
                 fill.unlink(missing_ok=True)
-    elif fault == "edge-unreachable":
-        secret = ["-n", "edgetune-system", "patch", "secret", "edge-a-kubeconfig", "--type=merge", "-p"]
+    elif fault in ("edge-unreachable", "edge-throttled", "edge-slow"):
+        _edge_fault(world, fault)
+
+
+def _edge_fault(world: World, fault: str) -> None:
+    """The operator's way to the edge API server broken, throttled or slowed for a while."""
+    rng = world.rng
+    if fault == "edge-unreachable":
         saved = world.edge.kubeconfig.read_text()
         dead = saved.replace(world.edge.server, f"https://127.0.0.1:{free_port()}")
-        world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": dead}}))
-        try:
-            # The operator reads a kubeconfig Secret again within SECRET_TTL_SECONDS: the outage it sees
-            # lasts 3-12 s.
-            time.sleep(SECRET_TTL_SECONDS + rng.uniform(3.0, 12.0))
-        finally:
-            world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": saved}}))
+        # The operator reads a kubeconfig Secret again within SECRET_TTL_SECONDS: the outage it sees
+        # lasts 3-12 s.
+        _edge_kubeconfig(world, dead, SECRET_TTL_SECONDS + rng.uniform(3.0, 12.0))
+    elif fault == "edge-throttled":
+        if world.throttle is None:
+            world.throttle = Throttle(world.edge)
+        with world.throttle:
+            _edge_kubeconfig(world, world.throttle.kubeconfig(), SECRET_TTL_SECONDS + rng.uniform(3.0, 12.0))
+    elif fault == "edge-slow":
+        with SlowProxy(("127.0.0.1", world.edge.api_port), delay=1.5) as proxy:
+            slow = world.edge.kubeconfig.read_text().replace(world.edge.server, proxy.server)
+            _edge_kubeconfig(world, slow, SECRET_TTL_SECONDS + rng.uniform(5.0, 15.0))
+            time.sleep(SECRET_TTL_SECONDS)  # until the operator's client goes straight to the server again
+
+
+def _edge_kubeconfig(world: World, kubeconfig: str, seconds: float) -> None:
+    """The edge's EdgeCluster Secret holds ``kubeconfig`` for ``seconds``, then the edge's own again."""
+    secret = ["-n", "edgetune-system", "patch", "secret", "edge-a-kubeconfig", "--type=merge", "-p"]
+    world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": kubeconfig}}))
+    try:
+        time.sleep(seconds)
+    finally:
+        world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": world.edge.kubeconfig.read_text()}}))
 
 
 def _alter_package(world: World, fault: str, name: str, cluster: str) -> tuple[str, bool]:
