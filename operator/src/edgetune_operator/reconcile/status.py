@@ -34,9 +34,9 @@ class Observation:
     created: int = 0
     """Trainers this reconcile started."""
     unreachable: dict[str, str] = field(default_factory=dict)
+    """Clusters that did not answer (or cannot be reached at all), with why."""
     throttled: set[str] = field(default_factory=set)
     """Clusters among ``unreachable`` that answered 429 Too Many Requests (alive, busy)."""
-    """Clusters that did not answer (or cannot be reached at all), with why."""
     result: TrainingResult | None = None
     """The registered adapter (single trainer or aggregate)."""
     aggregation_error: str | None = None
