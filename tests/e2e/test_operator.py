@@ -621,7 +621,7 @@ def test_an_edge_cluster_answering_seconds_late_slows_only_itself(
             reachable = _reachable(hub_crds, "edge-b")
             took = float(re.search(r"answered in ([\d.]+) s", reachable["message"]).group(1))  # type: ignore[union-attr]
             assert reachable["status"] == "True" and took >= 1.5, reachable  # slow, not unreachable
-            assert _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-a") < 1.0
+            assert _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-a") < 1.5  # unaffected
             for name, site in (("slow-b", "farm"), ("fast-a", "factory")):
                 create(api, ns, job_manifest(name, placement={"accelerator": "cpu", "clusterSelector": {
                     "matchLabels": {"site": site}}}))  # fmt: skip
@@ -629,7 +629,7 @@ def test_an_edge_cluster_answering_seconds_late_slows_only_itself(
         finally:
             _restore_secret(hub_crds, "edge-b", saved)
         # the proxy stays up until the operator's client for edge-b goes straight to it again
-        eventually(lambda: _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-b") < 1.0,
+        eventually(lambda: _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-b") < 1.5,
                    timeout=60, what="edge-b's heartbeat fast again")  # fmt: skip
     for name, cluster in (("fast-a", "edge-a"), ("slow-b", "edge-b")):
         assert jobs[name]["status"]["phase"] == "Succeeded", jobs[name]["status"]

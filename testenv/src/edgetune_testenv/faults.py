@@ -100,7 +100,7 @@ class Throttle:
                 if exc.code != 429:
                     self.held += 1  # 504 after the server's wait: the seat was held meanwhile
                     continue
-                time.sleep(0.001)
+                time.sleep(0.005)  # back for the seat within milliseconds of its release
             except OSError:
                 time.sleep(0.1)
             else:
