@@ -64,11 +64,12 @@ from edgetune_testenv.executor import LocalImage, PodExecutor
 from edgetune_testenv.faults import SlowProxy, Throttle
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
-from edgetune_testenv.procs import ManagedProcess, free_port, wait_for
+from edgetune_testenv.procs import ManagedProcess, wait_for
 from edgetune_testenv.servers import MlflowServer, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.operator_support import dead_kubeconfig, point_kubeconfig, restore_kubeconfig  # noqa: E402 - as the tests do
 from tests.trainer_support import sine_classes  # noqa: E402 - the tests' data generator, from the repository
 
 TRAINER_IMAGE = "edgetune.io/trainer:chaos"
@@ -225,11 +226,9 @@ def _edge_fault(world: World, fault: str) -> None:
     """The operator's way to the edge API server broken, throttled or slowed for a while."""
     rng = world.rng
     if fault == "edge-unreachable":
-        saved = world.edge.kubeconfig.read_text()
-        dead = saved.replace(world.edge.server, f"https://127.0.0.1:{free_port()}")
         # The operator reads a kubeconfig Secret again within SECRET_TTL_SECONDS: the outage it sees
         # lasts 3-12 s.
-        _edge_kubeconfig(world, dead, SECRET_TTL_SECONDS + rng.uniform(3.0, 12.0))
+        _edge_kubeconfig(world, dead_kubeconfig(world.edge), SECRET_TTL_SECONDS + rng.uniform(3.0, 12.0))
     elif fault == "edge-throttled":
         if world.throttle is None:
             world.throttle = Throttle(world.edge)
@@ -244,12 +243,11 @@ def _edge_fault(world: World, fault: str) -> None:
 
 def _edge_kubeconfig(world: World, kubeconfig: str, seconds: float) -> None:
     """The edge's EdgeCluster Secret holds ``kubeconfig`` for ``seconds``, then the edge's own again."""
-    secret = ["-n", "edgetune-system", "patch", "secret", "edge-a-kubeconfig", "--type=merge", "-p"]
-    world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": kubeconfig}}))
+    saved = point_kubeconfig(world.hub, "edge-a", kubeconfig)
     try:
         time.sleep(seconds)
     finally:
-        world.hub.kubectl(*secret, json.dumps({"stringData": {"kubeconfig": world.edge.kubeconfig.read_text()}}))
+        restore_kubeconfig(world.hub, "edge-a", saved)
 
 
 def _alter_package(world: World, fault: str, name: str, cluster: str) -> tuple[str, bool]:

@@ -14,6 +14,7 @@ from kubernetes import client as k8s
 
 from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.procs import free_port
 from tests.support import eventually
 
 GROUP, VERSION, PLURAL = "edgetune.io", "v1alpha1", "edgetrainingjobs"
@@ -75,6 +76,26 @@ def wait_finished(api: Any, namespace: str, name: str, timeout: float = 300) -> 
         return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
 
     return eventually(finished, timeout=timeout, what=f"EdgeTrainingJob {namespace}/{name} to finish")
+
+
+def point_kubeconfig(hub: ControlPlane, cluster: str, kubeconfig: str) -> dict[str, str]:
+    """The EdgeCluster's kubeconfig Secret on the hub now holds ``kubeconfig`` (the operator reads it
+    again within SECRET_TTL_SECONDS); returns the Secret's data before, for ``restore_kubeconfig``."""
+    secret = f"{cluster}-kubeconfig"
+    saved = json.loads(hub.kubectl("-n", "edgetune-system", "get", "secret", secret, "-o", "json").stdout)["data"]
+    hub.kubectl("-n", "edgetune-system", "patch", "secret", secret, "--type=merge",
+                "-p", json.dumps({"stringData": {"kubeconfig": kubeconfig}}))  # fmt: skip
+    return dict(saved)
+
+
+def restore_kubeconfig(hub: ControlPlane, cluster: str, saved: dict[str, str]) -> None:
+    hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge",
+                "-p", json.dumps({"data": saved}))  # fmt: skip
+
+
+def dead_kubeconfig(plane: ControlPlane) -> str:
+    """``plane``'s kubeconfig pointing at a port where nothing listens."""
+    return plane.kubeconfig.read_text().replace(plane.server, f"https://127.0.0.1:{free_port()}")
 
 
 def wait_unreachable(hub: ControlPlane, cluster: str, timeout: float = 60) -> None:

@@ -25,15 +25,17 @@ from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.faults import SlowProxy, Throttle
 from edgetune_testenv.operator_proc import OperatorProcess
-from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.operator_support import (
     DATA,
     condition,
     create,
+    dead_kubeconfig,
     events,
     get,
     job_manifest,
+    point_kubeconfig,
+    restore_kubeconfig,
     s3_secret,
     wait_finished,
     wait_unreachable,
@@ -272,17 +274,11 @@ def test_an_unreachable_edge_cluster_fails_its_part_and_the_rest_finishes(
     eventually(lambda: len([t for t in (get(api, ns, "partial").get("status") or {}).get("targets") or []
                             if t["phase"] == "Training"]) == 2, timeout=120, what="both trainers running")  # fmt: skip
     # Cut edge-b off: its kubeconfig now points at a port where nothing listens.
-    saved = hub_crds.kubectl("-n", "edgetune-system", "get", "secret", "edge-b-kubeconfig", "-o", "json").stdout
-    dead = fleet["edge-b"].kubeconfig.read_text().replace(fleet["edge-b"].server, f"https://127.0.0.1:{free_port()}")
-    patch = {"stringData": {"kubeconfig": dead}}
-    hub_crds.kubectl("-n", "edgetune-system", "patch", "secret", "edge-b-kubeconfig", "--type=merge",
-                     "-p", json.dumps(patch))  # fmt: skip
+    saved = point_kubeconfig(hub_crds, "edge-b", dead_kubeconfig(fleet["edge-b"]))
     try:
         job = wait_finished(api, ns, "partial", timeout=300)
     finally:
-        original = json.loads(saved)["data"]
-        hub_crds.kubectl("-n", "edgetune-system", "patch", "secret", "edge-b-kubeconfig", "--type=merge",
-                         "-p", json.dumps({"data": original}))  # fmt: skip
+        restore_kubeconfig(hub_crds, "edge-b", saved)
     status = job["status"]
     assert status["phase"] == "Succeeded", status
     by_cluster = {t["cluster"]: t for t in status["targets"]}
@@ -379,10 +375,7 @@ def test_deleting_a_job_while_its_edge_cluster_is_unreachable_is_bounded_and_swe
     edge_api = fleet["edge-b"].api_client()
     edge_batch = k8s.BatchV1Api(edge_api)
     assert edge_batch.list_namespaced_job(ns).items
-    saved = hub_crds.kubectl("-n", "edgetune-system", "get", "secret", "edge-b-kubeconfig", "-o", "json").stdout
-    dead = fleet["edge-b"].kubeconfig.read_text().replace(fleet["edge-b"].server, f"https://127.0.0.1:{free_port()}")
-    hub_crds.kubectl("-n", "edgetune-system", "patch", "secret", "edge-b-kubeconfig", "--type=merge",
-                     "-p", json.dumps({"stringData": {"kubeconfig": dead}}))  # fmt: skip
+    saved = point_kubeconfig(hub_crds, "edge-b", dead_kubeconfig(fleet["edge-b"]))
 
     def edge_b() -> dict[str, Any]:
         return dict(json.loads(hub_crds.kubectl("get", "edgecluster", "edge-b", "-o", "json").stdout))
@@ -406,8 +399,7 @@ def test_deleting_a_job_while_its_edge_cluster_is_unreachable_is_bounded_and_swe
         assert pending == {uid: {"namespace": ns, "job": "orphan"}}
         assert edge_batch.list_namespaced_job(ns).items  # ... its trainer is still there, unreachable
     finally:
-        hub_crds.kubectl("-n", "edgetune-system", "patch", "secret", "edge-b-kubeconfig", "--type=merge",
-                         "-p", json.dumps({"data": json.loads(saved)["data"]}))  # fmt: skip
+        restore_kubeconfig(hub_crds, "edge-b", saved)
     # ... and once edge-b answers a heartbeat again, its orphaned trainer and config are deleted.
     labelled = f"edgetune.io/training-job-uid={uid}"
     eventually(lambda: not edge_batch.list_namespaced_job(ns).items and not k8s.CoreV1Api(
@@ -523,20 +515,6 @@ def test_an_mlflow_outage_is_retried_with_growing_delays_in_status_and_registers
     assert len(mlflow_versions(mlflow_server, "outage-adapter")) == 1  # registered exactly once
 
 
-def _point_secret(hub: ControlPlane, cluster: str, kubeconfig: str) -> dict[str, str]:
-    """The EdgeCluster's kubeconfig Secret now holds ``kubeconfig``; returns its data before, to restore."""
-    secret = f"{cluster}-kubeconfig"
-    saved = json.loads(hub.kubectl("-n", "edgetune-system", "get", "secret", secret, "-o", "json").stdout)["data"]
-    hub.kubectl("-n", "edgetune-system", "patch", "secret", secret, "--type=merge",
-                "-p", json.dumps({"stringData": {"kubeconfig": kubeconfig}}))  # fmt: skip
-    return dict(saved)
-
-
-def _restore_secret(hub: ControlPlane, cluster: str, data: dict[str, str]) -> None:
-    hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge",
-                "-p", json.dumps({"data": data}))  # fmt: skip
-
-
 def _metric(operator_proc: OperatorProcess, name: str, cluster: str) -> float:
     return sum(float(v) for v in re.findall(rf'^{name}\{{cluster="{cluster}"[^}}]*\}} (\S+)$', operator_proc.metrics(),
                                             re.M))  # fmt: skip
@@ -568,7 +546,7 @@ def test_an_edge_apiserver_answering_429_holds_its_part_of_the_job_and_loses_not
     _hub_data(edge_b_executor, "farm-gpu-0", "farm-gpu-1")
     api, ns = tenant.api, tenant.namespace
     throttle = Throttle(fleet["edge-b"])
-    saved = _point_secret(hub_crds, "edge-b", throttle.kubeconfig())
+    saved = point_kubeconfig(hub_crds, "edge-b", throttle.kubeconfig())
     try:
         with throttle:
             reachable = eventually(lambda: (c := _reachable(hub_crds, "edge-b")).get("reason") == "Throttled" and c,
@@ -594,7 +572,7 @@ def test_an_edge_apiserver_answering_429_holds_its_part_of_the_job_and_loses_not
             assert not _trainer_jobs(fleet["edge-b"], ns, "throttled")  # every request was refused
         job = wait_finished(api, ns, "throttled", timeout=300)
     finally:
-        _restore_secret(hub_crds, "edge-b", saved)
+        restore_kubeconfig(hub_crds, "edge-b", saved)
     assert job["status"]["phase"] == "Succeeded" and job["status"]["progress"] == "2/2", job["status"]
     assert condition(job, "ClustersReachable")["status"] == "True"
     for cluster in ("edge-a", "edge-b"):
@@ -614,7 +592,7 @@ def test_an_edge_cluster_answering_seconds_late_slows_only_itself(
     api, ns = tenant.api, tenant.namespace
     edge = fleet["edge-b"]
     with SlowProxy(("127.0.0.1", edge.api_port), delay=1.5) as proxy:
-        saved = _point_secret(hub_crds, "edge-b", edge.kubeconfig.read_text().replace(edge.server, proxy.server))
+        saved = point_kubeconfig(hub_crds, "edge-b", edge.kubeconfig.read_text().replace(edge.server, proxy.server))
         try:
             eventually(lambda: _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-b") >= 1.5,
                        timeout=60, what="edge-b's heartbeat through the slow proxy")  # fmt: skip
@@ -627,7 +605,7 @@ def test_an_edge_cluster_answering_seconds_late_slows_only_itself(
                     "matchLabels": {"site": site}}}))  # fmt: skip
             jobs = {name: wait_finished(api, ns, name, timeout=300) for name in ("fast-a", "slow-b")}
         finally:
-            _restore_secret(hub_crds, "edge-b", saved)
+            restore_kubeconfig(hub_crds, "edge-b", saved)
         # the proxy stays up until the operator's client for edge-b goes straight to it again
         eventually(lambda: _metric(operator_proc, "edgetune_operator_cluster_heartbeat_seconds", "edge-b") < 1.5,
                    timeout=60, what="edge-b's heartbeat fast again")  # fmt: skip

@@ -29,10 +29,9 @@ from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.operator_proc import OperatorProcess
-from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.agent_support import BASE_HOST_PATH, agent_pod, keypair, make_base, make_package, train, upload
-from tests.operator_support import plugin, wait_unreachable
+from tests.operator_support import dead_kubeconfig, plugin, point_kubeconfig, restore_kubeconfig, wait_unreachable
 from tests.support import eventually
 from tests.trainer_support import sine_classes
 
@@ -432,21 +431,12 @@ def test_an_adapter_for_another_base_is_refused_before_any_agent_loads_it(world:
             assert json.loads(pod.metadata.annotations["edgetune.io/adapter"])["version"] != other["version"]
 
 
-def cut(w: World, cluster: str) -> str:
+def cut(w: World, cluster: str) -> dict[str, str]:
     """Point the hub's kubeconfig Secret for ``cluster`` at a port where nothing listens; returns
-    the Secret as it was."""
-    saved = w.hub.kubectl("-n", "edgetune-system", "get", "secret", f"{cluster}-kubeconfig", "-o", "json").stdout
-    plane = w.fleet[cluster]
-    dead = plane.kubeconfig.read_text().replace(plane.server, f"https://127.0.0.1:{free_port()}")
-    w.hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge", "-p",
-                  json.dumps({"stringData": {"kubeconfig": dead}}))  # fmt: skip
+    the Secret's data as it was."""
+    saved = point_kubeconfig(w.hub, cluster, dead_kubeconfig(w.fleet[cluster]))
     wait_unreachable(w.hub, cluster)  # cut once a heartbeat says so
-    return str(saved)
-
-
-def restore(w: World, cluster: str, saved: str) -> None:
-    w.hub.kubectl("-n", "edgetune-system", "patch", "secret", f"{cluster}-kubeconfig", "--type=merge", "-p",
-                  json.dumps({"data": json.loads(saved)["data"]}))  # fmt: skip
+    return saved
 
 
 def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_s3(world: World) -> None:
@@ -464,7 +454,7 @@ def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_
         s = status(w, "held")
         assert s["phase"] == "Progressing" and s["currentStep"] == 0, json.dumps(s)[:2000]
     finally:
-        restore(w, "edge-b", saved)
+        restore_kubeconfig(w.hub, "edge-b", saved)
     s = wait_phase(w, "held", "Promoted", "RolledBack", timeout=120)
     assert s["phase"] == "Promoted" and set(w.serving().values()) == {good["version"]}
     stable = good["version"]
@@ -491,7 +481,7 @@ def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_
         pods = w.edges["edge-b"].list_namespaced_pod(w.ns, label_selector="app=sensor-model").items
         assert {json.loads(p.metadata.annotations["edgetune.io/adapter"])["version"] for p in pods} == {bad["version"]}
     finally:
-        restore(w, "edge-b", saved)
+        restore_kubeconfig(w.hub, "edge-b", saved)
     s = wait_phase(w, "cut-off", "RolledBack", timeout=120)
     assert conditions(s)["RolledBack"]["reason"] == "AnalysisFailed" and set(w.serving().values()) == {stable}
     assert w.champion() == stable

@@ -66,7 +66,8 @@ class Throttle:
     """Every request of ``user`` on ``plane`` answered 429 by the API server while active.
 
     ``kubeconfig()`` is the user's own (a client certificate; cluster-admin through a
-    ClusterRoleBinding, not ``system:masters``, whose requests APF exempts)."""
+    ClusterRoleBinding, not ``system:masters``, whose requests APF exempts). The binding stays: a
+    client may go on using that kubeconfig for a while after the throttle stops."""
 
     def __init__(self, plane: ControlPlane, user: str = "edgetune-throttled", holders: int = 2) -> None:
         self.plane = plane
@@ -76,7 +77,6 @@ class Throttle:
         plane.kubectl("create", "clusterrolebinding", user, "--clusterrole=cluster-admin", f"--user={user}")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.held = 0
 
     def kubeconfig(self) -> str:
         return self.path.read_text()
@@ -96,25 +96,17 @@ class Throttle:
             try:
                 with urllib.request.urlopen(server + HOLD_PATH, context=context, timeout=30) as response:  # noqa: S310 - https
                     response.read()
-            except urllib.error.HTTPError as exc:
-                if exc.code != 429:
-                    self.held += 1  # 504 after the server's wait: the seat was held meanwhile
-                    continue
-                time.sleep(0.005)  # back for the seat within milliseconds of its release
+            except urllib.error.HTTPError as exc:  # 504 after the server's wait: the seat was held meanwhile
+                if exc.code == 429:
+                    time.sleep(0.005)  # back for the seat within milliseconds of its release
             except OSError:
                 time.sleep(0.1)
-            else:
-                self.held += 1
 
     def stop(self) -> None:
         self._stop.set()
         self.plane.kubectl("delete", "flowschema,prioritylevelconfiguration", JAIL, "--ignore-not-found")
         for thread in self._threads:
             thread.join(timeout=10)
-
-    def close(self) -> None:
-        self.stop()
-        self.plane.kubectl("delete", "clusterrolebinding", self.user, "--ignore-not-found")
 
     def __enter__(self) -> Self:
         return self.start()

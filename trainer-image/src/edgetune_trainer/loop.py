@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
 from edgetune_api.meta import parse_duration, parse_quantity
@@ -447,7 +448,6 @@ class TrainingRun:
         self.scheduler = make_scheduler(self.optimizer, self.tr.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
         self.step_losses = _StepLosses(device)
-        self.adapter_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
         self.last_reported = 0.0
         self.checkpoints = Path(str(self.rt.work_dir)) / "checkpoints"
         self.writer = ckpt.BackgroundWriter(self.checkpoints)
@@ -534,14 +534,8 @@ class TrainingRun:
         if self.autocast is None:
             yield
             return
-        with torch.autocast(self.device.type, dtype=self.autocast):
-            for layer in self.adapter_layers:
-                layer.cast_input_dtype_enabled = False
-            try:
-                yield
-            finally:
-                for layer in self.adapter_layers:
-                    layer.cast_input_dtype_enabled = True
+        with torch.autocast(self.device.type, dtype=self.autocast), disable_input_dtype_casting(self.model):
+            yield
 
     def _autocast_dtype(self) -> torch.dtype | None:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.tr.precision)
