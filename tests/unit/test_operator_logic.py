@@ -335,27 +335,29 @@ def _heartbeat(reason: str, at: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("reason", "last_answer", "throttled", "phase"),
+    ("reason", "last_answer", "job_age", "throttled", "phase"),
     [
-        ("Unreachable", "2026-01-01T00:00:00Z", False, "Failed"),  # silent past the grace period: given up
-        ("Unreachable", "now", False, "Pending"),  # silent, within the grace period: waited for
-        ("Throttled", "2026-01-01T00:00:00Z", True, "Pending"),  # answering 429 for long: alive, never given up
+        ("Unreachable", "2026-01-01T00:00:00Z", "old", False, "Failed"),  # silent past the grace period: given up
+        ("Unreachable", "now", "old", False, "Pending"),  # silent, within the grace period: waited for
+        ("Unreachable", "2026-01-01T00:00:00Z", "new", False, "Pending"),  # the job has not waited that long
+        ("Throttled", "2026-01-01T00:00:00Z", "old", True, "Pending"),  # answering 429 for long: never given up
     ],
 )
 def test_a_cluster_cut_off_before_its_trainers_started_holds_its_part_of_the_job(
-    reason: str, last_answer: str, throttled: bool, phase: str
+    reason: str, last_answer: str, job_age: str, throttled: bool, phase: str
 ) -> None:
     """Before, a cluster unreachable when the job started had no target at all, and the job
     finished (Succeeded) as soon as the other clusters' trainers did, without it."""
     from edgetune_operator.controllers.training_job import TrainingJobController  # noqa: PLC0415
 
     at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if last_answer == "now" else last_answer
+    job = JobRef("j", "ns", "u", created=datetime.now(UTC).timestamp() if job_age == "new" else 0.0)
     controller = TrainingJobController(Settings(), _Fleet(_heartbeat(reason, at)), s3_factory=lambda *_: None,
                                        mlflow=None)  # type: ignore[arg-type]  # fmt: skip
     done = target("Succeeded", cluster="a", node="n", mlflow_version="1", sha256="b" * 64)
     obs = Observation(targets=[done], unreachable={"b": "429 Too Many Requests" if throttled else "refused"},
                       throttled={"b"} if throttled else set())  # fmt: skip
-    controller._carry_unreachable("b", obs, {}, throttled=throttled)
+    controller._carry_unreachable("b", job, obs, {}, throttled=throttled)
     held = obs.targets[-1]
     assert (held.cluster, held.node, held.phase) == ("b", None, phase)
     assert ("429" in (held.message or "")) == throttled
@@ -368,7 +370,7 @@ def test_a_cluster_cut_off_before_its_trainers_started_holds_its_part_of_the_job
     assert cond(status, "ClustersReachable") == ("False", expected)
     # the next reconcile carries the placeholder, not two of them
     again = Observation(targets=[done], unreachable=obs.unreachable, throttled=obs.throttled)
-    controller._carry_unreachable("b", again, {("b", None): held}, throttled=throttled)
+    controller._carry_unreachable("b", job, again, {("b", None): held}, throttled=throttled)
     assert [t.cluster for t in again.targets] == ["a", "b"] and again.targets[-1].phase == phase
 
 

@@ -207,6 +207,7 @@ class TrainingJobController:
             "namespace",
             "uid",
             "generation",
+            "creationTimestamp",
             "resourceVersion",
             "deletionTimestamp",
             "labels",
@@ -282,7 +283,9 @@ class TrainingJobController:
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return EdgeTrainingJobStatus()
-        job = JobRef(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)))
+        created = meta.get("creationTimestamp")
+        job = JobRef(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)),
+                     _timestamp(created) if created else 0.0)  # fmt: skip
         old = EdgeTrainingJobStatus.model_validate(body.get("status") or {})
         spec = EdgeTrainingJobSpec.model_validate(body["spec"])
         obs = Observation()
@@ -442,26 +445,29 @@ class TrainingJobController:
                 obs.targets.append(status)
         except ClusterUnavailableError as exc:  # e.g. its kubeconfig Secret was deleted: same as silent
             obs.unreachable[cluster] = str(exc)
-            self._carry_unreachable(cluster, obs, old_targets)
+            self._carry_unreachable(cluster, job, obs, old_targets)
         except (UnreachableError, KubeError) as exc:
             throttled = isinstance(exc, ThrottledError)
             obs.unreachable[cluster] = describe(exc)
             if throttled:
                 obs.throttled.add(cluster)
-            self._carry_unreachable(cluster, obs, old_targets, throttled=throttled)
+            self._carry_unreachable(cluster, job, obs, old_targets, throttled=throttled)
         except (RetryableError, MlflowUnavailableError, ConfigurationError, MlflowError) as exc:
             obs.start_error = f"cannot issue the trainers' credentials on {cluster}: {type(exc).__name__}: {exc}"
 
     def _carry_unreachable(
-        self, cluster: str, obs: Observation, old_targets: dict[tuple[str, str | None], TargetStatus], *,
-        throttled: bool = False,
+        self, cluster: str, job: JobRef, obs: Observation, old_targets: dict[tuple[str, str | None], TargetStatus],
+        *, throttled: bool = False,
     ) -> None:  # fmt: skip
         """Keep the last known state of an unreachable cluster's trainers; past the grace period the
-        unfinished ones fail (the rest of the job goes on). A cluster that throttles (429) answers:
-        it is never given up for that. A cluster with no trainer known yet holds its part of the job
+        unfinished ones fail (the rest of the job goes on). The grace period counts from the
+        cluster's last heartbeat or the job's creation, whichever is later: a job never gives up a
+        cluster it has waited for less than that (one created as a long-silent cluster returns,
+        before a heartbeat says so, would fail at once). A cluster that throttles (429) answers: it
+        is never given up for that. A cluster with no trainer known yet holds its part of the job
         open with one placeholder target (otherwise the job could finish without it)."""
         since = None if throttled else self._unreachable_since(cluster)
-        lost = since is not None and time.time() - since > self.settings.cluster_lost_after_seconds
+        lost = since is not None and time.time() - max(since, job.created) > self.settings.cluster_lost_after_seconds
         gone = (f"ClusterUnreachable: cluster {cluster} has not answered for more than "
                 f"{self.settings.cluster_lost_after_seconds} s")  # fmt: skip
         waiting = (f"cluster {cluster} is throttling the operator (429); retrying" if throttled
@@ -472,7 +478,8 @@ class TrainingJobController:
         for previous in known:
             status = previous.model_copy()
             if status.phase not in ("Succeeded", "Failed", "Packaging"):
-                status.phase = "Failed" if lost else status.phase
+                if lost:
+                    status.phase = "Failed"
                 status.message = gone if lost else waiting
             obs.targets.append(status)
         if not known:
@@ -495,7 +502,7 @@ class TrainingJobController:
         )
         if reachable.get("reason") == "Throttled":  # it answers, with 429: alive, never lost for that
             return None
-        return datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp()
+        return _timestamp(beat)
 
     def _node_gone(self, kube: Kube, node: str, pods: list[dict[str, Any]]) -> bool:
         if any((p.get("spec") or {}).get("nodeName") for p in pods if (p.get("status") or {}).get("phase") != "Failed"):

@@ -47,6 +47,8 @@ class JobRef:
     namespace: str
     uid: str
     generation: int = 1
+    created: float = 0.0
+    """When the job was created (Unix time; 0 when not known)."""
 
 
 @dataclass(frozen=True)
