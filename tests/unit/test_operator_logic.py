@@ -3,6 +3,7 @@ the shared codec and FedAvg packaging."""
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -384,3 +385,40 @@ def test_a_429_is_a_throttled_error_with_the_servers_retry_after() -> None:
     assert "please try again later" in describe(error) and "retry after 2 s" in describe(error)
     assert _api_error(429, "Too Many Requests", body, "Wed, 21 Oct 2026 07:28:00 GMT").retry_after is None  # type: ignore[attr-defined]
     assert not isinstance(_api_error(500, "Internal", body), ThrottledError)
+
+
+class _Secrets:
+    """The hub as ``read_secret`` sees it: Secrets by (namespace, name)."""
+
+    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]]) -> None:
+        self.secrets = secrets
+
+    def get_or_none(self, resource: object, name: str, namespace: str) -> dict[str, object] | None:
+        data = self.secrets.get((namespace, name))
+        return None if data is None else {"data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+def test_a_missing_credential_names_the_field_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quickstart's first job created ``s3-credentials`` but named it nowhere: the job's status
+    held ``AttributeError: 'NoneType' object has no attribute 'access_key'`` from deep in botocore.
+    Each way a credential can be missing now says which field to set."""
+    from edgetune_operator.clients import object_store  # noqa: PLC0415
+    from edgetune_operator.controllers import credentials  # noqa: PLC0415
+
+    monkeypatch.setattr(object_store, "ambient_credentials", lambda: False)
+    hub = _Secrets({("team-a", "s3-credentials"): {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+                    ("team-a", "signing"): {"other.pem": "x"}})  # fmt: skip
+    field = "output.s3.credentialsSecretRef"
+    with pytest.raises(credentials.ConfigurationError, match=r"output.s3.credentialsSecretRef is not set and the "
+                       r"operator has no S3 credentials of its own: create a Secret in team-a"):  # fmt: skip
+        credentials.s3_credentials(hub, "team-a", None, field=field)  # type: ignore[arg-type]
+    with pytest.raises(credentials.ConfigurationError, match=r"output.s3.credentialsSecretRef names Secret "
+                       r"team-b/s3-credentials, which does not exist"):  # fmt: skip
+        credentials.s3_credentials(hub, "team-b", "s3-credentials", field=field)  # type: ignore[arg-type]
+    assert credentials.s3_credentials(hub, "team-a", "s3-credentials", field=field) == {  # type: ignore[arg-type]
+        "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}  # fmt: skip
+    with pytest.raises(credentials.ConfigurationError, match=r"output.signingKeySecretRef names key key.pem of "
+                       r"Secret team-a/signing, which has no such key \(its keys: other.pem\)"):  # fmt: skip
+        credentials.secret_value(hub, "team-a", "signing", "key.pem", field="output.signingKeySecretRef")  # type: ignore[arg-type]
+    monkeypatch.setattr(object_store, "ambient_credentials", lambda: True)
+    assert credentials.s3_credentials(hub, "team-a", None, field=field) == {}  # type: ignore[arg-type]

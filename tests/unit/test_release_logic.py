@@ -243,9 +243,12 @@ def test_a_release_may_not_take_pods_another_release_drives() -> None:
     targets = fleet({"a": 2, "b": 2})
     labels = {t.key: {"app": "sensor", "tier": "gold" if t.name.endswith("0") else "std"} for t in targets}
     gold = RivalRelease("gold", "Progressing", frozenset({"a", "b"}),
-                        LabelSelector.model_validate({"matchLabels": {"tier": "gold"}}))  # fmt: skip
+                        LabelSelector.model_validate({"matchLabels": {"tier": "gold"}}), "prod")  # fmt: skip
     elsewhere = RivalRelease("c-only", "Paused", frozenset({"c"}),
-                             LabelSelector.model_validate({"matchLabels": {"app": "sensor"}}))  # fmt: skip
+                             LabelSelector.model_validate({"matchLabels": {"app": "sensor"}}), "prod")  # fmt: skip
+    sensors = LabelSelector.model_validate({"matchLabels": {"app": "sensor"}})
+    other_namespace = RivalRelease("staging", "Progressing", frozenset({"a", "b"}), sensors, "staging")
     assert conflicts(targets, labels, [elsewhere]) is None  # other clusters: no pod shared
+    assert conflicts(targets, labels, [other_namespace]) is None  # same clusters, pods of another namespace
     hit = conflicts(targets, labels, [elsewhere, gold])
     assert hit is not None and hit[0].name == "gold" and hit[1] == ["a/prod/a-0", "b/prod/b-0"]

@@ -51,6 +51,10 @@ class ReleaseTargets(ApiModel):
 
     cluster_selector: LabelSelector | None = None
     """EdgeClusters (by label); when absent, the release's own cluster."""
+    namespace: Name | None = None
+    """Namespace of the agents' pods on each selected cluster; the release's own namespace when
+    absent. On an edge cluster the hub reaches only the namespaces its admin opened to it (the
+    chart's `agent.namespaces`)."""
     workload_selector: LabelSelector
     """Labels of the pods (Deployments/DaemonSets) running the edgetune agent."""
 

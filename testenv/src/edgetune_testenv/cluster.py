@@ -331,6 +331,10 @@ class ControlPlane(ProcessGroup):
         return path
 
     def _write_kubeconfig(self, path: Path, cert: Path, key: Path, user: str) -> None:
+        """A kubeconfig whose cluster, user and context entries are named after this control plane
+        (the user ``<user>@<plane>``): kubeconfigs of several planes merge (``KUBECONFIG=a:b``)
+        without one plane's credentials shadowing another's."""
+        user = f"{user}@{self.name}"
         config = {
             "apiVersion": "v1",
             "kind": "Config",

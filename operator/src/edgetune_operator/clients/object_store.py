@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,17 @@ class Verified:
 
 class PackageNotFoundError(LookupError):
     """No package at the URI."""
+
+
+@functools.cache
+def ambient_credentials() -> bool:
+    """Whether the operator has S3 credentials of its own (environment, files, instance role),
+    looked up once. Without them and without a Secret named by the resource, botocore would sign a
+    presigned POST with nothing and fail with an AttributeError deep inside: better to say which
+    field to set before trying."""
+    import boto3  # noqa: PLC0415 - the operator imports boto3 lazily (start-up memory)
+
+    return boto3.Session().get_credentials() is not None
 
 
 def split_uri(uri: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import fnmatch
 import time
 from typing import Any
 
+from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import SECRETS, Kube, KubeError
 from edgetune_operator.settings import Settings
 
@@ -46,18 +47,30 @@ def read_secret(hub: Kube, namespace: str, name: str) -> dict[str, Any] | None:
     return secret
 
 
-def secret_value(hub: Kube, namespace: str, name: str, key: str) -> bytes:
+def secret_value(hub: Kube, namespace: str, name: str, key: str, *, field: str) -> bytes:
+    """One key of a Secret a resource names in ``field`` (its path in the spec, for the message)."""
     secret = read_secret(hub, namespace, name)
-    if secret is None or key not in (secret.get("data") or {}):
-        raise ConfigurationError(f"Secret {namespace}/{name} (key {key}) does not exist")
+    if secret is None:
+        raise ConfigurationError(f"{field} names Secret {namespace}/{name}, which does not exist: create it "
+                                 f"(key {key}) or correct {field}")  # fmt: skip
+    if key not in (secret.get("data") or {}):
+        have = ", ".join(sorted(secret.get("data") or {})) or "none"
+        raise ConfigurationError(f"{field} names key {key} of Secret {namespace}/{name}, which has no such key "
+                                 f"(its keys: {have})")  # fmt: skip
     return base64.b64decode(secret["data"][key])
 
 
-def s3_credentials(hub: Kube, namespace: str, name: str | None) -> dict[str, str]:
-    """AWS keys from the named Secret; empty (the operator's own credentials) without a name."""
+def s3_credentials(hub: Kube, namespace: str, name: str | None, *, field: str) -> dict[str, str]:
+    """AWS keys from the Secret named in ``field``; empty (the operator's own credentials) without
+    a name — and a ConfigurationError naming the field when the operator has none of its own."""
     if not name:
+        if not object_store.ambient_credentials():
+            raise ConfigurationError(
+                f"{field} is not set and the operator has no S3 credentials of its own: create a Secret in "
+                f"{namespace} with keys {' and '.join(S3_KEYS)} and name it in {field}"
+            )
         return {}
-    return {key: secret_value(hub, namespace, name, key).decode() for key in S3_KEYS}
+    return {key: secret_value(hub, namespace, name, key, field=field).decode() for key in S3_KEYS}
 
 
 def s3_endpoint(settings: Settings, named: str | None) -> str | None:

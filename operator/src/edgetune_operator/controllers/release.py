@@ -26,7 +26,6 @@ from edgetune_api.adapter_release import (
     AdapterReleaseSpec,
     AdapterReleaseStatus,
     AnalysisMetric,
-    AnalysisRun,
     ResolvedAdapter,
 )
 from edgetune_api.assignment import (
@@ -40,6 +39,7 @@ from edgetune_api.assignment import (
     revocation_location,
 )
 from edgetune_api.meta import parse_duration
+from edgetune_api.training_job import EdgeTrainingJobStatus
 from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import ADAPTER_RELEASES, PODS, TRAINING_JOBS, Kube, KubeError, UnreachableError
@@ -218,12 +218,14 @@ class _Context:
         self.ctl, self.body, self.spec, self.status = ctl, body, spec, status
         self.generation, self.release = generation, release
         self.namespace = body["metadata"]["namespace"]
+        self.target_namespace = spec.targets.namespace or self.namespace
         self.now = datetime.now(UTC)  # step and measurement times keep sub-second precision
         self.due: float | None = None
         """Seconds until this release needs a reconcile again (a pause ends, a measurement is due)."""
         self.kubes: dict[str, Kube] = {}
         self.labels: dict[str, dict[str, str]] = {}
         self.clusters_seen: list[str] = []
+        self.clusters_selected: list[str] = []
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -287,8 +289,9 @@ class _Context:
         if not targets:
             s.phase = "Paused"
             self.condition("Progressing", False, "NoTargets",
-                           f"no pod matches targets.workloadSelector in {self.namespace} on the selected "
-                           "clusters")  # fmt: skip
+                           f"no pod matches targets.workloadSelector in namespace {self.target_namespace} on "
+                           f"the selected clusters ({', '.join(self.clusters_selected) or 'none'}); set "
+                           "targets.namespace when the agents run in another namespace than the release")  # fmt: skip
             return
         if self.spec.paused and not self.spec.promote:
             s.phase = "Paused"
@@ -335,13 +338,22 @@ class _Context:
             what = f"alias {src.alias} of {model}"
         else:
             assert src.training_job_ref is not None  # noqa: S101 - the CRD allows exactly one of the three
-            job = self.ctl.hub.get_or_none(TRAINING_JOBS, src.training_job_ref.name, self.namespace)
-            number = (((job or {}).get("status") or {}).get("result") or {}).get("modelVersion")
+            ref = src.training_job_ref.name
+            job = self.ctl.hub.get_or_none(TRAINING_JOBS, ref, self.namespace)
+            if job is None:
+                raise ResolveError("TrainingJobNotFound", f"adapter.trainingJobRef names EdgeTrainingJob {ref}, which "
+                                   f"does not exist in {self.namespace}")  # fmt: skip
+            result = EdgeTrainingJobStatus.model_validate(job.get("status") or {}).result
+            number = result.mlflow_version if result else None
             if not number:
-                raise ResolveError("TrainingJobNotRegistered", f"EdgeTrainingJob {src.training_job_ref.name} has not "
-                                   "registered an adapter (yet)")  # fmt: skip
+                raise ResolveError("TrainingJobNotRegistered", f"EdgeTrainingJob {ref} has not registered one adapter "
+                                   "(yet): it is still running, failed, or trains one adapter per node without "
+                                   "aggregation (release one of its versions by adapter.version)")  # fmt: skip
+            if result is not None and result.mlflow_model and result.mlflow_model != model:
+                raise ResolveError("TrainingJobOtherModel", f"EdgeTrainingJob {ref} registered {result.mlflow_model}, "
+                                   f"not adapter.registeredModel {model}")  # fmt: skip
             version = mlflow.model_version(model, str(number))
-            what = f"version {number} of {model} (from EdgeTrainingJob {src.training_job_ref.name})"
+            what = f"version {number} of {model} (from EdgeTrainingJob {ref})"
         if version is None:
             raise ResolveError("AdapterNotFound", f"MLflow has no {what}")
         tags = {t["key"]: t["value"] for t in version.get("tags") or []}
@@ -372,11 +384,12 @@ class _Context:
         targets: list[Target] = []
         unreachable: list[str] = []
         self.labels = {}
-        for cluster in self.ctl.clusters.select(self.spec.targets.cluster_selector):
+        self.clusters_selected = self.ctl.clusters.select(self.spec.targets.cluster_selector)
+        for cluster in self.clusters_selected:
             try:
                 kube = self.ctl.clusters.get(cluster)
-                self.ctl.watches.ensure(cluster, kube, self.namespace, labels)
-                pods = kube.list(PODS, self.namespace, labels=labels or None)
+                self.ctl.watches.ensure(cluster, kube, self.target_namespace, labels)
+                pods = kube.list(PODS, self.target_namespace, labels=labels or None)
             except (ClusterUnavailableError, UnreachableError, KubeError):
                 unreachable.append(cluster)
                 continue
@@ -403,11 +416,11 @@ class _Context:
         return targets, unreachable
 
     def rival(self, targets: list[Target]) -> str | None:
-        """Why this release may not start: another unfinished release in the namespace that started
-        (or was created) before it selects some of the same pods. None when it may start."""
+        """Why this release may not start: another unfinished release (in any namespace of the hub)
+        that started (or was created) before it selects some of the same pods. None when it may start."""
         mine = self.body["metadata"]
         rivals: list[RivalRelease] = []
-        for other in self.ctl.hub.list(ADAPTER_RELEASES, self.namespace):
+        for other in self.ctl.hub.list(ADAPTER_RELEASES):
             meta, status = other["metadata"], other.get("status") or {}
             if meta["uid"] == mine["uid"]:
                 continue
@@ -423,8 +436,12 @@ class _Context:
             except ValueError:
                 continue
             clusters = frozenset(self.ctl.clusters.select(spec.targets.cluster_selector))
-            rivals.append(RivalRelease(meta["name"], status.get("phase") or "Pending", clusters,
-                                       spec.targets.workload_selector))  # fmt: skip
+            where = spec.targets.namespace or meta["namespace"]
+            if where != self.target_namespace:
+                continue
+            shown = meta["name"] if meta["namespace"] == self.namespace else f"{meta['namespace']}/{meta['name']}"
+            rivals.append(RivalRelease(shown, status.get("phase") or "Pending", clusters,
+                                       spec.targets.workload_selector, where))  # fmt: skip
         if not rivals:
             return None
         hit = conflicts(targets, self.labels, rivals)
@@ -567,22 +584,30 @@ class _Context:
 
     def analyse(self, index: int, names: list[str]) -> str | None:
         """Measure what is due; return the success message, or None while running or after the
-        analysis failed (rollback) or was inconclusive (paused)."""
+        analysis failed (rollback) or was inconclusive (paused). What a finished metric's verdict
+        means for the step, and what measuring again after a pause means: ``analysis.analyse_step``."""
         s = self.status
         s.phase = "Analyzing"
         canary = s.canary
         variables = {"release": self.release, "namespace": self.namespace,
                      "version": canary.version if canary else "", "stableVersion": s.stable_version or "",
                      "cluster": "", "model": self.spec.adapter.registered_model}  # fmt: skip
-        verdicts = []
-        for metric in [m for m in self.spec.analysis.metrics if not names or m.name in names]:
-            run = next((r for r in s.analysis_runs if r.step == index and r.metric == metric.name
-                        and r.finished_at is None), None)  # fmt: skip
-            if run is None:  # first time at this step, or measuring again after an inconclusive run
-                run = AnalysisRun(step=index, metric=metric.name, phase="Running", started_at=self.now)
-                s.analysis_runs = [*s.analysis_runs, run][-MAX_RUNS:]
-            verdicts.append(self.measure_due(run, metric, variables))
-        overall = analysis.combine(verdicts)
+        chosen = [m for m in self.spec.analysis.metrics if not names or m.name in names]
+
+        def measure(metric: AnalysisMetric) -> analysis.Measurement:
+            if analysis.uses(metric.query, "cluster"):  # once per cluster; the worst one counts
+                m = analysis.worst(metric, {c: self.measure(metric.query, {**variables, "cluster": c})
+                                            for c in self.clusters_seen})  # fmt: skip
+            else:
+                m = self.measure(metric.query, variables)
+            metrics.ANALYSIS_MEASUREMENTS.labels(metric.name, m.kind).inc()
+            return m
+
+        outcome = analysis.analyse_step(s.analysis_runs, index, chosen, self.now, measure, keep=MAX_RUNS)
+        s.analysis_runs = outcome.runs
+        if outcome.wake_in is not None:
+            self.wake_in(outcome.wake_in)
+        overall = outcome.verdict
         if overall.phase == "Running":
             self.condition("Analyzing", True, "Measuring", overall.message[:2000])
             return None
@@ -607,43 +632,6 @@ class _Context:
         self.event("AnalysisInconclusive", overall.message, warning=True)
         self.set_paused()
         return None
-
-    def measure_due(self, run: AnalysisRun, metric: AnalysisMetric,
-                    variables: dict[str, str]) -> analysis.MetricVerdict:  # fmt: skip
-        """Take the measurement of ``metric`` that is due (if one is) and judge what ``run`` holds."""
-        interval = parse_duration(metric.interval)
-
-        # The first measurement comes one interval after the analysis starts (the agents' new
-        # series need a scrape or two to reach Prometheus), then every interval.
-        def since() -> float:
-            return (self.now - (run.last_measured_at or run.started_at or self.now)).total_seconds()
-
-        due = since() >= interval - 0.05
-        error: list[analysis.Measurement] = []
-        if due and run.measured < metric.count:
-            if analysis.uses(metric.query, "cluster"):  # once per cluster; the worst one counts
-                m = analysis.worst(metric, {c: self.measure(metric.query, {**variables, "cluster": c})
-                                            for c in self.clusters_seen})  # fmt: skip
-            else:
-                m = self.measure(metric.query, variables)
-            run.measured += 1
-            run.last_measured_at = self.now
-            metrics.ANALYSIS_MEASUREMENTS.labels(metric.name, m.kind).inc()
-            if m.kind == "value" and m.value is not None:
-                run.values = [*run.values, m.value][-100:]
-            elif m.kind == "nodata":
-                run.no_data += 1
-            else:
-                error.append(m)
-        if run.measured < metric.count:
-            self.wake_in(interval - since())  # the next measurement
-        measured = [analysis.Measurement("value", v) for v in run.values]
-        measured += [analysis.Measurement("nodata")] * run.no_data
-        verdict = analysis.evaluate(metric, measured + error)
-        run.phase, run.failures, run.message = verdict.phase, verdict.failures, verdict.message[:4000]
-        if verdict.phase != "Running":
-            run.finished_at = self.now
-        return verdict
 
     def measure(self, query: str, variables: dict[str, str]) -> analysis.Measurement:
         if self.ctl.prometheus is None:
@@ -732,7 +720,8 @@ class _Context:
         try:
             if self.ctl.s3_factory is None:
                 raise ConfigurationError("the operator has no S3 client")  # noqa: TRY301 - reported like the rest
-            creds = s3_credentials(self.ctl.hub, self.namespace, opts.s3.credentials_secret_ref)
+            creds = s3_credentials(self.ctl.hub, self.namespace, opts.s3.credentials_secret_ref,
+                                   field="rollback.s3.credentialsSecretRef")  # fmt: skip
             client = self.ctl.s3_factory(s3_endpoint(self.ctl.settings, opts.s3.endpoint), creds)
             object_store.put_json(client, bucket, key, record.model_dump_json(by_alias=True).encode())
         except Exception as exc:  # botocore's errors, a missing Secret: all reported the same way

@@ -549,7 +549,8 @@ class TrainingJobController:
         expires = (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
         private, _ = self._keys(spec, job.namespace)
         salt_ref = spec.data.privacy.salt_secret_ref
-        salt = secret_value(self.hub, job.namespace, salt_ref.name, salt_ref.key) if salt_ref else None
+        salt = (secret_value(self.hub, job.namespace, salt_ref.name, salt_ref.key, field="data.privacy.saltSecretRef")
+                if salt_ref else None)  # fmt: skip
         base = self._base_files(spec, s3, seconds, expires) if spec.base_model.remote else None
         bucket = spec.output.s3.bucket
 
@@ -612,7 +613,8 @@ class TrainingJobController:
     # -- results ---------------------------------------------------------------------------------
 
     def _s3(self, spec: EdgeTrainingJobSpec, namespace: str) -> Any:
-        creds = s3_credentials(self.hub, namespace, spec.output.s3.credentials_secret_ref)
+        creds = s3_credentials(self.hub, namespace, spec.output.s3.credentials_secret_ref,
+                               field="output.s3.credentialsSecretRef")  # fmt: skip
         return self.s3_factory(s3_endpoint(self.settings, spec.output.s3.endpoint), creds)
 
     def _keys(self, spec: EdgeTrainingJobSpec, namespace: str) -> tuple[bytes | None, bytes | None]:
@@ -620,7 +622,7 @@ class TrainingJobController:
         ref = spec.output.signing_key_secret_ref
         if ref is None:
             return None, None
-        private = secret_value(self.hub, namespace, ref.name, ref.key)
+        private = secret_value(self.hub, namespace, ref.name, ref.key, field="output.signingKeySecretRef")
         try:
             return private, public_key_pem(private)
         except (ValueError, TypeError) as exc:

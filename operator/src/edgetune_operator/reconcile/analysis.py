@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
-from edgetune_api.adapter_release import AnalysisMetric
+from edgetune_api.adapter_release import AnalysisMetric, AnalysisRun
+from edgetune_api.meta import parse_duration
 
 Verdict = Literal["Running", "Successful", "Failed", "Inconclusive"]
 Kind = Literal["value", "nodata", "error"]
@@ -151,3 +154,99 @@ def combine(verdicts: list[MetricVerdict]) -> MetricVerdict:
         if hits:
             return MetricVerdict(phase, sum(v.failures for v in hits), message="; ".join(v.message for v in hits))
     return MetricVerdict("Successful", 0, message="; ".join(v.message for v in verdicts))
+
+
+# -- one analysis step, across reconciles ---------------------------------------------------------
+
+
+@dataclass
+class StepOutcome:
+    """What one reconcile of an analysis step found: the combined verdict and when to come back."""
+
+    verdict: MetricVerdict
+    runs: list[AnalysisRun]
+    """Every run of the release (this step's updated in place, new ones appended)."""
+    wake_in: float | None
+    """Seconds until the next measurement is due, or None when nothing is left to measure."""
+
+
+def _verdict_of(run: AnalysisRun) -> MetricVerdict:
+    return MetricVerdict(run.phase, run.failures, list(run.values), run.message or "")
+
+
+def analyse_step(
+    runs: list[AnalysisRun], step: int, metrics: list[AnalysisMetric], now: datetime,
+    measure: Callable[[AnalysisMetric], Measurement], *, keep: int = 256,
+) -> StepOutcome:  # fmt: skip
+    """Measure what is due of one analysis step's metrics and combine their verdicts.
+
+    Each metric of the step has one run per attempt. A metric whose run has finished keeps its
+    verdict until the step's analysis as a whole concludes: a step with two metrics of different
+    intervals or counts passes once both have passed, whichever finished first. An attempt ends
+    when the combined verdict is Successful (the step advances), Failed (rollback, or a pause when
+    rollback is not automatic) or Inconclusive (a pause). Measuring again after such a pause means
+    a new attempt for *every* metric of the step: verdicts from before the pause are stale (the
+    fleet went on serving while it lasted), and a run left running when another metric ended the
+    attempt is closed as Inconclusive with a message that says so.
+    """
+    names = [m.name for m in metrics]
+    latest: dict[str, AnalysisRun] = {}
+    for run in runs:
+        if run.step == step and run.metric in names:
+            latest[run.metric] = run
+    if any(r.finished_at is not None and r.phase in ("Failed", "Inconclusive") for r in latest.values()):
+        for run in latest.values():  # the previous attempt concluded without passing: start afresh
+            if run.finished_at is None:
+                run.phase, run.finished_at = "Inconclusive", now
+                run.message = (f"{run.metric}: not finished, the step's analysis ended on another metric; "
+                               "measured afresh after the resume")  # fmt: skip
+        latest = {}
+    fresh = [AnalysisRun(step=step, metric=m.name, phase="Running", started_at=now)
+             for m in metrics if m.name not in latest]  # fmt: skip
+    latest.update({r.metric: r for r in fresh})
+    runs = [*runs, *fresh][-keep:] if fresh else runs
+    verdicts: list[MetricVerdict] = []
+    waits: list[float] = []
+    for metric in metrics:
+        run = latest[metric.name]
+        if run.finished_at is not None:  # its verdict holds until the step concludes
+            verdicts.append(_verdict_of(run))
+            continue
+        verdict, wait = measure_run(run, metric, now, measure)
+        verdicts.append(verdict)
+        if wait is not None:
+            waits.append(wait)
+    overall = combine(verdicts)
+    return StepOutcome(overall, runs, min(waits) if waits and overall.phase == "Running" else None)
+
+
+def measure_run(
+    run: AnalysisRun, metric: AnalysisMetric, now: datetime, measure: Callable[[AnalysisMetric], Measurement],
+) -> tuple[MetricVerdict, float | None]:  # fmt: skip
+    """Take the measurement of ``metric`` that is due (if one is) into ``run`` and judge what it
+    holds. The first measurement comes one interval after the run starts (the agents' new series
+    need a scrape or two to reach Prometheus), then every interval. Returns the verdict and the
+    seconds until the next measurement (None when all are taken)."""
+    interval = parse_duration(metric.interval)
+
+    def since() -> float:
+        return (now - (run.last_measured_at or run.started_at or now)).total_seconds()
+
+    errors: list[Measurement] = []
+    if since() >= interval - 0.05 and run.measured < metric.count:
+        m = measure(metric)
+        run.measured += 1
+        run.last_measured_at = now
+        if m.kind == "value" and m.value is not None:
+            run.values = [*run.values, m.value][-100:]
+        elif m.kind == "nodata":
+            run.no_data += 1
+        else:
+            errors.append(m)
+    wait = max(0.0, interval - since()) if run.measured < metric.count else None
+    measured = [Measurement("value", v) for v in run.values] + [Measurement("nodata")] * run.no_data
+    verdict = evaluate(metric, measured + errors)
+    run.phase, run.failures, run.message = verdict.phase, verdict.failures, verdict.message[:4000]
+    if verdict.phase != "Running":
+        run.finished_at = now
+    return verdict, wait

@@ -196,21 +196,23 @@ def versions_by_cluster(targets: list[Target]) -> dict[str, dict[str, int]]:
 
 @dataclass(frozen=True)
 class RivalRelease:
-    """Another unfinished release in the namespace that has precedence (started or created first)."""
+    """Another unfinished release that has precedence (started or created first)."""
 
     name: str
     phase: str
     clusters: frozenset[str]
     selector: LabelSelector
+    namespace: str
+    """The namespace its targets are in (on every cluster it selects)."""
 
 
 def conflicts(targets: list[Target], labels: dict[str, dict[str, str]],
               rivals: list[RivalRelease]) -> tuple[RivalRelease, list[str]] | None:  # fmt: skip
-    """The first rival that selects some of ``targets`` (by cluster and pod labels), with the keys
-    of the shared pods; None when no pod is shared."""
+    """The first rival that selects some of ``targets`` (by cluster, namespace and pod labels), with
+    the keys of the shared pods; None when no pod is shared."""
     for rival in rivals:
-        shared = [t.key for t in targets
-                  if t.cluster in rival.clusters and rival.selector.matches(labels.get(t.key, {}))]  # fmt: skip
+        shared = [t.key for t in targets if t.cluster in rival.clusters and t.namespace == rival.namespace
+                  and rival.selector.matches(labels.get(t.key, {}))]  # fmt: skip
         if shared:
             return rival, sorted(shared)
     return None
