@@ -9,13 +9,16 @@ say() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 
 # 1. Debian packages: Prometheus and its Pushgateway for the metric and analysis tests; buildah,
-#    runc and mmdebstrap to build the images offline and run them as real containers (docs/images.md).
+#    runc and mmdebstrap to build the images offline and run them as real containers (docs/images.md);
+#    the tools docs/quickstart.md uses.
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
-for tool in buildah runc mmdebstrap; do
+for tool in buildah runc mmdebstrap jq curl openssl; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# The quickstart's shell blocks (run by tests/e2e/test_quickstart.py) use envsubst, jq, curl, openssl.
+command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
 if ((${#missing[@]})); then
   sudo=""
   if [ "$(id -u)" != 0 ]; then

@@ -86,7 +86,7 @@ def assignment(version: str, uri: str, sha256: str, **extra: Any) -> str:
 
 
 EXAMPLE = REPO / "examples" / "agent" / "deployment.yaml"
-BASE_HOST_PATH = "/var/lib/edgetune/models/base"  # where the example expects the base on each node
+BASE_HOST_PATH = "/var/lib/edgetune/models/base"  # where the tests put the base model on each node
 
 
 def agent_pod(name: str, *, node: str, base_sha: str, keys_configmap: str, s3_env: dict[str, str],
@@ -97,12 +97,13 @@ def agent_pod(name: str, *, node: str, base_sha: str, keys_configmap: str, s3_en
     spec = template["spec"]
     container = spec["containers"][0]
     container["image"] = AGENT_IMAGE
-    container["args"] = [
-        f"--base-sha256={base_sha}" if a.startswith("--base-sha256=") else a for a in container["args"]
-    ]
     container["args"] += ["--threads=1"]
-    container["env"] = [e for e in container["env"] if not e["name"].startswith("AWS_")]
+    # The base model from a folder on the node (the example's comment says how), values inline.
+    container["env"] = [e for e in container["env"] if not e["name"].startswith(("AWS_", "BASE_"))]
     container["env"] += [{"name": k, "value": v} for k, v in s3_env.items()]
+    container["env"] += [{"name": "BASE_URI", "value": "/models/base"}, {"name": "BASE_SHA256", "value": base_sha}]
+    container["volumeMounts"].append({"name": "base", "mountPath": "/models/base", "readOnly": True})
+    spec["volumes"].append({"name": "base", "hostPath": {"path": BASE_HOST_PATH, "type": "Directory"}})
     container.pop("resources", None)  # the executor would enforce limits on a test machine's RSS
     spec["nodeName"] = node
     spec["tolerations"] = [{"operator": "Exists"}]

@@ -383,6 +383,17 @@ def test_pretrain_builds_a_pinned_base_that_a_job_then_adapts(
     assert main(["pretrain", "--data", str(tmp_path / "nothing"), "--format", "npy", "--out", str(tmp_path / "x")]) == 2
     assert "pretrain:" in capsys.readouterr().err
 
+    # A base "already on the node": the job names its node path, the pod mounts it elsewhere
+    # (read-only) and says where with --base-dir; the lineage keeps the job's URI.
+    site_c = tmp_path / "site-c"
+    sine_classes(site_c / "data", seed=3, gain=1.7)
+    on_node = {"uri": "/models/base", "sha256": built["sha256"]}
+    cfg = write_config(site_c, config(site_c, site_c / "data", baseModel=on_node,  # type: ignore[arg-type]
+                                      training={"maxSteps": 10, "evalEvery": 10}))  # fmt: skip
+    assert main(["--config", str(cfg), "--base-dir", str(tmp_path / "base")]) == 0
+    used = next(e for e in events(capsys.readouterr().out.splitlines()) if e["event"] == "base_model")
+    assert (used["uri"], used["sha256"]) == ("/models/base", built["sha256"])
+
 
 def test_on_a_laptop_an_edgetrainingjob_manifest_runs_as_it_is(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -44,3 +44,82 @@ def test_the_summary_condition_prefers_a_false_one() -> None:
     assert summary_condition(RELEASE).startswith("AnalysisFailed")
     assert summary_condition({"status": {}}) == ""
     assert "no EdgeTrainingJobs or AdapterReleases" in plain(render([], [], rich=False))
+
+
+class _Hub:
+    """The hub as the plugin's controls see it: one paused release; records spec patches."""
+
+    namespace = "demo"
+
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        return {"kind": "AdapterRelease", "spec": {"paused": True},
+                "status": {"phase": "Paused", "canaryVersion": "5"}}  # fmt: skip
+
+    def patch_spec(self, plural: str, name: str, patch: dict[str, Any]) -> None:
+        self.patches.append(patch)
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    error = line
+
+
+def test_abort_says_it_revokes_and_wants_a_confirmation(monkeypatch: Any, capsys: Any) -> None:
+    """Abort revokes the version for good: the help says so, and it is not done by a slip."""
+    import io  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    from edgetune_cli.__main__ import EXIT_USAGE, cmd_control, parser  # noqa: PLC0415
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["abort", "--help"])
+    assert "revoke this version for good" in " ".join(capsys.readouterr().out.split())
+    hub, out = _Hub(), _Out()
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal
+    assert cmd_control(hub, parser().parse_args(["abort", "rollout"]), out) == EXIT_USAGE  # type: ignore[arg-type]
+    assert hub.patches == [] and "aborting revokes 5 for good; pass --yes" in out.lines[-1]
+    assert cmd_control(hub, parser().parse_args(["abort", "rollout", "--yes"]), out) == 0  # type: ignore[arg-type]
+    assert hub.patches == [{"abort": True}]
+
+
+def test_every_flag_and_argument_of_every_command_has_help() -> None:
+    import argparse  # noqa: PLC0415
+
+    from edgetune_cli.__main__ import parser  # noqa: PLC0415
+
+    top = parser()
+    missing = [f"kubectl edgetune {a.dest}" for a in top._actions if a.help is None]
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        missing += [f"{name} {a.dest}" for a in command._actions if a.help is None]
+    assert missing == []
+
+
+def test_logs_are_text_and_a_job_without_trainers_is_not_found(monkeypatch: Any) -> None:
+    from edgetune_cli.__main__ import EXIT_NOT_FOUND, main  # noqa: PLC0415
+    from edgetune_cli.client import decode_log  # noqa: PLC0415
+
+    assert decode_log(b'{"ts": 1}\n\xff') == '{"ts": 1}\n\ufffd'  # was printed as b'{"ts": 1}\n'
+
+    class Hub(_Hub):
+        def __init__(self, *args: Any) -> None:
+            super().__init__()
+
+        def require_crds(self) -> None:
+            pass
+
+        def get(self, plural: str, name: str) -> dict[str, Any]:
+            return {"kind": "EdgeTrainingJob", "status": {"phase": "WaitingForData", "conditions": [
+                {"type": "DataSufficient", "status": "False", "reason": "WaitingForData", "message": "no samples"}]}}
+
+    monkeypatch.setattr("edgetune_cli.__main__.Hub", Hub)
+    assert main(["logs", "job/meters"]) == EXIT_NOT_FOUND  # was 64, a usage error

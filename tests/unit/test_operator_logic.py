@@ -142,6 +142,18 @@ def test_status_phases_follow_the_targets() -> None:
     assert same(done, summarize(job, 1, done, Observation(targets=done.targets, result=result), NOW))
 
 
+def test_a_selector_matching_no_cluster_says_so_where_people_look() -> None:
+    """It showed WaitingForData 0/0 and ClustersReachable "every selected cluster answered"."""
+    job = spec(placement={"clusterSelector": {"matchLabels": {"edgetune.io/site": "nowhere"}}})
+    status = summarize(job, 1, EdgeTrainingJobStatus(), Observation(no_clusters=True), NOW)
+    assert status.progress == "NoClusters"  # the PROGRESS printer column
+    assert cond(status, "DataSufficient") == ("False", "NoClusters")
+    message = next(c.message for c in status.conditions if c.type == "DataSufficient")
+    assert "edgetune.io/site=nowhere" in (message or "")
+    assert cond(status, "ClustersReachable") == ("True", "NoneSelected")
+    assert [(r, w) for r, _, w in transitions(EdgeTrainingJobStatus(), status)] == [("NoClusters", True)]
+
+
 def test_partial_success_failure_and_suspension() -> None:
     job = spec()
     old = EdgeTrainingJobStatus()

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from edgetune_api import EdgeTrainingJob
@@ -166,6 +167,24 @@ def test_a_separate_evaluation_set_is_mounted_read_only_and_named_to_the_trainer
     assert mount == {"name": "eval-data", "mountPath": "/data-eval", "readOnly": True}
     config = TrainerConfig.model_validate(json.loads(_config_json(spec, Settings())))
     assert config.runtime.eval_data_dir == "/data-eval"
+
+
+@pytest.mark.parametrize("uri", ["/models/base", "file:///models/base"])
+def test_a_base_model_already_on_the_node_is_mounted_read_only(uri: str) -> None:
+    """It was documented and failed: "base model folder … has no config.json" (nothing mounted it)."""
+    spec = _spec("trainingjob-gpu.yaml")
+    spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"uri": uri})})
+    pod = trainer_job(spec, JOB, Target("local"), Settings(), default_profiles()["gpu"][0])["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "base-model")["hostPath"] == {
+        "path": "/models/base", "type": "Directory"}  # fmt: skip
+    container = pod["containers"][0]
+    assert {"name": "base-model", "mountPath": "/base-model", "readOnly": True} in container["volumeMounts"]
+    assert container["args"][-2:] == ["--base-dir", "/base-model"]  # the path a test executor rewrites
+    config = TrainerConfig.model_validate(json.loads(_config_json(spec, Settings())))
+    assert config.runtime.base_dir == "/base-model" and config.runtime.base_files_path is None
+    remote = _spec("trainingjob-npu.yaml")
+    remote_pod = trainer_job(remote, JOB, Target("local"), Settings(), default_profiles()["npu"][0])
+    assert "--base-dir" not in remote_pod["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_settings_from_environment() -> None:

@@ -94,6 +94,9 @@ class TrainerRuntime(ApiModel):
     base_files_path: str | None = None
     """A ``BaseFiles`` (JSON): download a remote base model from these URLs instead of with S3 or
     MLflow access of its own."""
+    base_dir: str | None = None
+    """Where a base model already on the node is mounted (read-only); read instead of the path in
+    ``baseModel.uri``, which stays the lineage."""
     salt_path: str | None = None
     """File with the salt for privacy.hashFields."""
     job_namespace: str | None = None

@@ -57,6 +57,13 @@ class BaseModelSource(ApiModel):
         """In S3 or MLflow (fetched, not read from the node): under the operator, presigned for the trainer."""
         return self.uri.startswith(REMOTE_SCHEMES)
 
+    @property
+    def node_path(self) -> str | None:
+        """The folder on the node for a base model already there (`/…` or `file:///…`), else None."""
+        if self.uri.startswith("file://"):
+            return self.uri.removeprefix("file://")
+        return self.uri if self.uri.startswith("/") else None
+
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(

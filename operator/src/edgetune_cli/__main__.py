@@ -7,7 +7,8 @@
                                                     1 failed/rolled back/aborted, 2 timed out
     kubectl edgetune promote NAME [--full]          continue past a pause; --full: skip every remaining step
     kubectl edgetune resume NAME                    set spec.paused back to false
-    kubectl edgetune abort NAME                     roll every target back to the stable version
+    kubectl edgetune abort NAME [--yes]             roll every target back to the stable version and
+                                                    revoke this version for good (asks unless --yes)
     kubectl edgetune logs job/NAME [--cluster C] [--node N] [--tail N]
     kubectl edgetune logs release/NAME POD --cluster C [--tail N]
                                                     a trainer's or an agent's log, on whichever cluster it runs
@@ -48,37 +49,41 @@ def _duration(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubectl edgetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--kubeconfig")
-    p.add_argument("--context")
-    p.add_argument("-n", "--namespace")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--kubeconfig", help="the hub's kubeconfig (default: $KUBECONFIG, ~/.kube/config)")
+    p.add_argument("--context", help="the hub's context in it (default: the current one)")
+    p.add_argument("-n", "--namespace", help="namespace of the jobs and releases (default: the context's)")
+    sub = p.add_subparsers(dest="command", required=True, help="what to do (each has its own --help)")
     get = sub.add_parser("get", help="jobs and releases as a tree")
-    get.add_argument("name", nargs="?")
-    get.add_argument("-A", "--all-namespaces", action="store_true")
-    get.add_argument("-o", "--output", choices=["tree", "json"], default="tree")
+    get.add_argument("name", nargs="?", help="only the job or release of this name (default: all)")
+    get.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    get.add_argument("-o", "--output", choices=["tree", "json"], default="tree", help="tree (default) or json")
     watch = sub.add_parser("watch", help="get, redrawn until finished")
-    watch.add_argument("name", nargs="?")
-    watch.add_argument("--interval", type=float, default=2.0)
+    watch.add_argument("name", nargs="?", help="only the job or release of this name (default: all)")
+    watch.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default 2)")
     status = sub.add_parser("status", help="wait for a job or release to finish; the exit code says how")
     status.add_argument("ref", help="KIND/NAME, e.g. job/meters or release/meters-rollout")
     status.add_argument("--timeout", type=_duration, default=600.0, help="e.g. 90s, 10m (default 10m)")
-    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text", help="text (default) or json")
     controls = (
         ("promote", "continue past a pause (--full: skip every remaining step)"),
         ("resume", "set spec.paused back to false"),
-        ("abort", "roll back to the stable version"),
+        ("abort", "roll every target back to the stable version and revoke this version for good: agents "
+                  "refuse it afterwards, also in later releases (docs/releases.md, \"Abort\")"),
     )
     for name, text in controls:
-        command = sub.add_parser(name, help=text)
-        command.add_argument("name")
+        command = sub.add_parser(name, help=text, description=text)
+        command.add_argument("name", help="the AdapterRelease")
         if name == "promote":
-            command.add_argument("--full", action="store_true")
+            command.add_argument("--full", action="store_true", help="skip every remaining step: 100 %% now")
+        if name == "abort":
+            command.add_argument("--yes", action="store_true", help="do not ask for confirmation (required "
+                                 "when stdin is not a terminal)")  # fmt: skip
     logs = sub.add_parser("logs", help="a trainer's or an agent's log")
     logs.add_argument("ref", help="job/NAME or release/NAME")
     logs.add_argument("pod", nargs="?", help="for a release: the agent pod")
     logs.add_argument("--cluster", help="the EdgeCluster (default: the only one that runs it)")
     logs.add_argument("--node", help="for a job: the trainer on this node")
-    logs.add_argument("--tail", type=int, default=200)
+    logs.add_argument("--tail", type=int, default=200, help="last lines to show (default 200)")
     return p
 
 
@@ -153,6 +158,16 @@ def cmd_control(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
         return EXIT_FAILED
     spec = release["spec"]
     if args.command == "abort":
+        version = ((release.get("status") or {}).get("canaryVersion")) or "the released version"
+        if not args.yes:
+            if not sys.stdin.isatty():
+                out.error(f"aborting revokes {version} for good; pass --yes to confirm")
+                return EXIT_USAGE
+            answer = input(f"Abort AdapterRelease {hub.namespace}/{args.name}: every target goes back to the stable "
+                           f"version and version {version} is revoked for good. Type the release's name to go on: ")
+            if answer.strip() != args.name:
+                out.error("not aborted")
+                return EXIT_FAILED
         patch = {"abort": True}
     elif args.command == "promote" and args.full:
         patch = {"promote": True, "paused": False}
@@ -178,6 +193,9 @@ def cmd_logs(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
         if len(chosen) != 1:
             where = ", ".join(f"--cluster {t['cluster']}" + (f" --node {t['node']}" if t.get("node") else "")
                               for t in targets) or "none yet"  # fmt: skip
+            if not targets:
+                raise NotFoundError(f"EdgeTrainingJob {hub.namespace}/{name} has no trainers (yet): "
+                                    f"{view.summary_condition(obj) or _phase(obj)}")  # fmt: skip
             out.error(f"EdgeTrainingJob {hub.namespace}/{name} has {len(chosen)} matching trainers; pick one: {where}")
             return EXIT_USAGE
         target = chosen[0]

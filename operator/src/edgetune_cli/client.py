@@ -35,11 +35,18 @@ class Cluster:
 
     def logs(self, namespace: str, pod: str, tail: int) -> str:
         try:
-            return str(self.core.read_namespaced_pod_log(pod, namespace, tail_lines=tail))
+            # Raw bytes: the client's own decoding turns JSON log lines into a bytes repr (b'{"ts": …}\n').
+            response = self.core.read_namespaced_pod_log(pod, namespace, tail_lines=tail, _preload_content=False)
+            return decode_log(response.data)
         except ApiException as exc:
             if exc.status == 404:
                 raise NotFoundError(f"pod {namespace}/{pod} not found") from None
             raise
+
+
+def decode_log(data: bytes | str) -> str:
+    """A pod's log as text (invalid UTF-8 replaced, never a Python bytes literal)."""
+    return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
 
 
 class Hub:

@@ -8,25 +8,26 @@ demo            the product's story, end to end (edgetune_testenv.demo.story): t
                 installed with Helm, training on the edge nodes, a good and a bad release;
                 a summary table and PNG plots under --results (default ./demo-results/<time>);
                 --hold keeps everything up afterwards, --headless prints plain lines
-env [--hold]    only the environment: a hub and two edge clusters with simulated GPU/NPU/CPU
-                nodes plus S3, MLflow and Prometheus; print what is running
+env [--hold]    the local environment (edgetune_testenv.localenv), what docs/quickstart.md is
+                run against: a hub and two edge clusters (contexts hub, edge-factory,
+                edge-farm) whose simulated GPU/NPU/CPU nodes run every pod scheduled on them,
+                S3, MLflow, Prometheus + Pushgateway (discovering annotated pods), sensor data on
+                every edge node; writes a merged kubeconfig, env.sh and the hub's Helm values into
+                --workdir and prints everything a user needs
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from edgetune_testenv import binaries
-from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.errors import EnvironmentSetupError
-from edgetune_testenv.nodes import ACCELERATOR_LABEL, GPU_RESOURCE, NPU_RESOURCE, default_fleet
-from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -65,33 +66,15 @@ def _images(names: list[str]) -> int:
 
 
 def _env(hold: bool, workdir: Path | None) -> int:
+    from edgetune_testenv.localenv import LocalEnvironment  # noqa: PLC0415
+
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        clusters = []
-        for name, site in (("hub", "hub"), ("edge-factory", "factory"), ("edge-farm", "farm")):
-            plane = ControlPlane(name, workdir / name if workdir else None)
-            stack.enter_context(plane)
-            plane.add_nodes(default_fleet(site))
-            clusters.append(plane)
-        s3 = stack.enter_context(S3Server(workdir / "s3" if workdir else None))
-        mlflow = stack.enter_context(MlflowServer(s3, workdir=workdir / "mlflow" if workdir else None))
-        prometheus = stack.enter_context(Prometheus(workdir / "prometheus" if workdir else None))
-        elapsed = time.monotonic() - started
-
-        print(f"\nedgetune demo environment up in {elapsed:.1f} s\n")
-        accel, gpu, npu = (key.replace(".", "\\.") for key in (ACCELERATOR_LABEL, GPU_RESOURCE, NPU_RESOURCE))
-        columns = (
-            f"NAME:.metadata.name,ACCELERATOR:.metadata.labels.{accel},GPU:.status.allocatable.{gpu},"
-            f"NPU:.status.allocatable.{npu},CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory"
-        )
-        for plane in clusters:
-            server = json.loads(plane.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
-            print(f"== cluster {plane.name}  ({plane.server}, Kubernetes {server})")
-            print(f"   kubeconfig: {plane.kubeconfig}")
-            print(plane.kubectl("get", "nodes", "-o", f"custom-columns={columns}").stdout)
-        print(f"S3 (versitygw)   {s3.endpoint}")
-        print(f"MLflow           {mlflow.url}")
-        print(f"Prometheus       {prometheus.url}   Pushgateway {prometheus.pushgateway_url}")
+        folder = workdir.resolve() if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="edgetune-env-")))  # fmt: skip
+        env = stack.enter_context(LocalEnvironment(folder))
+        print(f"\nedgetune local environment up in {time.monotonic() - started:.1f} s\n")
+        print(env.describe())
         if hold:
             print("\nholding; press Ctrl-C to tear everything down")
             signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -129,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--headless", action="store_true", help="plain lines instead of live tables")
     demo.add_argument("--workdir", type=Path, help="keep state and logs here instead of a temp dir")
     demo.add_argument("--results", type=Path, help="where the summary and plots go (default ./demo-results/<time>)")
-    env = sub.add_parser("env", help="bring up the environment only")
-    env.add_argument("--hold", action="store_true", help="keep it running until Ctrl-C")
-    env.add_argument("--workdir", type=Path, help="keep state and logs here instead of a temp dir")
+    env = sub.add_parser("env", help="bring up the local environment (what docs/quickstart.md runs against)",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    env.add_argument("--hold", action="store_true", help="keep it running until Ctrl-C (SIGTERM works too)")
+    env.add_argument("--workdir", type=Path, help="where kubeconfig, env.sh, values and state go "
+                     "(default: a temporary folder, removed at the end)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.command == "binaries":

@@ -42,11 +42,14 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def _kwok_stages(share: Path) -> list[dict[str, Any]]:
-    """kwok's own fast stages, with pod stages narrowed to pods the executor does not run."""
+def _kwok_stages(share: Path, *, fake_pods: bool = True) -> list[dict[str, Any]]:
+    """kwok's own fast stages, with pod stages narrowed to pods the executor does not run; without
+    ``fake_pods`` kwok fakes no pod's lifecycle at all (an executor runs every pod)."""
     stages: list[dict[str, Any]] = []
     not_executed = {"key": f'.metadata.labels["{EXECUTOR_LABEL}"]', "operator": "DoesNotExist"}
     for name in ("node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"):
+        if name in ("pod-ready", "pod-complete") and not fake_pods:
+            continue
         stage = yaml.safe_load((share / f"{name}.yaml").read_text())
         if name in ("pod-ready", "pod-complete"):
             stage["spec"]["selector"]["matchExpressions"].append(not_executed)
@@ -74,10 +77,14 @@ KWOK_LOGS_CRD: dict[str, Any] = {
 class ControlPlane(ProcessGroup):
     """A running (or stopped) local cluster. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, name: str, workdir: Path | None = None, *, audit_users: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, workdir: Path | None = None, *, audit_users: tuple[str, ...] = (),
+                 fake_pods: bool = True) -> None:  # fmt: skip
         """``audit_users``: record every request these users make (audit level Metadata) in
-        ``audit_log``: how benchmarks count an operator's calls from the API server's side."""
+        ``audit_log``: how benchmarks count an operator's calls from the API server's side.
+        ``fake_pods=False``: kwok fakes no pod (pods stay Pending until an executor that runs every
+        pod, ``PodExecutor(label_selector="")``, runs them): the local environment's mode."""
         super().__init__(name, workdir)
+        self.fake_pods = fake_pods
         self.kubeconfig = self.workdir / "kubeconfig"
         self.audit_users = audit_users
         self.audit_log = self.workdir / "logs" / "audit.log"
@@ -237,7 +244,7 @@ class ControlPlane(ProcessGroup):
                              "serving kwok's Logs CRD")  # fmt: skip
         self.kubelet_port = free_port()
         kwok_config = self.workdir / "kwok.yaml"
-        kwok_config.write_text(yaml.safe_dump_all(_kwok_stages(kwok_dir / "share")))
+        kwok_config.write_text(yaml.safe_dump_all(_kwok_stages(kwok_dir / "share", fake_pods=self.fake_pods)))
         kwok = self.launch(
             ManagedProcess(
                 f"{self.name}/kwok",

@@ -266,6 +266,13 @@ class Prometheus(_Server):
             self._targets.setdefault(job, []).append({"targets": [address], "labels": {"job": job, **labels}})
             self._write_targets()
 
+    def set_targets(self, job: str, groups: list[tuple[str, dict[str, str]]]) -> None:
+        """Scrape exactly these (address, labels) as job ``job`` from now on (none: stop)."""
+        with self._lock:
+            self._targets[job] = [{"targets": [address], "labels": {"job": job, **labels}}
+                                  for address, labels in groups]  # fmt: skip
+            self._write_targets()
+
     def _write_targets(self) -> None:
         directory = self.workdir / "targets"
         directory.mkdir(exist_ok=True)

@@ -28,7 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from edgetune_api.delta import SIGNATURE, TRAINER_SIGNATURE, Lineage
-from edgetune_api.trainer_config import BaseFiles, Baseline, TrainerConfig, UploadPolicy
+from edgetune_api.trainer_config import BaseFiles, Baseline, TrainerConfig, TrainerRuntime, UploadPolicy
 
 EXIT = {"Succeeded": 0, "InvalidInput": 2, "InsufficientData": 3, "BudgetTooSmall": 4, "StorageError": 5, "Failed": 1,
         "Interrupted": 143}  # fmt: skip
@@ -121,6 +121,18 @@ def _s3_client(endpoint: str | None) -> Any:
     )  # fmt: skip
 
 
+def _base_folder(rt: TrainerRuntime, uri: str, work: Path, s3: Any) -> Path:
+    """The base model's folder: fetched through presigned URLs (what the operator issues), read where
+    the operator mounted a base already on the node, or fetched by URI (a run by hand)."""
+    from edgetune_trainer import models  # noqa: PLC0415 - imports torch: only once the config is valid
+
+    if rt.base_files_path:
+        return models.fetch_presigned(BaseFiles.model_validate_json(Path(rt.base_files_path).read_text()), work)
+    if rt.base_dir:
+        return Path(rt.base_dir)
+    return models.fetch(uri, work, s3, os.environ.get("MLFLOW_TRACKING_URI"))
+
+
 def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole run, top to bottom, on purpose
     """One trainer run; returns the termination summary (raises on failure)."""
     import torch  # noqa: PLC0415 - heavy: imported only once the config is known to be valid
@@ -195,10 +207,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
                 uri.removeprefix("builtin:"), info.channels or 1, max(2, len(info.labels)), spec.training.seed
             )
         else:
-            folder = (
-                models.fetch_presigned(BaseFiles.model_validate_json(Path(rt.base_files_path).read_text()), work)
-                if rt.base_files_path else models.fetch(uri, work, s3, os.environ.get("MLFLOW_TRACKING_URI"))
-            )  # fmt: skip
+            folder = _base_folder(rt, uri, work, s3)
             base = models.load_base(
                 folder,
                 spec.base_model.sha256,
@@ -360,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-key", help="override runtime.trainerKeyPath (its derived key: trainer.sig)")
     parser.add_argument("--upload-policy", help="override runtime.uploadPolicyPath (presigned S3 POST policy, JSON)")
     parser.add_argument("--base-files", help="override runtime.baseFilesPath (presigned base model URLs, JSON)")
+    parser.add_argument("--base-dir", help="override runtime.baseDir (a base model on the node, mounted read-only)")
     parser.add_argument("--baseline", choices=get_args(Baseline),
                         help="train the output head alone or every weight instead of an adapter, report the "
                              "metrics, package nothing (what LoRA recovers: docs/trainer.md)")  # fmt: skip
@@ -378,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                      "eval_data_dir": args.eval_data_dir, "signing_key_path": args.signing_key,
                      "salt_path": args.salt_file, "trainer_key_path": args.trainer_key,
                      "upload_policy_path": args.upload_policy, "base_files_path": args.base_files,
-                     "baseline": args.baseline}  # fmt: skip
+                     "base_dir": args.base_dir, "baseline": args.baseline}  # fmt: skip
         runtime = config.runtime.model_copy(update={k: v for k, v in overrides.items() if v})
         if runtime.termination_log:
             termination = Path(runtime.termination_log)

@@ -295,8 +295,8 @@ class TrainingJobController:
         except RETRYABLE as exc:
             names = []
             obs.unreachable[LOCAL] = str(exc)
-        if not names:
-            obs.waiting.append("no EdgeCluster matches placement.clusterSelector")
+        if not names and LOCAL not in obs.unreachable:
+            obs.no_clusters = True
         # Trainers' credentials, issued (Secrets read, base model resolved and listed) at most once per
         # reconcile, and only when some cluster starts trainers.
         credentials = functools.cache(functools.partial(self._credentials, spec, job))

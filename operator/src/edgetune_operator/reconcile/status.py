@@ -20,6 +20,7 @@ WARNING_REASONS = {
     "VerificationFailed",
     "ClusterUnreachable",
     "CredentialsUnavailable",
+    "NoClusters",
 }
 
 
@@ -50,6 +51,17 @@ class Observation:
     start_error: str | None = None
     """Why trainers could not be started: their credentials (upload policy, derived key, presigned
     base model) could not be issued; retried on the next reconcile."""
+    no_clusters: bool = False
+    """``placement.clusterSelector`` matches no EdgeCluster (not a wait for data: a person must act)."""
+
+
+def _selector(spec: EdgeTrainingJobSpec) -> str:
+    chosen = spec.placement.cluster_selector
+    if chosen is None:
+        return "none"
+    labels = [f"{k}={v}" for k, v in sorted((chosen.match_labels or {}).items())]
+    labels += [f"{e.key} {e.operator} {list(e.values or [])}" for e in chosen.match_expressions or []]
+    return ", ".join(labels) or "empty"
 
 
 def _registered(spec: EdgeTrainingJobSpec, obs: Observation) -> bool:
@@ -98,11 +110,17 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         nonlocal conds
         conds = set_condition(conds, kind, value, reason=reason, message=message, generation=generation, now=now)
 
+    no_clusters = (f"no EdgeCluster matches placement.clusterSelector ({_selector(spec)}): label an EdgeCluster "
+                   "or change the selector (kubectl get edgeclusters --show-labels)")  # fmt: skip
     if n:
         cond("DataSufficient", True, "SamplesReported", f"{n} trainer(s) started where the data suffices")
+    elif obs.no_clusters:
+        cond("DataSufficient", False, "NoClusters", no_clusters)
     else:
         cond("DataSufficient", False, "WaitingForData", "; ".join(obs.waiting) or "no cluster selected yet")
-    if obs.unreachable:
+    if obs.no_clusters and not n:  # vacuously true; DataSufficient says what to do (one Warning Event, not two)
+        cond("ClustersReachable", True, "NoneSelected", "no cluster is selected (see DataSufficient)")
+    elif obs.unreachable:
         cond("ClustersReachable", False, "ClusterThrottled" if set(obs.unreachable) <= obs.throttled else
              "ClusterUnreachable", "; ".join(f"{c}: {m}" for c, m in sorted(obs.unreachable.items())))  # fmt: skip
     else:
@@ -156,7 +174,7 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         phase=phase,  # type: ignore[arg-type]
         conditions=conds,
         observed_generation=generation,
-        progress=f"{done}/{n}",
+        progress="NoClusters" if obs.no_clusters and not n else f"{done}/{n}",
         start_time=started,
         completion_time=(old.completion_time or now) if phase in FINISHED else None,
         targets=targets,

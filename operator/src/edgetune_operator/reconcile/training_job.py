@@ -20,6 +20,8 @@ from edgetune_operator.settings import AcceleratorProfile, Settings
 DATA_DIR = "/data"
 EVAL_DATA_DIR = "/data-eval"
 WORK_DIR = "/work"
+BASE_DIR = "/base-model"
+"""Where a base model already on the node (``baseModel.uri`` a path) is mounted, read-only."""
 CONFIG_DIR = "/etc/edgetune"
 TERMINATION_LOG = "/dev/termination-log"
 CREDENTIALS_DIR = f"{CONFIG_DIR}/credentials"
@@ -92,6 +94,7 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
             salt_path=f"{CREDENTIALS_DIR}/{SALT}" if spec.data.privacy.salt_secret_ref else None,
             upload_policy_path=f"{CREDENTIALS_DIR}/{UPLOAD_POLICY}",
             base_files_path=f"{CREDENTIALS_DIR}/{BASE_FILES}" if spec.base_model.remote else None,
+            base_dir=BASE_DIR if spec.base_model.node_path else None,
             pushgateway_url=settings.pushgateway_url,
             job_namespace=job.namespace,
             job_name=job.name,
@@ -181,6 +184,8 @@ def _volumes(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, settings: S
         {"name": "work", "hostPath": {"path": work, "type": "DirectoryOrCreate"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
     ]
+    if (base := spec.base_model.node_path) is not None:
+        volumes.append({"name": "base-model", "hostPath": {"path": base, "type": "Directory"}})
     keys = [UPLOAD_POLICY]  # under credentials/; config.json beside it
     if spec.output.signing_key_secret_ref:
         keys.append(TRAINER_KEY)
@@ -206,6 +211,8 @@ def _mounts(spec: EdgeTrainingJobSpec) -> list[dict[str, Any]]:
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the container's own scratch space
     ]
+    if spec.base_model.node_path is not None:
+        mounts.append({"name": "base-model", "mountPath": BASE_DIR, "readOnly": True})
     if (held := spec.data.eval_source) is not None:
         pvc = held.persistent_volume_claim
         mounts.append({"name": "eval-data", "mountPath": EVAL_DATA_DIR, "readOnly": True,
@@ -227,6 +234,8 @@ def _args(spec: EdgeTrainingJobSpec) -> list[str]:
         args += ["--salt-file", f"{CREDENTIALS_DIR}/{SALT}"]
     if spec.base_model.remote:
         args += ["--base-files", f"{CREDENTIALS_DIR}/{BASE_FILES}"]
+    if spec.base_model.node_path is not None:
+        args += ["--base-dir", BASE_DIR]
     return args
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,6 @@ MODEL = "meter-classifier"
 BUCKET = "adapters"
 DATA_PATH = "/var/lib/edgetune/meters"
 CHECK_PATH = "/var/lib/edgetune/check"
-BASE_PATH = "/var/lib/edgetune/models/base"
 MEMORY_BUDGET = "2Gi"
 ACCURACY_GATE = 0.8
 
@@ -283,14 +281,17 @@ class Demo:
         samples = {}
         for site, cluster in SITES.items():
             core = k8s.CoreV1Api(self.planes[cluster].api_client())
-            store = {"accessKeyId": creds["AWS_ACCESS_KEY_ID"], "secretAccessKey": creds["AWS_SECRET_ACCESS_KEY"]}
+            store = {"accessKeyId": creds["AWS_ACCESS_KEY_ID"], "secretAccessKey": creds["AWS_SECRET_ACCESS_KEY"],
+                     "endpoint": self.s3.endpoint}  # fmt: skip
             core.create_namespaced_secret(NS, {"metadata": {"name": "adapter-store"}, "stringData": store})
             core.create_namespaced_config_map(NS, {"metadata": {"name": "adapter-signers"},
                                                    "data": {"signer.pem": public.decode()}})  # fmt: skip
+            # What examples/agent/deployment.yaml serves: the lab's base model, fetched from S3 once.
+            core.create_namespaced_config_map(NS, {"metadata": {"name": "base-model"}, "data": {
+                "uri": "s3://models/meter-base", "sha256": self.base_sha}})  # fmt: skip
             executor = self.executors[cluster]
             for node in (n.name for n in default_fleet(site)):
                 root = executor.node_root(node)
-                shutil.copytree(base, root / BASE_PATH.lstrip("/"), dirs_exist_ok=True)
                 self.data.write_check(root / CHECK_PATH.lstrip("/"), site)
                 samples[node] = n = self.data.write_node(root / DATA_PATH.lstrip("/"), site, node)
                 # What lands the data also reports it (docs/operator.md): jobs with minSamples wait for this.
@@ -312,13 +313,8 @@ class Demo:
         spec["nodeSelector"] = {"edgetune.io/accelerator": "cpu"}
         container = spec["containers"][0]
         container["image"] = AGENT_IMAGE
-        container["args"] = [f"--base-sha256={self.base_sha}" if a.startswith("--base-sha256=") else a
-                             for a in container["args"]]  # fmt: skip
         container["args"] += ["--threads=1", "--eval-data-dir=/data/check", "--eval-format=npy",
                               "--revocation-poll-seconds=2"]  # fmt: skip
-        for env in container["env"]:
-            if env["name"] == "AWS_ENDPOINT_URL_S3":
-                env["value"] = self.s3.endpoint
         container["volumeMounts"].append({"name": "check", "mountPath": "/data/check", "readOnly": True})
         spec["volumes"].append({"name": "check", "hostPath": {"path": CHECK_PATH, "type": "Directory"}})
         for cluster in SITES.values():
