@@ -146,7 +146,7 @@ def test_a_selector_matching_no_cluster_says_so_where_people_look() -> None:
     """It showed WaitingForData 0/0 and ClustersReachable "every selected cluster answered"."""
     job = spec(placement={"clusterSelector": {"matchLabels": {"edgetune.io/site": "nowhere"}}})
     status = summarize(job, 1, EdgeTrainingJobStatus(), Observation(no_clusters=True), NOW)
-    assert status.progress == "NoClusters"  # the PROGRESS printer column
+    assert status.phase == "Pending" and status.progress == "NoClusters"  # the PROGRESS printer column
     assert cond(status, "DataSufficient") == ("False", "NoClusters")
     message = next(c.message for c in status.conditions if c.type == "DataSufficient")
     assert "edgetune.io/site=nowhere" in (message or "")
