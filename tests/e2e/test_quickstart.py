@@ -97,6 +97,7 @@ def test_the_quickstart_as_written_reaches_a_promoted_adapter_and_an_abort(
 
     rollout = get(environ, "--context", "hub", "-n", "team-a", "adapterrelease", "meter-lora-rollout")
     assert rollout["status"]["phase"] == "Promoted"
+    assert rollout["status"]["stableVersion"] == rollout["status"]["canaryVersion"]  # it read "base"
     runs = [r for r in rollout["status"]["analysisRuns"] if r["phase"] == "Successful"]
     assert {r["metric"] for r in runs} == {"error-rate", "p95-latency"}  # both metrics of one step passed
     trial = get(environ, "--context", "hub", "-n", "team-a", "adapterrelease", "meter-lora-gpu-trial")

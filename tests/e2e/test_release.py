@@ -223,15 +223,16 @@ def test_a_good_adapter_goes_50_then_100_percent_and_is_promoted(world: World) -
     good = w.versions["good"]["version"]
     assert set(w.serving().values()) == {good}
     assert s["targetsTotal"] == 4 and s["targetsByVersion"] == {good: 4}
-    assert set(s["targetsByCluster"]) == {"edge-a", "edge-b"} and s["stableVersion"] == "base"
+    # Promoted: the released version is the stable one now (it read "base", the one it replaced).
+    assert set(s["targetsByCluster"]) == {"edge-a", "edge-b"} and s["stableVersion"] == good
     run = next(r for r in s["analysisRuns"] if r["metric"] == "site-accuracy")
     assert run["phase"] == "Successful" and len(run["values"]) == 2 and min(run["values"]) >= 0.8
     alias = mlflow(w.mlflow_url, "GET", f"registered-models/alias?name={w.model}&alias=champion")
     assert alias["model_version"]["version"] == good
     tags = {t["key"]: t["value"] for t in alias["model_version"].get("tags") or []}
     assert tags["edgetune.outcome"] == "promoted" and tags["edgetune.release"] == f"{w.ns}/good"
-    conditions = {c["type"]: c for c in s["conditions"]}
-    assert conditions["Promoted"]["status"] == "True"
+    promoted = {c["type"]: c for c in s["conditions"]}["Promoted"]
+    assert promoted["status"] == "True" and promoted["message"].endswith("alias champion moved from base")
     out = w.hub.kubectl("wait", "--for=condition=Promoted", "-n", w.ns, "adapterrelease/good", "--timeout=5s").stdout
     assert "condition met" in out
 
@@ -340,6 +341,8 @@ def test_waves_go_cluster_by_cluster_a_second_release_is_refused_and_abort_takes
     # Waves: the first cluster entirely, the second not at all.
     assert s["targetsByCluster"] == {"edge-a": {canary["version"]: 2}, "edge-b": {stable: 2}}
     assert conditions(s)["Paused"]["reason"] == "PauseStep"
+    # The step before says it is done: a finished step's reason (WaitingForAgents) does not linger.
+    assert conditions(s)["Progressing"]["reason"] == "StepCompleted", conditions(s)["Progressing"]
     # Another release of the same pods while this one holds them: refused, nothing written.
     other = w.register("other", quality=1.0)
     create(w, "other", other["version"], analysis=QUALITY, strategy=steps({"setWeight": 100}))

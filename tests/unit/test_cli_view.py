@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from edgetune_cli.view import plain, render, summary_condition
 
 JOB: dict[str, Any] = {
@@ -123,3 +125,66 @@ def test_logs_are_text_and_a_job_without_trainers_is_not_found(monkeypatch: Any)
 
     monkeypatch.setattr("edgetune_cli.__main__.Hub", Hub)
     assert main(["logs", "job/meters"]) == EXIT_NOT_FOUND  # was 64, a usage error
+
+
+def _c(kind: str, status: str, reason: str, message: str) -> dict[str, str]:
+    return {"type": kind, "status": status, "reason": reason, "message": message}
+
+
+STATUS_TEXTS = [
+    # (what a person saw, the object's status, what `kubectl edgetune status` says now)
+    ("an aborted release ended with 'Running: the release runs'",
+     {"kind": "AdapterRelease", "status": {"phase": "Aborted", "conditions": [
+         _c("Paused", "False", "Running", "the release runs"),
+         _c("RolledBack", "True", "Aborted", "targets serve 2 again; cause: spec.abort is set"),
+         _c("Progressing", "False", "Aborted", "the release ended")]}},
+     "Aborted: targets serve 2 again; cause: spec.abort is set"),
+    ("a succeeded job ended with 'Finished: 0 trainer(s) running'",
+     {"kind": "EdgeTrainingJob", "status": {"phase": "Succeeded", "conditions": [
+         _c("Training", "False", "Finished", "0 trainer(s) running"),
+         _c("Succeeded", "True", "AdapterRegistered", "2/2 trainer(s) succeeded")]}},
+     "AdapterRegistered: 2/2 trainer(s) succeeded"),
+    ("a release waiting at a pause step for a person",
+     {"kind": "AdapterRelease", "status": {"phase": "Paused", "conditions": [
+         _c("Progressing", "True", "StepCompleted", "step 2 done: both metrics passed"),
+         _c("Paused", "True", "PauseStep", "step 3: paused until spec.paused is false")]}},
+     "PauseStep: step 3: paused until spec.paused is false"),
+    ("a training job whose cluster stopped answering",
+     {"kind": "EdgeTrainingJob", "status": {"phase": "Training", "conditions": [
+         _c("Training", "True", "TrainersRunning", "1 trainer(s) running"),
+         _c("ClustersReachable", "False", "ClusterUnreachable", "edge-b: connection refused")]}},
+     "ClusterUnreachable: edge-b: connection refused"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("seen", "obj", "says"), STATUS_TEXTS, ids=[s for s, _, _ in STATUS_TEXTS])
+def test_status_texts_say_what_is_true_now(seen: str, obj: dict[str, Any], says: str) -> None:
+    assert summary_condition(obj) == says
+
+
+def test_printer_columns_say_what_is_true() -> None:
+    """PROGRESS of a failed job read 1/1; a selector matching nothing read 0/0; the wide DELTA
+    column was a 70-character URI (now BYTES)."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from edgetune_api.crd import RESOURCES  # noqa: PLC0415
+    from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus  # noqa: PLC0415
+    from edgetune_operator.reconcile.status import Observation, summarize  # noqa: PLC0415
+
+    spec = EdgeTrainingJobSpec.model_validate({
+        "baseModel": {"uri": "builtin:timeseries-cnn"}, "data": {"source": {"hostPath": "/d"}, "format": "npy"},
+        "budgets": {"memory": "1Gi"},
+        "output": {"s3": {"bucket": "bucket"}, "mlflow": {"registeredModel": "m"}}})  # fmt: skip
+    now = datetime(2026, 12, 7, tzinfo=UTC)
+    failed = TargetStatus(cluster="a", phase="Failed", message="OOMKilled")
+    ok = TargetStatus(cluster="b", phase="Succeeded")
+    rows = [
+        (Observation(targets=[failed]), "0/1 (1 failed)"),
+        (Observation(targets=[ok, failed]), "1/2 (1 failed)"),
+        (Observation(targets=[ok]), "1/1"),
+        (Observation(no_clusters=True), "NoClusters"),
+    ]
+    for obs, progress in rows:
+        assert summarize(spec, 1, EdgeTrainingJobStatus(), obs, now).progress == progress
+    jobs = next(c for c in RESOURCES if c.kind == "EdgeTrainingJob")
+    assert [c["name"] for c in jobs.printer_columns if c.get("priority")] == ["Bytes"]

@@ -310,7 +310,7 @@ class AdapterReleaseStatus(ApiModel):
     canary_version: ShortString | None = None
     """The version being released."""
     stable_version: ShortString | None = None
-    """The version targets fall back to on rollback."""
+    """The version targets fall back to on rollback; once promoted, the released version."""
     canary: ResolvedAdapter | None = None
     """The released adapter, resolved from the registry."""
     stable: ResolvedAdapter | None = None

@@ -116,7 +116,7 @@ RESOURCES: tuple[CrdInfo, ...] = (
             {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
             {"name": "Model", "type": "string", "jsonPath": ".status.result.mlflowModel"},
             {"name": "Version", "type": "string", "jsonPath": ".status.result.mlflowVersion"},
-            {"name": "Delta", "type": "string", "jsonPath": ".status.result.deltaUri", "priority": 1},
+            {"name": "Bytes", "type": "integer", "jsonPath": ".status.result.bytes", "priority": 1},
             _age(),
         ),
     ),

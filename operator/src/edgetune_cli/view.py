@@ -18,11 +18,48 @@ COLOURS = {"Succeeded": "green", "Promoted": "green", "Failed": "red", "RolledBa
 Objects = list[dict[str, Any]]
 
 
+TELLING = {
+    # phase -> the conditions that say most about it, in order (type, status)
+    "Succeeded": [("Succeeded", "True")], "Failed": [("Failed", "True"), ("Resolved", "False"),
+                                                      ("Progressing", "False")],
+    "Promoted": [("Promoted", "True")], "RolledBack": [("RolledBack", "True")], "Aborted": [("RolledBack", "True")],
+    "RollingBack": [("Progressing", "True")], "Paused": [("Paused", "True"), ("Progressing", "False")],
+    "Analyzing": [("Analyzing", "True")], "Progressing": [("Progressing", "True")],
+    "WaitingForData": [("DataSufficient", "False")], "Pending": [("DataSufficient", "False"), ("Scheduled", "False")],
+    "Training": [("Training", "True")], "Packaging": [("Verified", "False"), ("Verified", "True")],
+    "Registering": [("Registered", "False")],
+}  # fmt: skip
+TROUBLE = {("ClustersReachable", "False"), ("Reconciled", "False"), ("Scheduled", "False"), ("Degraded", "True")}
+"""Conditions that outrank the phase's own while the object is not finished (something needs a look)."""
+TROUBLE_REASONS = {"CredentialsUnavailable", "ClusterUnreachable", "ClusterThrottled", "ReconcileError",
+                   "TargetsNotConfirming", "TrainerRetrying"}  # fmt: skip
+FINISHED = {"Succeeded", "Failed", "Promoted", "RolledBack", "Aborted"}
+
+
 def summary_condition(obj: dict[str, Any]) -> str:
-    """The most telling condition's reason and message (a False Ready/Progressing, else the newest)."""
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    bad = [c for c in conditions if c.get("status") == "False"]
-    chosen = bad[0] if bad else (conditions[-1] if conditions else None)
+    """The most telling condition's reason and message: for a finished object the condition that
+    says how it ended; otherwise a condition that needs a look (unreachable cluster, reconcile
+    error, a trainer retrying), else the one that belongs to the phase (never a stale one of an
+    earlier phase, such as "Running: the release runs" on an aborted release)."""
+    status = obj.get("status") or {}
+    conditions = status.get("conditions") or []
+    phase = status.get("phase") or "Pending"
+
+    def first(wanted: list[tuple[str, str]]) -> dict[str, Any] | None:
+        for kind, value in wanted:
+            hit = next((c for c in conditions if c.get("type") == kind and c.get("status") == value), None)
+            if hit is not None:
+                return hit
+        return None
+
+    chosen = None
+    if phase not in FINISHED:
+        chosen = next((c for c in conditions if (c.get("type"), c.get("status")) in TROUBLE
+                       and c.get("reason") in TROUBLE_REASONS), None)  # fmt: skip
+    chosen = chosen or first(TELLING.get(phase, []))
+    if chosen is None:
+        bad = [c for c in conditions if c.get("status") == "False"]
+        chosen = bad[0] if bad else (conditions[-1] if conditions else None)
     return f"{chosen.get('reason')}: {chosen.get('message', '')}".strip() if chosen else ""
 
 

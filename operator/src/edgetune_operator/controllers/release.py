@@ -531,8 +531,9 @@ class _Context:
         if plan.complete and not unreachable:
             return True
         self.status.phase = "Progressing"
+        share = f"{weight} % of {len(targets)} targets, in whole pods" if weight < 100 else f"{weight} %"
         self.condition("Progressing", True, reason, f"{where}: {plan.confirmed} of {plan.wanted} targets confirm "
-                       f"version {canary.version} ({weight} %)")  # fmt: skip
+                       f"version {canary.version} ({share})")  # fmt: skip
         self.check_deadline(self.spec.strategy.canary.progress_deadline)
         return False
 
@@ -562,6 +563,8 @@ class _Context:
         s.pause_started_at = None
         metrics.RELEASE_STEPS.labels(self.release).inc()
         self.event("StepCompleted", f"step {s.current_step - 1} done: {why}")
+        # The previous step's reason (PauseStep, WaitingForAgents) must not outlive it.
+        self.condition("Progressing", True, "StepCompleted", f"step {s.current_step - 1} done: {why}"[:2000])
 
     def wake_in(self, seconds: float) -> None:
         self.due = max(0.0, seconds) if self.due is None else min(self.due, max(0.0, seconds))
@@ -749,6 +752,7 @@ class _Context:
         s.canary_weight = 100
         self.condition("Promoted", True, "Promoted", f"version {s.canary_version} serves on every target; alias "
                        f"{self.spec.promotion.alias} moved from {s.stable_version}")  # fmt: skip
+        s.stable, s.stable_version = s.canary, s.canary_version  # the released version is the stable one now
         self.condition("Progressing", False, "Promoted", "the release ended")
         self.condition("Degraded", False, "AllConfirmed", f"every target confirms version {s.canary_version}")
         self.event("Promoted", f"version {s.canary_version} promoted ({self.spec.promotion.alias})")

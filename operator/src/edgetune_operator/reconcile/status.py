@@ -55,6 +55,11 @@ class Observation:
     """``placement.clusterSelector`` matches no EdgeCluster (not a wait for data: a person must act)."""
 
 
+def _progress(ok: int, n: int, *, failed: int) -> str:
+    """The PROGRESS column: trainers succeeded of all, and how many failed (a failed job read 1/1)."""
+    return f"{ok}/{n}" + (f" ({failed} failed)" if failed else "")
+
+
 def _selector(spec: EdgeTrainingJobSpec) -> str:
     chosen = spec.placement.cluster_selector
     if chosen is None:
@@ -174,7 +179,7 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         phase=phase,  # type: ignore[arg-type]
         conditions=conds,
         observed_generation=generation,
-        progress="NoClusters" if obs.no_clusters and not n else f"{done}/{n}",
+        progress="NoClusters" if obs.no_clusters and not n else _progress(ok, n, failed=len(failures)),
         start_time=started,
         completion_time=(old.completion_time or now) if phase in FINISHED else None,
         targets=targets,
