@@ -179,6 +179,26 @@ def test_apiserver_rejects_invalid_manifest_with_a_clear_message(
         assert text in message, f"{text!r} not in apiserver message: {message}"
 
 
+@pytest.mark.parametrize("change", [{"training": {"maxSteps": 200}}, {"budgets": {"memory": "2Gi"}},
+                                    {"placement": {"accelerator": "gpu"}}, {"peft": {"r": 16}}])  # fmt: skip
+def test_a_jobs_spec_cannot_change_once_it_exists_except_suspend(api: tuple[Any, str], change: dict[str, Any]) -> None:
+    """Edits were taken and then ignored (a running trainer kept the old config) or left a finished
+    job in Packaging for good: the API server refuses them, saying what to do instead."""
+    objects, namespace = api
+    body = copy.deepcopy(MINIMAL_JOB)
+    name = body["metadata"]["name"] = f"fixed-{next(iter(change))}"
+    _create(api, body)
+    with pytest.raises(k8s.ApiException) as err:
+        objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, "edgetrainingjobs", name, {"spec": change})
+    assert err.value.status == 422, err.value.body
+    message = json.loads(err.value.body)["message"]
+    assert "spec cannot change once it exists, except suspend" in message and "create a new EdgeTrainingJob" in message
+    objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, "edgetrainingjobs", name,
+                                           {"spec": {"suspend": True}})  # fmt: skip
+    stored = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, "edgetrainingjobs", name)
+    assert stored["spec"]["suspend"] is True
+
+
 def test_valid_minimal_manifests_are_accepted(api: tuple[Any, str]) -> None:
     # The same bases, unmutated, pass: every rejection above is caused by its mutation alone.
     for base in (MINIMAL_JOB, MINIMAL_RELEASE, MINIMAL_CLUSTER):

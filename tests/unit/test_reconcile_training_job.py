@@ -277,3 +277,28 @@ def test_observe_trusts_the_pods_before_the_job_controller_catches_up() -> None:
     assert (
         observe_trainer(Target(), {"metadata": {"name": "j"}, "status": {"active": 1}}, [failed]).phase == "Scheduled"
     )
+
+
+def test_a_retrying_trainer_says_why_its_last_attempt_failed() -> None:
+    """It flipped between Training and Scheduled with "1 trainer(s) running" for minutes; the cause
+    was only in the trainer's log."""
+    from edgetune_api.training_job import EdgeTrainingJobStatus  # noqa: PLC0415
+    from edgetune_operator.reconcile.status import Observation, summarize  # noqa: PLC0415
+
+    why = json.dumps({"status": "Failed", "reason": "StorageError", "message": "S3 upload refused: 403"})
+    failed = {**_pod(why), "metadata": {"name": "p1"}}
+    failed["status"]["phase"] = "Failed"
+    again = {"metadata": {"name": "p2"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}
+    job = {"metadata": {"name": "j"}, "status": {"active": 1}}
+    status = observe_trainer(Target(), job, [failed, again])
+    assert status.phase == "Training"
+    assert status.message == "Retrying: 1 attempt(s) failed, the last with StorageError: S3 upload refused: 403"
+    # The same container restarted in place (lastState) counts as well.
+    last = {"terminated": {"exitCode": 1, "finishedAt": "2026-11-22T10:00:00Z", "message": why}}
+    restarted = {"metadata": {"name": "p"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running",
+                 "containerStatuses": [{"state": {"running": {}}, "lastState": last}]}}  # fmt: skip
+    assert (observe_trainer(Target(), job, [restarted]).message or "").startswith("Retrying: 1 attempt(s) failed")
+    assert observe_trainer(Target(), job, [again]).message is None  # a first attempt has nothing to say
+    summary = summarize(_spec("trainingjob-gpu.yaml"), 1, EdgeTrainingJobStatus(), Observation(targets=[status]))
+    training = next(c for c in summary.conditions if c.type == "Training")
+    assert training.reason == "TrainerRetrying" and "StorageError: S3 upload refused: 403" in (training.message or "")

@@ -344,6 +344,11 @@ class OutputSpec(ApiModel):
     each trainer signs with a key derived from it for that trainer alone. Unsigned when empty."""
 
 
+IMMUTABLE_SPEC = ("baseModel", "data", "peft", "training", "budgets", "placement", "aggregation", "output")
+"""Every spec field but ``suspend`` (a CEL rule of the spec): what a job trains with is fixed at
+creation, as a Kubernetes Job's pod template is."""
+
+
 class EdgeTrainingJobSpec(ApiModel):
     """Desired state of an EdgeTrainingJob."""
 
@@ -383,8 +388,16 @@ class EdgeTrainingJobSpec(ApiModel):
                 "placement.maxNodes limits per-node training: it needs placement.perNode: true",
                 field_path=".placement.maxNodes",
             ),
+            cel(
+                " && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC),
+                "an EdgeTrainingJob's spec cannot change once it exists, except suspend (its trainers would "
+                "go on with the old settings, and a finished job would have nothing to redo): create a new "
+                "EdgeTrainingJob, under another name, to train with other settings",
+                reason="FieldValueForbidden",
+            ),
         )
     )
+
 
 
 class TargetStatus(ApiModel):

@@ -29,7 +29,8 @@ TELLING = {
     "Training": [("Training", "True")], "Packaging": [("Verified", "False"), ("Verified", "True")],
     "Registering": [("Registered", "False")],
 }  # fmt: skip
-TROUBLE = {("ClustersReachable", "False"), ("Reconciled", "False"), ("Scheduled", "False"), ("Degraded", "True")}
+TROUBLE = {("ClustersReachable", "False"), ("Reconciled", "False"), ("Scheduled", "False"), ("Degraded", "True"),
+           ("Training", "True"), ("Training", "False")}  # fmt: skip
 """Conditions that outrank the phase's own while the object is not finished (something needs a look)."""
 TROUBLE_REASONS = {"CredentialsUnavailable", "ClusterUnreachable", "ClusterThrottled", "ReconcileError",
                    "TargetsNotConfirming", "TrainerRetrying"}  # fmt: skip

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
-from edgetune_operator.reconcile.training_job import set_condition
+from edgetune_operator.reconcile.training_job import RETRYING, set_condition
 
 FINISHED = ("Succeeded", "Failed")
 WARNING_CONDITIONS = {("Failed", "True"), ("ClustersReachable", "False")}
@@ -21,6 +21,7 @@ WARNING_REASONS = {
     "ClusterUnreachable",
     "CredentialsUnavailable",
     "NoClusters",
+    "TrainerRetrying",
 }
 
 
@@ -137,8 +138,13 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         cond("Scheduled", bool(n) and bound == n, "TrainersBound" if n and bound == n else "Pending",
              f"{bound}/{n} trainer pod(s) bound to nodes")  # fmt: skip
     training = sum(t.phase == "Training" for t in targets)
-    cond("Training", training > 0, "TrainersRunning" if training else ("Finished" if finished else "NotRunning"),
-         f"{training} trainer(s) running")  # fmt: skip
+    retrying = [t for t in targets if t.phase in ("Training", "Scheduled") and (t.message or "").startswith(RETRYING)]
+    if retrying:
+        cond("Training", training > 0, "TrainerRetrying", f"{training} trainer(s) running; " + "; ".join(
+            f"{t.cluster}/{t.node or '-'}: {t.message}" for t in retrying)[:3000])  # fmt: skip
+    else:
+        cond("Training", training > 0, "TrainersRunning" if training else ("Finished" if finished else "NotRunning"),
+             f"{training} trainer(s) running")  # fmt: skip
     bad = [t for t in targets if t.phase == "Failed" and (t.message or "").startswith("VerificationFailed")]
     verified = [t for t in targets if t.sha256]
     if bad:

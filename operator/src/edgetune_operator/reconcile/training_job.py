@@ -376,14 +376,19 @@ def set_condition(
     return out
 
 
+RETRYING = "Retrying"
+"""How a trainer that is retrying after a failed attempt starts its message."""
+
+
 def _termination(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
     """The newest trainer termination message (parsed when it is the trainer's JSON) and its node."""
     finished = []
     for pod in pods:
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
-            terminated = (status.get("state") or {}).get("terminated")
-            if terminated:
-                finished.append((terminated.get("finishedAt") or "", terminated.get("message") or "", pod))
+            for state in (status.get("state") or {}, status.get("lastState") or {}):  # a restart keeps the last
+                terminated = state.get("terminated")
+                if terminated:
+                    finished.append((terminated.get("finishedAt") or "", terminated.get("message") or "", pod))
     if not finished:
         return None, None
     _, message, pod = max(finished, key=lambda item: item[0])
@@ -445,6 +450,14 @@ def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[
         status.message = f"{cond.get('reason', 'Failed')}: {detail}"[:4096]
     elif live or (job.get("status") or {}).get("active"):
         status.phase = "Training" if any(_pod_phase(p) == "Running" for p in live) else "Scheduled"
+        # A trainer retrying (the Job's backoff) says why the last attempt failed, not only that
+        # "1 trainer(s) running": the cause was in the pod logs alone.
+        attempts = sum(_pod_phase(p) == "Failed" for p in pods) + sum(
+            int(((c.get("lastState") or {}).get("terminated") or {}).get("exitCode", 0) != 0)
+            for p in live for c in (p.get("status") or {}).get("containerStatuses") or [])  # fmt: skip
+        if attempts and summary and summary.get("status") != "Succeeded":
+            status.message = (f"{RETRYING}: {attempts} attempt(s) failed, the last with {summary.get('reason')}: "
+                              f"{summary.get('message')}")[:4096]  # fmt: skip
     elif (job.get("spec") or {}).get("suspend"):
         status.phase = "Suspended"
     return status
