@@ -376,6 +376,28 @@ def test_promote_skips_the_remaining_steps(world: World) -> None:
     assert w.champion() == canary["version"]
 
 
+def test_deleting_a_release_mid_rollout_says_what_it_left_behind(world: World) -> None:
+    w = world
+    stable = w.champion()
+    canary = w.register("deleted", quality=1.0)
+    create(w, "deleted", canary["version"], strategy=steps({"setWeight": 50}, {"pause": {}}, {"setWeight": 100}))
+    s = wait_phase(w, "deleted", "Paused", timeout=120)
+    assert s["targetsByVersion"] == {canary["version"]: 2, stable: 2}
+    w.releases().delete_namespaced_custom_object(GROUP, VERSION, w.ns, "adapterreleases", "deleted")
+
+    def warned() -> str | None:
+        events = w.hub.kubectl("get", "events", "-n", w.ns, "--field-selector", "reason=DeletedMidRollout",
+                               "-o", "jsonpath={.items[*].message}").stdout  # fmt: skip
+        return events if "deleted" in events else None
+
+    message = eventually(warned, timeout=60, what="a DeletedMidRollout Event")
+    assert f"2 on {canary['version']}" in message and f"2 on {stable}" in message and "at step 1" in message, message
+    # The fleet stays split as documented; a release of the stable version takes it back.
+    create(w, "deleted-undo", stable, strategy=steps({"setWeight": 100}))
+    assert wait_phase(w, "deleted-undo", "Promoted", "RolledBack", "Failed", timeout=120)["phase"] == "Promoted"
+    assert set(w.serving().values()) == {stable}
+
+
 def test_an_agent_that_never_confirms_hits_the_deadline_and_the_release_rolls_back(world: World) -> None:
     w = world
     stable = w.champion()
@@ -442,7 +464,9 @@ def cut(w: World, cluster: str) -> dict[str, str]:
     return saved
 
 
-def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_s3(world: World) -> None:
+def test_an_unreachable_cluster_holds_a_rollout_but_not_a_rollback_its_agents_fall_back_from_s3(
+    world: World,
+) -> None:
     w = world
     stable = w.champion()
     # A good release does not finish while a cluster cannot confirm.
@@ -462,8 +486,8 @@ def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_
     assert s["phase"] == "Promoted" and set(w.serving().values()) == {good["version"]}
     stable = good["version"]
     # A bad release fails while edge-b is cut off: edge-a is rolled back by the operator, edge-b's
-    # agents fall back by themselves from the revocation published in S3; once edge-b answers
-    # again the release completes its rollback there too.
+    # agents fall back by themselves from the revocation published in S3, and the release ends
+    # RolledBack naming edge-b as pending (it held the rest of the fleet in RollingBack before).
     bad = w.register("cut-off", quality=0.0)
     create(w, "cut-off", bad["version"], analysis=QUALITY,
            strategy=steps({"setWeight": 100}, {"pause": {}}, {"analysis": {}}))  # fmt: skip
@@ -475,8 +499,9 @@ def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_
                    timeout=60, what="edge-b unreachable")  # fmt: skip
         patch(w, "cut-off", {"paused": False})
         eventually(lambda: set(w.serving().values()) == {stable}, timeout=60, what="every agent back on stable")
-        s = status(w, "cut-off")
-        assert s["phase"] == "RollingBack", json.dumps(s)[:2000]
+        s = wait_phase(w, "cut-off", "RolledBack", timeout=60)
+        degraded = conditions(s)["Degraded"]
+        assert degraded["reason"] == "ClustersUnreachable" and "edge-b" in degraded["message"], json.dumps(s)[:2000]
         edge_b = {k: r for k, r in w.reports().items() if k.startswith("edge-b/")}
         assert all(r and r.error and r.error.reason == "Revoked" and "seen in S3" in r.error.message
                    for r in edge_b.values()), edge_b  # fmt: skip
@@ -485,7 +510,7 @@ def test_an_unreachable_cluster_holds_the_release_and_its_agents_fall_back_from_
         assert {json.loads(p.metadata.annotations["edgetune.io/adapter"])["version"] for p in pods} == {bad["version"]}
     finally:
         restore_kubeconfig(w.hub, "edge-b", saved)
-    s = wait_phase(w, "cut-off", "RolledBack", timeout=120)
+    s = status(w, "cut-off")
     assert conditions(s)["RolledBack"]["reason"] == "AnalysisFailed" and set(w.serving().values()) == {stable}
     assert w.champion() == stable
 

@@ -192,8 +192,16 @@ class ReleaseController:
         return status
 
     def forget(self, body: dict[str, Any]) -> None:
-        """A deleted release leaves no series behind."""
+        """A deleted release leaves no series behind; deleted mid-rollout, it says what it left (the
+        fleet split between versions, each pod keeping its assignment) in a Warning Event."""
         meta = body["metadata"]
+        status = body.get("status") or {}
+        if status.get("canary") is not None and status.get("phase") not in FINAL:
+            served = ", ".join(f"{n} on {v}" for v, n in sorted((status.get("targetsByVersion") or {}).items()))
+            self.hub.event(body, reason="DeletedMidRollout", warning=True, message=(
+                f"deleted while {status.get('phase')} at step {status.get('currentStep', 0)}: the targets keep "
+                f"what they were told ({served or 'none observed'}); apply a release to move them on, or one "
+                "of the stable version to take them back"))  # fmt: skip
         self._phases.pop(meta["uid"], None)
         self.publish_tried.pop(meta["uid"], None)
         self._publish_metrics(f"{meta['namespace']}/{meta['name']}", {})
@@ -670,12 +678,22 @@ class _Context:
         self.publish_revocation(reason)
         waited = (self.now - started.last_transition_time).total_seconds() if started else 0.0
         deadline = self.spec.strategy.canary.progress_deadline
-        if plan.confirmed < plan.wanted or unreachable:
-            # An unreachable cluster is waited for as long as it takes (it is rolled back when it
-            # answers); reachable agents that do not confirm within the deadline are named instead.
+        published = any(c.type == "RevocationPublished" and c.status == "True" for c in s.conditions)
+        if unreachable and plan.confirmed == plan.wanted and published:
+            # Every reachable target is back; the unreachable clusters' agents fall back by
+            # themselves through the revocation in S3. The release ends (it does not hold the rest
+            # of the fleet) and names what is pending.
+            self.condition("Degraded", True, "ClustersUnreachable", f"{', '.join(unreachable)} could not be "
+                           f"reached: its agents fall back to {s.stable_version} by themselves through the "
+                           "revocation published in S3; their assignments still name the revoked version until "
+                           "a later release writes new ones")  # fmt: skip
+        elif plan.confirmed < plan.wanted or unreachable:
+            # Without a published revocation an unreachable cluster is waited for as long as it takes
+            # (it is rolled back when it answers); reachable agents that do not confirm within the
+            # deadline are named instead.
             if unreachable or waited < parse_duration(deadline):
-                where = f"; {', '.join(unreachable)} cannot be reached (rolled back as soon as it answers)" \
-                    if unreachable else ""  # fmt: skip
+                where = (f"; {', '.join(unreachable)} cannot be reached (rolled back as soon as it answers; with "
+                         "rollback.publishRevocation its agents would fall back by themselves)") if unreachable else ""
                 self.condition("Progressing", True, "RollingBack", f"{plan.confirmed} of {plan.wanted} targets "
                                f"confirm {s.stable_version} again{where}")  # fmt: skip
                 return
