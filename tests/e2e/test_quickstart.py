@@ -3,7 +3,8 @@ run against the local environment (``edgetune_testenv.localenv``) exactly as a n
 
 The quickstart's ``sh`` blocks run in order, unchanged, in one bash session (``set -euo
 pipefail``) whose environment is the local environment's ``env.sh`` and whose working folder holds
-links to ``charts/`` and ``examples/`` (the files a reader creates land there, not in the checkout).
+links to ``charts/`` and ``examples/`` (the files a reader creates land there, not in the checkout):
+``localenv.run_quickstart``, which ``bench/bench_quickstart.py`` times.
 Then each example that the quickstart did not apply is applied as shipped and must reach the end
 state or wait reason its ``# expect:`` line documents.
 """
@@ -22,26 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
-from edgetune_testenv.localenv import LocalEnvironment
+from edgetune_testenv.localenv import LocalEnvironment, run_quickstart
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "docs" / "quickstart.md"
 EXAMPLES = REPO / "examples"
-
-
-def shell_blocks(markdown: str) -> list[str]:
-    """The ``sh`` fenced blocks of a Markdown text, in order (``text`` blocks are not run)."""
-    return re.findall(r"^```sh\n(.*?)^```", markdown, flags=re.MULTILINE | re.DOTALL)
-
-
-def quickstart_script() -> str:
-    blocks = shell_blocks(QUICKSTART.read_text())
-    parts = ["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]
-    for index, block in enumerate(blocks, start=1):
-        parts += [f"echo '== quickstart block {index} of {len(blocks)}'", block]
-    return "\n".join(parts) + "\n"
 
 
 def expectation(path: Path) -> str:
@@ -55,11 +42,7 @@ def expectation(path: Path) -> str:
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalEnvironment, Path, dict[str, str]]]:
     folder = tmp_path_factory.mktemp("local-env")
     with LocalEnvironment(folder / "env") as env:
-        work = folder / "reader"
-        work.mkdir()
-        for name in ("charts", "examples"):
-            (work / name).symlink_to(REPO / name)
-        yield env, work, {**os.environ, **env.variables()}
+        yield env, folder / "reader", {**os.environ, **env.variables()}
 
 
 def kubectl(environ: dict[str, str], *args: str, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -85,14 +68,8 @@ def test_the_quickstart_as_written_reaches_a_promoted_adapter_and_an_abort(
     local: tuple[LocalEnvironment, Path, dict[str, str]],
 ) -> None:
     env, work, environ = local
-    log = work / "quickstart.log"
-    started = time.monotonic()
-    with log.open("w") as out:
-        done = subprocess.run(["bash", "-c", quickstart_script()], cwd=work, env=environ, stdout=out,
-                              stderr=subprocess.STDOUT, check=False, timeout=1800)  # fmt: skip
-    took = time.monotonic() - started
-    text = log.read_text()
-    assert done.returncode == 0, f"the quickstart failed after {took:.0f} s:\n{text[-6000:]}"
+    code, took, text = run_quickstart(env, work)
+    assert code == 0, f"the quickstart failed after {took:.0f} s:\n{text[-6000:]}"
     print(f"quickstart: {took:.0f} s from an empty local environment to a promoted adapter and an abort")
 
     rollout = get(environ, "--context", "hub", "-n", "team-a", "adapterrelease", "meter-lora-rollout")

@@ -237,3 +237,14 @@ def test_free_port_is_bindable() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_the_quickstart_script_is_its_sh_blocks_in_order_and_nothing_else() -> None:
+    from edgetune_testenv.localenv import QUICKSTART, quickstart_script, shell_blocks  # noqa: PLC0415
+
+    doc = "# t\n```text\nnot run\n```\n```sh\necho one\n```\ntext\n```sh\necho two\necho three\n```\n"
+    assert shell_blocks(doc) == ["echo one\n", "echo two\necho three\n"]
+    script = quickstart_script(doc)
+    assert "not run" not in script and script.index("echo one") < script.index("echo three")
+    assert script.startswith("set -euo pipefail\n")
+    assert len(shell_blocks(QUICKSTART.read_text())) >= 8  # the real one parses too

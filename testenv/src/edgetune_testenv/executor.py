@@ -720,11 +720,16 @@ class _PodRun:
         # Only what the pod spec declares lives in the container's filesystem view and is rewritten;
         # the image's own entrypoint and env point at the local environment standing in for it.
         base = self._image_env(image)
-        declared = {k: rewrite_paths(v, mounts) for k, v in self._env(container, base).items()}
-        env = {**base, **declared}
-        entrypoint = [rewrite_paths(expand_vars(a, env), mounts) for a in container.get("command") or []]
+        declared = self._env(container, base)
+        env = {**base, **{k: rewrite_paths(v, mounts) for k, v in declared.items()}}
+        # $(VAR) expands to the container's view of the value, then the result is rewritten once: a
+        # value rewritten twice would map a local path that happens to start with a mount path
+        # (/tmp/… under a /tmp mount) a second time.
+        container_view = {**base, **declared}
+        entrypoint = [rewrite_paths(expand_vars(a, container_view), mounts) for a in container.get("command") or []]
         entrypoint = entrypoint or list(image.entrypoint)
-        argv = entrypoint + [rewrite_paths(expand_vars(a, env), mounts) for a in container.get("args") or []]
+        argv = entrypoint + [rewrite_paths(expand_vars(a, container_view), mounts)
+                             for a in container.get("args") or []]  # fmt: skip
         if not argv:
             raise ValueError(f"container {name!r} has no command and image {container.get('image')!r} no entrypoint")
         workdir = Path(rewrite_paths(container["workingDir"], mounts)) if container.get("workingDir") else self.sandbox

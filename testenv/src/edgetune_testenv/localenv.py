@@ -25,9 +25,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
+import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
 HUB = "hub"
 SITES = {"factory": "edge-factory", "farm": "edge-farm"}
+QUICKSTART = REPO / "docs" / "quickstart.md"
 DATA_PATH = "/var/lib/edgetune/meters"
 """Where every edge node keeps its meter readings (a hostPath the trainers mount read-only)."""
 
@@ -235,3 +239,36 @@ class LocalEnvironment:
             f"in another shell:  source {self.folder / 'env.sh'}   then follow docs/quickstart.md",
         ]
         return "\n".join(lines)
+
+
+# -- the quickstart, as written -------------------------------------------------------------------
+
+
+def shell_blocks(markdown: str) -> list[str]:
+    """The ``sh`` fenced blocks of a Markdown text, in order (``text`` blocks are not run)."""
+    return re.findall(r"^```sh\n(.*?)^```", markdown, flags=re.MULTILINE | re.DOTALL)
+
+
+def quickstart_script(markdown: str | None = None) -> str:
+    """``docs/quickstart.md``'s ``sh`` blocks, unchanged, as one bash script (``set -euo pipefail``;
+    background jobs it starts end with it)."""
+    blocks = shell_blocks(QUICKSTART.read_text() if markdown is None else markdown)
+    parts = ["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]
+    for index, block in enumerate(blocks, start=1):
+        parts += [f"echo '== quickstart block {index} of {len(blocks)}'", block]
+    return "\n".join(parts) + "\n"
+
+
+def run_quickstart(env: LocalEnvironment, work: Path, *, timeout: float = 1800) -> tuple[int, float, str]:
+    """Run the quickstart as a reader would, in ``work`` (links to ``charts/`` and ``examples/``, so
+    what it creates lands there) with ``env.sh``'s variables: (exit code, seconds, its output)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("charts", "examples"):
+        if not (work / name).exists():
+            (work / name).symlink_to(REPO / name)
+    log = work / "quickstart.log"
+    started = time.monotonic()
+    with log.open("w") as out:
+        done = subprocess.run(["bash", "-c", quickstart_script()], cwd=work, env={**os.environ, **env.variables()},
+                              stdout=out, stderr=subprocess.STDOUT, check=False, timeout=timeout)  # fmt: skip
+    return done.returncode, time.monotonic() - started, log.read_text()
