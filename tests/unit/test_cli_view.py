@@ -188,3 +188,26 @@ def test_printer_columns_say_what_is_true() -> None:
         assert summarize(spec, 1, EdgeTrainingJobStatus(), obs, now).progress == progress
     jobs = next(c for c in RESOURCES if c.kind == "EdgeTrainingJob")
     assert [c["name"] for c in jobs.printer_columns if c.get("priority")] == ["Bytes"]
+
+
+def test_deleting_an_unfinished_release_warns_that_the_fleet_stays_split(monkeypatch: Any) -> None:
+    import io  # noqa: PLC0415
+
+    from edgetune_cli.__main__ import EXIT_USAGE, cmd_delete, parser  # noqa: PLC0415
+
+    class Hub(_Hub):
+        deleted: list[str] = []  # noqa: RUF012 - one test
+
+        def get(self, plural: str, name: str) -> dict[str, Any]:
+            return {"kind": "AdapterRelease", "status": {"phase": "Paused", "canary": {"version": "5"},
+                                                         "targetsByVersion": {"5": 2, "4": 2}}}  # fmt: skip
+
+        def delete(self, plural: str, name: str) -> None:
+            self.deleted.append(name)
+
+    hub, out = Hub(), _Out()
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert cmd_delete(hub, parser().parse_args(["delete", "release/rollout"]), out) == EXIT_USAGE  # type: ignore[arg-type]
+    assert hub.deleted == [] and "leaves every target on what it was told (2 on 4, 2 on 5)" in out.lines[0]
+    assert cmd_delete(hub, parser().parse_args(["delete", "release/rollout", "--yes"]), out) == 0  # type: ignore[arg-type]
+    assert hub.deleted == ["rollout"]

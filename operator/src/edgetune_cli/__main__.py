@@ -9,6 +9,8 @@
     kubectl edgetune resume NAME                    set spec.paused back to false
     kubectl edgetune abort NAME [--yes]             roll every target back to the stable version and
                                                     revoke this version for good (asks unless --yes)
+    kubectl edgetune delete KIND/NAME [--yes]       delete; an unfinished release leaves the fleet split
+                                                    (says how, asks unless --yes)
     kubectl edgetune logs job/NAME [--cluster C] [--node N] [--tail N]
     kubectl edgetune logs release/NAME POD --cluster C [--tail N]
                                                     a trainer's or an agent's log, on whichever cluster it runs
@@ -78,6 +80,11 @@ def parser() -> argparse.ArgumentParser:
         if name == "abort":
             command.add_argument("--yes", action="store_true", help="do not ask for confirmation (required "
                                  "when stdin is not a terminal)")  # fmt: skip
+    delete = sub.add_parser("delete", help="delete a job or release; warns when a release would leave the fleet "
+                            "split between versions")  # fmt: skip
+    delete.add_argument("ref", help="KIND/NAME, e.g. job/meters or release/meters-rollout")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation (required when stdin is "
+                        "not a terminal and a release is unfinished)")  # fmt: skip
     logs = sub.add_parser("logs", help="a trainer's or an agent's log")
     logs.add_argument("ref", help="job/NAME or release/NAME")
     logs.add_argument("pod", nargs="?", help="for a release: the agent pod")
@@ -183,6 +190,27 @@ def cmd_control(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
     return 0
 
 
+def cmd_delete(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
+    plural, name = _kind(args.ref)
+    obj = hub.get(plural, name)
+    phase, status = _phase(obj), obj.get("status") or {}
+    if plural == "adapterreleases" and status.get("canary") and phase not in DONE[plural]:
+        served = ", ".join(f"{n} on {v}" for v, n in sorted((status.get("targetsByVersion") or {}).items()))
+        out.error(f"warning: AdapterRelease {hub.namespace}/{name} is {phase}: deleting it leaves every target on "
+                  f"what it was told ({served or 'none observed'}); abort it first to take them back to the "
+                  "stable version")  # fmt: skip
+        if not args.yes:
+            if not sys.stdin.isatty():
+                out.error("pass --yes to delete it anyway")
+                return EXIT_USAGE
+            if input(f"Delete {name} and leave the fleet split? Type its name to go on: ").strip() != name:
+                out.error("not deleted")
+                return EXIT_FAILED
+    hub.delete(plural, name)
+    out.line(f"{obj['kind']} {hub.namespace}/{name} deleted")
+    return 0
+
+
 def cmd_logs(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
     plural, name = _kind(args.ref)
     obj = hub.get(plural, name)
@@ -214,7 +242,7 @@ def cmd_logs(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
 
 
 COMMANDS = {"get": cmd_get, "watch": cmd_watch, "status": cmd_status, "promote": cmd_control,
-            "resume": cmd_control, "abort": cmd_control, "logs": cmd_logs}  # fmt: skip
+            "resume": cmd_control, "abort": cmd_control, "delete": cmd_delete, "logs": cmd_logs}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,9 @@ class Hub:
     def patch_spec(self, plural: str, name: str, spec: dict[str, Any]) -> None:
         self.objects.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name, {"spec": spec})
 
+    def delete(self, plural: str, name: str) -> None:
+        self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+
     def cluster(self, name: str) -> Cluster:
         """``local`` (the hub itself) or an EdgeCluster, through the kubeconfig Secret it names."""
         if name == "local":
