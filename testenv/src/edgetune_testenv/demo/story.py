@@ -37,7 +37,8 @@ from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
 from edgetune_testenv.demo import data as sensor
 from edgetune_testenv.demo.live import Display
 from edgetune_testenv.errors import EnvironmentSetupError
-from edgetune_testenv.executor import LocalImage, PodExecutor
+from edgetune_testenv.executor import PodExecutor
+from edgetune_testenv.localenv import images
 from edgetune_testenv.nodes import default_fleet
 from edgetune_testenv.procs import free_port
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
@@ -86,18 +87,6 @@ class Record:
     versions: dict[str, str] = field(default_factory=dict)  # role -> MLflow version
     dashboard_series: dict[str, int] = field(default_factory=dict)  # panel query -> series returned
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _images() -> dict[str, LocalImage]:
-    env = {"PYTHONUNBUFFERED": "1"}
-    # Twelve simulated nodes share this machine's cores: one thread per trainer is what a small edge
-    # node would give it, and keeps eight concurrent trainers from thrashing two cores.
-    one_core = {**env, "OMP_NUM_THREADS": "1"}
-    return {
-        OPERATOR_IMAGE: LocalImage(entrypoint=(sys.executable,), env=env),  # the chart passes -m edgetune_operator
-        TRAINER_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_trainer"), env=one_core),
-        AGENT_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_agent"), env=env),
-    }
 
 
 def _ed25519() -> tuple[bytes, bytes]:
@@ -153,7 +142,7 @@ class Demo:
         self.mlflow = stack.enter_context(MlflowServer(self.s3, workdir=self.workdir / "mlflow"))
         self.prometheus = stack.enter_context(Prometheus(self.workdir / "prometheus"))
         for name, plane in self.planes.items():
-            self.executors[name] = stack.enter_context(PodExecutor(plane, _images()))
+            self.executors[name] = stack.enter_context(PodExecutor(plane, images()))
         stack.callback(self._stop_traffic.set)
         nodes = {name: len(p.kubectl("get", "nodes", "-o", "name").stdout.split()) for name, p in self.planes.items()}
         self.check("environment up", all(n == 6 for n in nodes.values()),
