@@ -48,7 +48,8 @@ def summary_condition(obj: dict[str, Any]) -> str:
 
     def first(wanted: list[tuple[str, str]]) -> dict[str, Any] | None:
         for kind, value in wanted:
-            hit = next((c for c in conditions if c.get("type") == kind and c.get("status") == value), None)
+            hit: dict[str, Any] | None = next(
+                (c for c in conditions if c.get("type") == kind and c.get("status") == value), None)  # fmt: skip
             if hit is not None:
                 return hit
         return None
