@@ -11,6 +11,7 @@ EdgeClusters: no kopf handler at all (``controllers.clusters.Heartbeats``).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import logging
@@ -187,6 +188,12 @@ RELEASE = (GROUP, VERSION, "adapterreleases")
 @kopf.on.event(*RELEASE)
 async def release_event(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
     RUNTIME.releases.observed(dict(body), deleted=type == "DELETED")
+    if type == "DELETED":
+        # No finalizer: a deleted release leaves its pods' assignments as they are (an agent keeps
+        # serving what it runs); its metric series go, and deleted mid-rollout it says so in an
+        # Event. The watch's DELETED event is the one place that always sees it (kopf calls no
+        # optional delete handler for an object deleted without its finalizer).
+        await asyncio.to_thread(RUNTIME.releases.forget, dict(body))
 
 
 @kopf.on.resume(*RELEASE)
@@ -197,12 +204,6 @@ def release_changed(body: kopf.Body, **_: Any) -> None:
     (``ReleaseController.resync_loop``); a spec change (paused, promote, abort) acts at once."""
     RUNTIME.releases.reconcile(dict(body))
 
-
-@kopf.on.delete(*RELEASE, optional=True)
-def release_deleted(body: kopf.Body, **_: Any) -> None:
-    """No finalizer: a deleted release leaves its pods' assignments as they are (an agent keeps
-    serving what it runs); only its metric series go."""
-    RUNTIME.releases.forget(dict(body))
 
 
 # -- EdgeCluster ----------------------------------------------------------------------------------
