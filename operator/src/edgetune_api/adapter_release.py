@@ -151,8 +151,8 @@ class AnalysisMetric(ApiModel):
     name: Name
     """Metric name, referenced by analysis steps."""
     query: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
-    """PromQL returning one value; `{{release}}`, `{{namespace}}`, `{{version}}`, `{{stableVersion}}`
-    and `{{cluster}}` are replaced before it runs."""
+    """PromQL returning one value; `{{release}}` (namespace/name of the release), `{{namespace}}` (the
+    targets' namespace), `{{version}}`, `{{stableVersion}}` and `{{cluster}}` are replaced before it runs."""
     threshold_range: ThresholdRange
     """The value passes when it is inside this range."""
     interval: Duration = "30s"

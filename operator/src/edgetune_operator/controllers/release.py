@@ -600,7 +600,7 @@ class _Context:
         s = self.status
         s.phase = "Analyzing"
         canary = s.canary
-        variables = {"release": self.release, "namespace": self.namespace,
+        variables = {"release": self.release, "namespace": self.target_namespace,  # where the agents' series are
                      "version": canary.version if canary else "", "stableVersion": s.stable_version or "",
                      "cluster": "", "model": self.spec.adapter.registered_model}  # fmt: skip
         chosen = [m for m in self.spec.analysis.metrics if not names or m.name in names]
