@@ -95,8 +95,18 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
     # While a trainer runs, its cluster holds exactly one Secret for it, and nothing in it could
     # sign or upload for anyone else: no S3 keys, not the hub key, a POST policy for its own prefix.
     edge_core = k8s.CoreV1Api(fleet["edge-a"].api_client())
-    secrets = eventually(lambda: edge_core.list_namespaced_secret(ns).items, timeout=60,
-                         what="the trainer's Secret on edge-a")  # fmt: skip
+    try:
+        # 120 s: the module's first job meets an operator that has just started (twice in CI the
+        # Secret took longer than 60 s after test_lifecycle, never here); the failure now shows why.
+        secrets = eventually(lambda: edge_core.list_namespaced_secret(ns).items, timeout=120,
+                             what="the trainer's Secret on edge-a")  # fmt: skip
+    except AssertionError as exc:
+        seen = k8s.CustomObjectsApi(api)
+        job = seen.get_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs", "gpu-lora")
+        clusters = seen.list_cluster_custom_object("edgetune.io", "v1alpha1", "edgeclusters")["items"]
+        raise AssertionError(f"{exc}\njob status: {json.dumps(job.get('status'))[:3000]}\nclusters: "
+                             f"{json.dumps([(c['metadata']['name'], c.get('status')) for c in clusters])[:2000]}"
+                             ) from None
     assert len(secrets) == 1
     data = {k: base64.b64decode(v) for k, v in secrets[0].data.items()}
     assert set(data) == {"upload.json", "key.pem", "config.json"}  # its configuration travels in it too
