@@ -78,8 +78,6 @@ def test_abort_says_it_revokes_and_wants_a_confirmation(monkeypatch: Any, capsys
     """Abort revokes the version for good: the help says so, and it is not done by a slip."""
     import io  # noqa: PLC0415
 
-    import pytest  # noqa: PLC0415
-
     from edgetune_cli.__main__ import EXIT_USAGE, cmd_control, parser  # noqa: PLC0415
 
     with pytest.raises(SystemExit):

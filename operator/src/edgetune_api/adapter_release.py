@@ -294,6 +294,11 @@ class AnalysisRun(ApiModel):
     """When the analysis ended."""
 
 
+def served(targets_by_version: dict[str, int] | None) -> str:
+    """How a release's targets are split between versions, for people: ``2 on 4, 2 on 5``."""
+    return ", ".join(f"{n} on {v}" for v, n in sorted((targets_by_version or {}).items())) or "none observed"
+
+
 class AdapterReleaseStatus(ApiModel):
     """Observed state of an AdapterRelease, written by the operator only."""
 

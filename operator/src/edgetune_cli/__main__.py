@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from edgetune_api.adapter_release import served
 from edgetune_api.meta import parse_duration
 from edgetune_cli import view
 from edgetune_cli.client import Hub, NotFoundError, NotInstalledError
@@ -157,6 +158,21 @@ def cmd_status(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
     return code
 
 
+def _confirm(args: argparse.Namespace, out: view.Out, name: str, *, without_terminal: str, question: str,
+             declined: str) -> int | None:  # fmt: skip
+    """None to go on (``--yes``, or the object's name typed at the prompt); else the exit code:
+    a usage error without a terminal to ask on, a failure when the answer was not the name."""
+    if args.yes:
+        return None
+    if not sys.stdin.isatty():
+        out.error(without_terminal)
+        return EXIT_USAGE
+    if input(f"{question} Type its name to go on: ").strip() != name:
+        out.error(declined)
+        return EXIT_FAILED
+    return None
+
+
 def cmd_control(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
     release = hub.get("adapterreleases", args.name)
     phase = _phase(release)
@@ -166,15 +182,13 @@ def cmd_control(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
     spec = release["spec"]
     if args.command == "abort":
         version = ((release.get("status") or {}).get("canaryVersion")) or "the released version"
-        if not args.yes:
-            if not sys.stdin.isatty():
-                out.error(f"aborting revokes {version} for good; pass --yes to confirm")
-                return EXIT_USAGE
-            answer = input(f"Abort AdapterRelease {hub.namespace}/{args.name}: every target goes back to the stable "
-                           f"version and version {version} is revoked for good. Type the release's name to go on: ")
-            if answer.strip() != args.name:
-                out.error("not aborted")
-                return EXIT_FAILED
+        refused = _confirm(args, out, args.name,
+                           without_terminal=f"aborting revokes {version} for good; pass --yes to confirm",
+                           question=f"Abort AdapterRelease {hub.namespace}/{args.name}: every target goes back to the "
+                           f"stable version and version {version} is revoked for good.",
+                           declined="not aborted")  # fmt: skip
+        if refused is not None:
+            return refused
         patch = {"abort": True}
     elif args.command == "promote" and args.full:
         patch = {"promote": True, "paused": False}
@@ -195,17 +209,13 @@ def cmd_delete(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
     obj = hub.get(plural, name)
     phase, status = _phase(obj), obj.get("status") or {}
     if plural == "adapterreleases" and status.get("canary") and phase not in DONE[plural]:
-        served = ", ".join(f"{n} on {v}" for v, n in sorted((status.get("targetsByVersion") or {}).items()))
         out.error(f"warning: AdapterRelease {hub.namespace}/{name} is {phase}: deleting it leaves every target on "
-                  f"what it was told ({served or 'none observed'}); abort it first to take them back to the "
-                  "stable version")  # fmt: skip
-        if not args.yes:
-            if not sys.stdin.isatty():
-                out.error("pass --yes to delete it anyway")
-                return EXIT_USAGE
-            if input(f"Delete {name} and leave the fleet split? Type its name to go on: ").strip() != name:
-                out.error("not deleted")
-                return EXIT_FAILED
+                  f"what it was told ({served(status.get('targetsByVersion'))}); abort it first to take them back "
+                  "to the stable version")  # fmt: skip
+        refused = _confirm(args, out, name, without_terminal="pass --yes to delete it anyway",
+                           question=f"Delete {name} and leave the fleet split?", declined="not deleted")  # fmt: skip
+        if refused is not None:
+            return refused
     hub.delete(plural, name)
     out.line(f"{obj['kind']} {hub.namespace}/{name} deleted")
     return 0
@@ -219,11 +229,11 @@ def cmd_logs(hub: Hub, args: argparse.Namespace, out: view.Out) -> int:
         chosen = [t for t in targets if (not args.cluster or t["cluster"] == args.cluster)
                   and (not args.node or t.get("node") == args.node)]  # fmt: skip
         if len(chosen) != 1:
-            where = ", ".join(f"--cluster {t['cluster']}" + (f" --node {t['node']}" if t.get("node") else "")
-                              for t in targets) or "none yet"  # fmt: skip
             if not targets:
                 raise NotFoundError(f"EdgeTrainingJob {hub.namespace}/{name} has no trainers (yet): "
                                     f"{view.summary_condition(obj) or _phase(obj)}")  # fmt: skip
+            where = ", ".join(f"--cluster {t['cluster']}" + (f" --node {t['node']}" if t.get("node") else "")
+                              for t in targets)  # fmt: skip
             out.error(f"EdgeTrainingJob {hub.namespace}/{name} has {len(chosen)} matching trainers; pick one: {where}")
             return EXIT_USAGE
         target = chosen[0]

@@ -27,6 +27,7 @@ from edgetune_api.adapter_release import (
     AdapterReleaseStatus,
     AnalysisMetric,
     ResolvedAdapter,
+    served,
 )
 from edgetune_api.assignment import (
     ASSIGNMENT_ANNOTATION,
@@ -197,11 +198,10 @@ class ReleaseController:
         meta = body["metadata"]
         status = body.get("status") or {}
         if status.get("canary") is not None and status.get("phase") not in FINAL:
-            served = ", ".join(f"{n} on {v}" for v, n in sorted((status.get("targetsByVersion") or {}).items()))
             self.hub.event(body, reason="DeletedMidRollout", warning=True, message=(
                 f"deleted while {status.get('phase')} at step {status.get('currentStep', 0)}: the targets keep "
-                f"what they were told ({served or 'none observed'}); apply a release to move them on, or one "
-                "of the stable version to take them back"))  # fmt: skip
+                f"what they were told ({served(status.get('targetsByVersion'))}); apply a release to move them "
+                "on, or one of the stable version to take them back"))  # fmt: skip
         self._phases.pop(meta["uid"], None)
         self.publish_tried.pop(meta["uid"], None)
         self._publish_metrics(f"{meta['namespace']}/{meta['name']}", {})
