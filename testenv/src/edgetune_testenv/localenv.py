@@ -154,10 +154,7 @@ class LocalEnvironment:
             root = self.executors[cluster]
             for node in (n.name for n in default_fleet(site)):
                 self.samples[node] = data.write_node(root.node_root(node) / DATA_PATH.lstrip("/"), site, node)
-            x = data.sites[site].check_x[:8]
-            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                                "data": x.reshape(-1).tolist()}]}  # fmt: skip
-            (requests / f"{site}.json").write_text(json.dumps(body))
+            (requests / f"{site}.json").write_text(json.dumps(sensor.inference_request(data.sites[site].check_x[:8])))
 
     # -- what a user needs -----------------------------------------------------------------------
 

@@ -165,6 +165,11 @@ class MlflowServer(_Server):
         return self
 
 
+def _target_group(job: str, address: str, labels: dict[str, str]) -> dict[str, Any]:
+    """One ``file_sd`` target group."""
+    return {"targets": [address], "labels": {"job": job, **labels}}
+
+
 class Prometheus(_Server):
     """Prometheus (1 s scrapes) with a Pushgateway; targets are added at run time via file_sd."""
 
@@ -263,14 +268,17 @@ class Prometheus(_Server):
     def add_target(self, job: str, address: str, **labels: str) -> None:
         """Scrape ``address`` (host:port) as job ``job``; Prometheus notices the file within a second."""
         with self._lock:
-            self._targets.setdefault(job, []).append({"targets": [address], "labels": {"job": job, **labels}})
+            self._targets.setdefault(job, []).append(_target_group(job, address, labels))
             self._write_targets()
 
     def set_targets(self, job: str, groups: list[tuple[str, dict[str, str]]]) -> None:
-        """Scrape exactly these (address, labels) as job ``job`` from now on (none: stop)."""
+        """Scrape exactly these (address, labels) as job ``job`` from now on (none: stop); the files
+        are written again only when something changed."""
+        wanted = [_target_group(job, address, labels) for address, labels in groups]
         with self._lock:
-            self._targets[job] = [{"targets": [address], "labels": {"job": job, **labels}}
-                                  for address, labels in groups]  # fmt: skip
+            if self._targets.get(job) == wanted:
+                return
+            self._targets[job] = wanted
             self._write_targets()
 
     def _write_targets(self) -> None:

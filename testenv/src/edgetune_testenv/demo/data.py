@@ -66,6 +66,11 @@ class SensorData:
         return folder
 
 
+def inference_request(x: np.ndarray) -> dict[str, object]:
+    """An Open Inference Protocol request (JSON tensors) for a batch of series, as the agent takes it."""
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
+
+
 def _seed(node: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(node))
 

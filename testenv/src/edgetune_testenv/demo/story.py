@@ -331,8 +331,7 @@ class Demo:
         check = self.data.sites[site]
         start = int(time.monotonic() * 7) % max(1, len(check.check_x) - batch)
         x, y = check.check_x[start : start + batch], check.check_y[start : start + batch]
-        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                                       "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+        body = json.dumps(sensor.inference_request(x)).encode()
         request = urllib.request.Request(f"http://{ip}:8080/v2/models/edgetune/infer", data=body,
                                          headers={"Content-Type": "application/json"})  # fmt: skip
         try:
