@@ -399,7 +399,6 @@ class EdgeTrainingJobSpec(ApiModel):
     )
 
 
-
 class TargetStatus(ApiModel):
     """Progress of one trainer (one cluster, or one node with perNode)."""
 

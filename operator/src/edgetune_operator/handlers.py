@@ -205,7 +205,6 @@ def release_changed(body: kopf.Body, **_: Any) -> None:
     RUNTIME.releases.reconcile(dict(body))
 
 
-
 # -- EdgeCluster ----------------------------------------------------------------------------------
 # No kopf handler: ``Heartbeats`` (started with the controllers) follows EdgeClusters with a watch
 # of its own and probes each when its heartbeat is due; kopf neither watches nor annotates them.

@@ -116,12 +116,12 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         nonlocal conds
         conds = set_condition(conds, kind, value, reason=reason, message=message, generation=generation, now=now)
 
-    no_clusters = (f"no EdgeCluster matches placement.clusterSelector ({_selector(spec)}): label an EdgeCluster "
-                   "or change the selector (kubectl get edgeclusters --show-labels)")  # fmt: skip
     if n:
         cond("DataSufficient", True, "SamplesReported", f"{n} trainer(s) started where the data suffices")
     elif obs.no_clusters:
-        cond("DataSufficient", False, "NoClusters", no_clusters)
+        cond("DataSufficient", False, "NoClusters", f"no EdgeCluster matches placement.clusterSelector "
+             f"({_selector(spec)}): label an EdgeCluster or change the selector (kubectl get edgeclusters "
+             "--show-labels)")  # fmt: skip
     else:
         cond("DataSufficient", False, "WaitingForData", "; ".join(obs.waiting) or "no cluster selected yet")
     if obs.no_clusters and not n:  # vacuously true; DataSufficient says what to do (one Warning Event, not two)
