@@ -61,7 +61,7 @@ def config(tmp: Path, data_dir: Path, /, **overrides: Any) -> dict[str, Any]:
             "threads": 1,
         },
     }
-    for section in ("training", "budgets", "data", "peft", "output", "baseModel"):
+    for section in ("training", "budgets", "data", "peft", "output", "baseModel", "placement"):
         cfg["spec"].setdefault(section, {}).update(overrides.pop(section, {}))
     cfg["runtime"].update(overrides.pop("runtime", {}))
     if overrides:

@@ -202,7 +202,7 @@ def test_the_chart_installs_an_operator_that_trains_in_a_trainer_container(
         sine_classes(executor.node_root(node) / DATA.lstrip("/"), n=120)
     s3_secret(core, ns, s3.env())
     manifest = job_manifest("in-a-container")
-    manifest["spec"]["placement"] = {"accelerator": "gpu"}  # this plane's own GPU nodes
+    manifest["spec"]["placement"] = {"accelerator": "gpu", "allowCpuFallback": True}  # this plane's GPU nodes
     api = plane.api_client()
     k8s.CustomObjectsApi(api).create_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs",
                                                               manifest)  # fmt: skip

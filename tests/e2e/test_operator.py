@@ -88,7 +88,7 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
                                     serialization.NoEncryption())  # fmt: skip
     tenant.core.create_namespaced_secret(ns, {"metadata": {"name": "adapter-signing"},
                                               "data": {"key.pem": base64.b64encode(hub_pem).decode()}})  # fmt: skip
-    manifest = job_manifest("gpu-lora", placement={"accelerator": "gpu", "clusterSelector": {
+    manifest = job_manifest("gpu-lora", placement={"accelerator": "gpu", "allowCpuFallback": True, "clusterSelector": {
         "matchLabels": {"region": "eu"}}})  # fmt: skip
     manifest["spec"]["output"]["signingKeySecretRef"] = {"name": "adapter-signing", "key": "key.pem"}
     create(api, ns, manifest)
@@ -136,6 +136,10 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
     for target in status["targets"]:
         assert target["node"].split("-")[1] == "gpu", target  # factory-gpu-N / farm-gpu-N
         assert target["sha256"] and target["mlflowVersion"] and target["step"] == 4
+        assert target["device"] == "cpu" and target["energyMethod"], target  # kwok's GPU nodes: never silently
+    accelerated = condition(job, "Accelerated")
+    assert accelerated["status"] == "False" and accelerated["reason"] == "CpuFallback", accelerated
+    assert status["devices"] == "cpu" and status["energy"].endswith(")"), status  # e.g. "41 J (estimate)"
     # Trainer Jobs exist on the edges only, never on the hub.
     assert not k8s.BatchV1Api(api).list_namespaced_job(ns).items
     for plane in fleet.values():
@@ -149,13 +153,13 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
     for version in versions:
         tags = {t["key"]: t["value"] for t in version.get("tags") or []}
         assert tags["edgetune.job"] == "gpu-lora" and tags["edgetune.namespace"] == ns
-        assert tags["edgetune.cluster"] in ("edge-a", "edge-b")
+        assert tags["edgetune.cluster"] in ("edge-a", "edge-b") and tags["edgetune.device"] == "cpu"
         assert tags["edgetune.nodes"].split("-")[1] == "gpu"
         assert len(tags["edgetune.data_sha256"]) == 64 and tags["edgetune.trainer_version"]
         assert version["source"].startswith(f"s3://adapters/edgetune/{ns}/gpu-lora/")
         assert version["source"] == tags["edgetune.delta_uri"]
     reasons = {r for _, r, _ in events(hub_crds, ns, "gpu-lora")}
-    assert {"Scheduled", "Verified", "Registered", "Succeeded"} <= reasons
+    assert {"Scheduled", "Verified", "Registered", "Succeeded", "CpuFallback"} <= reasons
     # What agents load is counter-signed by the hub key; the trainer's own signature is not the hub's.
     client = s3.client()
     for target in status["targets"]:
@@ -190,7 +194,8 @@ def test_npu_per_node_job_is_averaged_into_one_adapter(
 ) -> None:  # fmt: skip
     _hub_data(hub_executor, "op-npu-0", "op-npu-1")
     api, core, ns = tenant.api, tenant.core, tenant.namespace
-    create(api, ns, job_manifest("npu-fed", placement={"accelerator": "npu", "perNode": True},
+    create(api, ns, job_manifest("npu-fed", placement={"accelerator": "npu", "allowCpuFallback": True, "perNode": True},
+                                 baseModel={"uri": "builtin:timeseries-cnn", "revision": "sensor-cnn@r7"},
                                  aggregation={"strategy": "fedavg", "minParticipants": 2}))  # fmt: skip
     job = wait_finished(api, ns, "npu-fed")
     status = job["status"]
@@ -199,6 +204,8 @@ def test_npu_per_node_job_is_averaged_into_one_adapter(
     assert all(t["sha256"] and t["deltaUri"] for t in status["targets"])  # per-node adapters recorded
     result = status["result"]
     assert result["participants"] == 2 and result["deltaUri"].endswith("/npu-fed/fedavg")
+    assert result["baseModelRevision"] == "sensor-cnn@r7"  # lineage: status, manifest, MLflow tag
+    assert all(t["device"] == "cpu" for t in status["targets"])  # no NPU backend: the fallback it allowed
     pods = core.list_namespaced_pod(ns).items
     assert sorted(p.spec.node_name for p in pods) == ["op-npu-0", "op-npu-1"]
     assert all(p.spec.containers[0].resources.limits["rockchip.com/npu"] == "1" for p in pods)
@@ -207,6 +214,7 @@ def test_npu_per_node_job_is_averaged_into_one_adapter(
     tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
     assert tags["edgetune.aggregation"] == "fedavg" and tags["edgetune.nodes"] == "op-npu-0,op-npu-1"
     assert tags["edgetune.delta_sha256"] == result["sha256"]
+    assert tags["edgetune.base_model_revision"] == "sensor-cnn@r7" and tags["edgetune.device"] == "cpu"
 
 
 def test_a_tampered_package_is_refused_and_never_registered(
@@ -270,6 +278,38 @@ def test_a_job_waits_for_data_then_starts_by_itself(
     assert [p.spec.node_name for p in core.list_namespaced_pod(ns).items] == ["op-cpu-1"]
 
 
+def test_a_paused_edge_cluster_gets_no_trainer_until_it_is_resumed(
+    operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
+    edge_a_executor: PodExecutor, edge_b_executor: PodExecutor,
+) -> None:  # fmt: skip
+    _hub_data(edge_a_executor, "factory-gpu-0", "factory-gpu-1")
+    _hub_data(edge_b_executor, "farm-gpu-0", "farm-gpu-1")
+    api, ns = tenant.api, tenant.namespace
+    edge_clusters = k8s.CustomObjectsApi(hub_crds.api_client())
+    edge_clusters.patch_cluster_custom_object("edgetune.io", "v1alpha1", "edgeclusters", "edge-b",
+                                              {"spec": {"paused": True}})  # fmt: skip
+    try:
+        paused = hub_crds.kubectl("get", "edgecluster", "edge-b").stdout
+        assert "PAUSED" in paused.splitlines()[0] and "true" in paused.splitlines()[1], paused
+        create(api, ns, job_manifest("paused-site", placement={"accelerator": "gpu", "allowCpuFallback": True,
+                                                               "clusterSelector": {"matchLabels": {"region": "eu"}}}))
+        job = eventually(lambda: (j := get(api, ns, "paused-site")) and {t["cluster"]: t["phase"] for t in (
+            j.get("status") or {}).get("targets") or []}.get("edge-a") in ("Packaging", "Succeeded") and j,
+            timeout=180, what="edge-a's trainer done while edge-b is paused")  # fmt: skip
+        held = next(t for t in job["status"]["targets"] if t["cluster"] == "edge-b")
+        assert held["phase"] == "Pending" and held["message"].startswith("ClusterPaused"), held
+        scheduled = condition(job, "Scheduled")
+        assert scheduled["reason"] == "ClusterPaused" and "edge-b" in scheduled["message"], scheduled
+        assert job["status"]["phase"] != "Succeeded"  # it waits for edge-b
+        edge_b = k8s.BatchV1Api(fleet["edge-b"].api_client())
+        assert not edge_b.list_namespaced_job(ns).items  # nothing was started there
+    finally:
+        edge_clusters.patch_cluster_custom_object("edgetune.io", "v1alpha1", "edgeclusters", "edge-b",
+                                                  {"spec": {"paused": False}})  # fmt: skip
+    job = wait_finished(api, ns, "paused-site")
+    assert job["status"]["phase"] == "Succeeded" and job["status"]["progress"] == "2/2", job["status"]
+
+
 def test_an_unreachable_edge_cluster_fails_its_part_and_the_rest_finishes(
     operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
     edge_a_executor: PodExecutor, edge_b_executor: PodExecutor, s3: S3Server,
@@ -277,7 +317,7 @@ def test_an_unreachable_edge_cluster_fails_its_part_and_the_rest_finishes(
     _hub_data(edge_a_executor, "factory-gpu-0", "factory-gpu-1")
     _hub_data(edge_b_executor, "farm-gpu-0", "farm-gpu-1")
     api, ns = tenant.api, tenant.namespace
-    manifest = job_manifest("partial", placement={"accelerator": "gpu", "clusterSelector": {
+    manifest = job_manifest("partial", placement={"accelerator": "gpu", "allowCpuFallback": True, "clusterSelector": {
         "matchLabels": {"region": "eu"}}})  # fmt: skip
     manifest["spec"]["training"]["maxSteps"] = 40  # long enough to cut edge-b off mid-job
     create(api, ns, manifest)
@@ -563,7 +603,8 @@ def test_an_edge_apiserver_answering_429_holds_its_part_of_the_job_and_loses_not
                                    timeout=60, what="edge-b's heartbeat throttled")  # fmt: skip
             assert reachable["status"] == "False" and "429" in reachable["message"], reachable
             assert _metric(operator_proc, "edgetune_operator_kube_throttled_total", "edge-b") > 0
-            create(api, ns, job_manifest("throttled", placement={"accelerator": "gpu", "clusterSelector": {
+            create(api, ns, job_manifest("throttled", placement={"accelerator": "gpu", "allowCpuFallback": True,
+                                                                         "clusterSelector": {
                 "matchLabels": {"region": "eu"}}}))  # fmt: skip
 
             def held() -> dict[str, Any] | None:

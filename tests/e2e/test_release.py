@@ -376,6 +376,33 @@ def test_promote_skips_the_remaining_steps(world: World) -> None:
     assert w.champion() == canary["version"]
 
 
+def pause_cluster(w: World, cluster: str, paused: bool) -> None:
+    w.releases().patch_cluster_custom_object(GROUP, VERSION, "edgeclusters", cluster, {"spec": {"paused": paused}})
+
+
+def test_a_paused_cluster_holds_its_targets_and_the_step_completes_once_it_is_resumed(world: World) -> None:
+    w = world
+    stable = w.champion()
+    canary = w.register("paused-site", quality=1.0)
+    pause_cluster(w, "edge-b", True)
+    try:
+        create(w, "paused-site", canary["version"], analysis=QUALITY, strategy=steps({"setWeight": 100}))
+        s = eventually(lambda: (st := status(w, "paused-site")) and conditions(st).get("ClustersPaused", {}).get(
+            "status") == "True" and (st.get("targetsByCluster") or {}).get("edge-a") == {canary["version"]: 2}
+            and st, timeout=120, what="edge-a on the canary, edge-b held")  # fmt: skip
+        assert "edge-b" in conditions(s)["ClustersPaused"]["message"], conditions(s)
+        time.sleep(4)  # it stays so: the operator writes nothing to edge-b's agents
+        s = status(w, "paused-site")
+        assert s["phase"] == "Progressing" and s["currentStep"] == 0, json.dumps(s)[:2000]
+        assert {k: v for k, v in w.serving().items() if k.startswith("edge-b/")} == {
+            "edge-b/agent-0": stable, "edge-b/agent-1": stable}  # fmt: skip
+    finally:
+        pause_cluster(w, "edge-b", False)
+    s = wait_phase(w, "paused-site", "Promoted", "RolledBack", timeout=120)
+    assert s["phase"] == "Promoted" and set(w.serving().values()) == {canary["version"]}, json.dumps(s)[:2000]
+    assert conditions(s)["ClustersPaused"]["status"] == "False"
+
+
 def test_deleting_a_release_mid_rollout_says_what_it_left_behind(world: World) -> None:
     w = world
     stable = w.champion()

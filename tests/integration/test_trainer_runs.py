@@ -50,6 +50,24 @@ def test_run_trains_and_packages_a_verifiable_delta(tmp_path: Path, capsys: pyte
     assert len(losses) == 12 and losses[-1] < losses[0]
 
 
+def test_a_gpu_placement_without_a_gpu_fails_unless_a_cpu_fallback_is_allowed_and_says_what_it_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the trainer would use it")
+    code, summary, log = run(tmp_path / "strict", capsys, placement={"accelerator": "gpu"})
+    assert code == 6 and summary["reason"] == "AcceleratorUnavailable", summary
+    assert "allowCpuFallback" in str(summary["message"])
+    code, summary, log = run(tmp_path / "fallback", capsys, placement={"accelerator": "gpu", "allowCpuFallback": True},
+                             baseModel={"revision": "cnn@r3"})  # fmt: skip
+    assert code == 0 and summary["device"] == "cpu" and summary["baseModelRevision"] == "cnn@r3", summary
+    assert any("trained on the CPU" in w for w in summary["warnings"])  # type: ignore[attr-defined]
+    assert {"event": "device", "device": "cpu", "requested": "gpu"}.items() <= next(
+        e for e in log if e["event"] == "device").items()  # fmt: skip
+    manifest = verify_package(read_folder(tmp_path / "fallback" / "work" / "package"))
+    assert manifest.lineage.device == "cpu" and manifest.lineage.base_model_revision == "cnn@r3"
+
+
 def test_auto_batch_size_is_measured_against_the_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, summary, log = run(tmp_path, capsys, training={"batchSize": "auto", "maxSteps": 2})
     assert code == 0, summary

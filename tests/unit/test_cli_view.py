@@ -185,7 +185,10 @@ def test_printer_columns_say_what_is_true() -> None:
     for obs, progress in rows:
         assert summarize(spec, 1, EdgeTrainingJobStatus(), obs, now).progress == progress
     jobs = next(c for c in RESOURCES if c.kind == "EdgeTrainingJob")
-    assert [c["name"] for c in jobs.printer_columns if c.get("priority")] == ["Bytes"]
+    assert [c["name"] for c in jobs.printer_columns if c.get("priority")] == ["Bytes", "Device"]
+    assert "Energy" in [c["name"] for c in jobs.printer_columns if not c.get("priority")]
+    clusters = next(c for c in RESOURCES if c.kind == "EdgeCluster")
+    assert {"name": "Paused", "type": "boolean", "jsonPath": ".spec.paused"} in clusters.printer_columns
 
 
 def test_deleting_an_unfinished_release_warns_that_the_fleet_stays_split(monkeypatch: Any) -> None:

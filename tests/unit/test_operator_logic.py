@@ -123,6 +123,34 @@ def cond(status: EdgeTrainingJobStatus, kind: str) -> tuple[str, str]:
     return c.status, c.reason
 
 
+def test_a_paused_cluster_holds_a_pending_target_and_says_why() -> None:
+    held = target("Pending", cluster="farm", message="ClusterPaused: EdgeCluster farm is paused (spec.paused: true)")
+    running = target("Training", cluster="factory", node="n1", job_name="j")
+    status = summarize(spec(), 1, EdgeTrainingJobStatus(), Observation(targets=[running, held], paused=["farm"]), NOW)
+    assert status.phase == "Training" and status.progress == "0/2"  # the paused part keeps the job open
+    assert cond(status, "Scheduled") == ("False", "ClusterPaused")
+    assert "farm" in next(c.message for c in status.conditions if c.type == "Scheduled")
+    assert ("ClusterPaused", True) in [(r, w) for r, _, w in transitions(EdgeTrainingJobStatus(), status)]
+    only = summarize(spec(), 1, EdgeTrainingJobStatus(), Observation(targets=[held], paused=["farm"]), NOW)
+    assert cond(only, "DataSufficient") == ("False", "NotObserved")  # no trainer started: not "1 started"
+
+
+def test_the_device_and_energy_each_trainer_used_are_in_the_status() -> None:
+    gpu = spec(placement={"accelerator": "gpu", "allowCpuFallback": True, "perNode": True})
+    on_cpu = [target("Succeeded", node=f"n{i}", job_name=f"j{i}", device="cpu", energy_joules=600.0,
+                     energy_method=method) for i, method in enumerate(("rapl", "estimate"))]  # fmt: skip
+    status = summarize(gpu, 1, EdgeTrainingJobStatus(), Observation(targets=on_cpu), NOW)
+    assert cond(status, "Accelerated") == ("False", "CpuFallback") and status.devices == "cpu"
+    assert status.energy == "1.2 kJ (estimate, rapl)"
+    assert ("CpuFallback", True) in [(r, w) for r, _, w in transitions(EdgeTrainingJobStatus(), status)]
+    on_gpu = [target("Training", node="n0", job_name="j0", device="gpu", energy_joules=12.4, energy_method="nvml")]
+    status = summarize(gpu, 1, EdgeTrainingJobStatus(), Observation(targets=on_gpu), NOW)
+    assert cond(status, "Accelerated") == ("True", "OnAccelerator") and status.energy == "12 J (nvml)"
+    cpu_job = summarize(spec(placement={"accelerator": "cpu"}), 1, EdgeTrainingJobStatus(),
+                        Observation(targets=on_cpu), NOW)  # fmt: skip
+    assert not [c for c in cpu_job.conditions if c.type == "Accelerated"]  # nothing to fall back from
+
+
 def test_status_phases_follow_the_targets() -> None:
     job = spec()
     old = EdgeTrainingJobStatus()

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgetune_api import codec
-from edgetune_api.assignment import AdapterAssignment
+from edgetune_api.assignment import AdapterAssignment, AdapterReport, ServedAdapter
 from edgetune_api.delta import MANIFEST, SIGNATURE, DeltaVerificationError, verify_package
-from edgetune_operator.reconcile.release import ReleasedAdapter, Target, canary_plan, rollback_plan
+from edgetune_operator.reconcile.release import ReleasedAdapter, Target, base_assignment, canary_plan, rollback_plan
 
 ENCODINGS = ("fp32", "fp16", "int8-zstd", "int4-zstd")
 CANARY = ReleasedAdapter(version="2", uri="s3://b/canary", sha256="c" * 64)
@@ -98,6 +98,73 @@ def test_a_step_never_switches_more_than_max_unavailable_and_takes_each_clusters
         assert plan.wanted == expected
     stable_writes = [t for t, a in plan.writes if a.sha256 == STABLE.sha256]
     assert all(t.assignment is None for t in stable_writes)  # only those not already on stable
+
+
+VERSIONS = {"canary": CANARY, "stable": STABLE, "base": None}
+
+
+def _serving(version: str | None) -> AdapterReport | None:
+    if version is None:
+        return None
+    adapter = VERSIONS[version]
+    return AdapterReport(state="Serving", observed_at="t", active=ServedAdapter(
+        version=adapter.version, sha256=adapter.sha256) if adapter else None)  # fmt: skip
+
+
+def _assignment(version: str | None) -> AdapterAssignment | None:
+    if version is None:
+        return None
+    adapter = VERSIONS[version]
+    return adapter.assignment("ns/r") if adapter else base_assignment("ns/r")
+
+
+def _confirmed(t: Target) -> Target:
+    """The agent does what it was told."""
+    a = t.assignment
+    assert a is not None
+    active = None if a.base else ServedAdapter(version=a.version, sha256=a.sha256 or "")
+    return Target(t.cluster, t.namespace, t.name, t.uid, a, AdapterReport(state="Serving", observed_at="t",
+                                                                           active=active))  # fmt: skip
+
+
+version = st.sampled_from([None, "canary", "stable", "base"])
+
+
+@FAST
+@given(pods=st.lists(st.tuples(st.integers(0, 3), version, version), min_size=1, max_size=30),
+       weights=st.lists(st.integers(0, 100), min_size=1, max_size=4), max_unavailable=st.integers(1, 6),
+       with_stable=st.booleans(), confirm=st.lists(st.booleans(), min_size=1, max_size=16))  # fmt: skip
+def test_max_unavailable_bounds_every_write_of_a_step_towards_canary_and_back_to_stable(
+    pods: list[tuple[int, str | None, str | None]], weights: list[int], max_unavailable: int, with_stable: bool,
+    confirm: list[bool],
+) -> None:  # fmt: skip
+    """Any fleet (pods told and serving any version, or nothing), any steps: after each reconcile's
+    writes, the targets switching (told a version they do not confirm) are at most maxUnavailable,
+    or as many as were already switching before it wrote anything; agents confirming at random, the
+    steps still complete."""
+    stable = STABLE if with_stable else None
+    targets = [Target(f"edge-{c}", "ns", f"pod-{i}", f"uid-{i}", _assignment(told), _serving(serves))
+               for i, (c, told, serves) in enumerate(pods)]  # fmt: skip
+    already = sum(t.switching for t in targets)
+    tick = 0
+    for weight in sorted(weights):
+        for _ in range(200):
+            plan = canary_plan(targets, canary=CANARY, stable=stable, weight=weight, max_unavailable=max_unavailable,
+                               release="ns/r", release_key="uid-r")  # fmt: skip
+            assert len({t.key for t, _ in plan.writes}) == len(plan.writes)
+            written = {t.key: a for t, a in plan.writes}
+            targets = [_with(t, written[t.key]) if t.key in written else t for t in targets]
+            assert sum(t.switching for t in targets) <= max(max_unavailable, already)
+            if plan.complete and not plan.writes and not any(t.switching for t in targets):
+                break
+            # some agents confirm what they were told (at least one, so every run ends)
+            switching = [i for i, t in enumerate(targets) if t.switching]
+            chosen = {i for n, i in enumerate(switching) if confirm[(tick + n) % len(confirm)]} or set(switching[:1])
+            tick += 1
+            targets = [_confirmed(t) if i in chosen else t for i, t in enumerate(targets)]
+            already = min(already, sum(t.switching for t in targets))
+        else:
+            raise AssertionError(f"step at {weight} % never completed")
 
 
 @FAST

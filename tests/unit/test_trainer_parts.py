@@ -558,3 +558,34 @@ def test_checkpointing_the_builtin_model_block_by_block_lowers_the_training_peak
     peak(False)  # warm-up: the first pass allocates torch's own buffers
     plain, checkpointed = peak(False), peak(True)
     assert checkpointed < 0.85 * plain, (plain, checkpointed)  # measured 0.73 (whole stack as one segment: 1.08)
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "fallback", "runtime", "cuda", "expected"),
+    [
+        ("gpu", False, "auto", True, "gpu"),
+        ("gpu", False, "auto", False, "AcceleratorUnavailable"),
+        ("gpu", True, "auto", False, "cpu+warning"),
+        ("gpu", False, "cpu", True, "AcceleratorUnavailable"),  # forced to the CPU by hand: still not silent
+        ("npu", False, "auto", True, "AcceleratorUnavailable"),  # no NPU backend
+        ("npu", True, "auto", True, "cpu+warning"),
+        ("cpu", False, "auto", True, "cpu"),  # a cpu placement never takes a GPU it did not reserve
+        ("any", False, "auto", True, "gpu"),
+        ("any", False, "auto", False, "cpu"),
+        ("any", False, "cuda", False, "AcceleratorUnavailable"),
+    ],
+)
+def test_the_trainer_uses_the_accelerator_it_reserved_or_says_why_not(
+    accelerator: str, fallback: bool, runtime: str, cuda: bool, expected: str
+) -> None:
+    from edgetune_trainer.accelerator import AcceleratorUnavailableError, choose  # noqa: PLC0415
+
+    if expected == "AcceleratorUnavailable":
+        with pytest.raises(AcceleratorUnavailableError, match=r"placement|runtime\.device") as caught:
+            choose(accelerator, allow_cpu_fallback=fallback, runtime_device=runtime, cuda=cuda)
+        if accelerator in ("gpu", "npu"):
+            assert "allowCpuFallback" in str(caught.value)
+        return
+    choice = choose(accelerator, allow_cpu_fallback=fallback, runtime_device=runtime, cuda=cuda)
+    assert choice.device == expected.removesuffix("+warning")
+    assert (choice.warning is not None) == expected.endswith("+warning")

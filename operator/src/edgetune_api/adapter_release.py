@@ -99,7 +99,9 @@ class CanaryStrategy(ApiModel):
     steps: Annotated[list[CanaryStep], Field(min_length=1, max_length=32)]
     """Steps run in order; setWeight values must increase strictly and end at most at 100."""
     max_unavailable: Annotated[int, Field(ge=1, le=10_000)] = 1
-    """Targets that may be switching adapters at the same time."""
+    """Targets that may be switching at the same time (told a version, the canary or the stable one,
+    that their agent does not confirm yet), for every write of a step; a rollback is exempt and
+    takes every target back at once."""
     waves: bool = False
     """Go cluster by cluster (each step fills the first clusters first) instead of taking the same
     share of every cluster at each step."""

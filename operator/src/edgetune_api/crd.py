@@ -95,6 +95,7 @@ RESOURCES: tuple[CrdInfo, ...] = (
         "Cluster",
         (
             {"name": "Reachable", "type": "boolean", "jsonPath": ".status.reachable"},
+            {"name": "Paused", "type": "boolean", "jsonPath": ".spec.paused"},
             {"name": "Version", "type": "string", "jsonPath": ".status.kubernetesVersion"},
             {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes"},
             {"name": "GPU", "type": "integer", "jsonPath": ".status.nodesByAccelerator.gpu", "priority": 1},
@@ -117,6 +118,8 @@ RESOURCES: tuple[CrdInfo, ...] = (
             {"name": "Model", "type": "string", "jsonPath": ".status.result.mlflowModel"},
             {"name": "Version", "type": "string", "jsonPath": ".status.result.mlflowVersion"},
             {"name": "Bytes", "type": "integer", "jsonPath": ".status.result.bytes", "priority": 1},
+            {"name": "Energy", "type": "string", "jsonPath": ".status.energy"},
+            {"name": "Device", "type": "string", "jsonPath": ".status.devices", "priority": 1},
             _age(),
         ),
     ),

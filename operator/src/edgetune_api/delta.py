@@ -58,6 +58,8 @@ class Lineage(BaseModel):
 
     base_model_uri: str
     base_model_sha256: str | None = None
+    base_model_revision: str | None = None
+    """The job's baseModel.revision (free-form: the base model's own version or commit)."""
     data_sha256: str
     """SHA-256 over the content of the training samples after privacy filters (never the samples)."""
     samples: int
@@ -68,6 +70,8 @@ class Lineage(BaseModel):
     cluster: str | None = None
     node: str | None = None
     trainer_version: str
+    device: str | None = None
+    """What the trainer trained on: gpu or cpu (for a fedavg package, the devices of its sources, comma-separated)."""
 
 
 class DeltaManifest(BaseModel):

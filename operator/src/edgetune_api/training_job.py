@@ -50,7 +50,8 @@ class BaseModelSource(ApiModel):
     """Expected SHA-256 (64 lowercase hex digits) of the base model's weights; the trainer refuses a
     model that does not match. Required for every URI except `builtin:`."""
     revision: ShortString | None = None
-    """Free-form revision recorded in the adapter's lineage (e.g. the base model's own version)."""
+    """Free-form revision of the base model (e.g. its own version or commit), recorded in the
+    package manifest's lineage, the MLflow version's tags and the job's status.result."""
 
     @property
     def remote(self) -> bool:
@@ -277,15 +278,49 @@ class Placement(ApiModel):
     node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(default_factory=dict)
     """Node labels a trainer node must carry (in addition to the accelerator's)."""
     accelerator: Literal["gpu", "npu", "cpu", "any"] = "any"
-    """Kind of node: gpu and npu map to the operator's accelerator profiles (resource names and labels)."""
+    """Kind of node: gpu and npu map to the operator's accelerator profiles (resource names and labels).
+    A gpu trainer that finds no usable GPU fails its target (`AcceleratorUnavailable`) unless
+    allowCpuFallback is true. The trainer has no NPU backend yet: an npu placement reserves the NPU
+    node and trains on its CPU, so it needs allowCpuFallback: true. Each target's status says the
+    device it trained on."""
     accelerator_count: Annotated[int, Field(ge=1, le=16)] = 1
-    """Accelerators (GPUs or NPUs) per trainer pod."""
+    """Accelerators (GPUs or NPUs) per trainer pod. Only 1 today: a trainer trains on one device
+    (data-parallel training across a node's GPUs is not built yet), so a larger count is rejected
+    rather than reserving GPUs it would leave idle."""
+    allow_cpu_fallback: bool = False
+    """gpu and npu placements: train on the node's CPU when the trainer cannot use the accelerator
+    (the target's status then says device cpu, and the job's Accelerated condition says why)
+    instead of failing the target."""
     per_node: bool = False
     """Train one adapter on every matching node (personalisation, or a federated round) instead of one per cluster."""
     max_nodes: Annotated[int, Field(ge=1, le=10_000)] | None = None
     """With perNode: use at most this many nodes."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     """Tolerations for trainer pods (e.g. for tainted accelerator nodes)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.acceleratorCount <= 1",
+                "placement.acceleratorCount above 1 is not supported yet: a trainer trains on one GPU or NPU "
+                "(data-parallel training across a node's accelerators is not built), and reserving more would "
+                "leave them idle; use perNode to train on more nodes",
+                field_path=".acceleratorCount",
+            ),
+            cel(
+                "!self.allowCpuFallback || self.accelerator in ['gpu', 'npu']",
+                "placement.allowCpuFallback applies to gpu and npu placements only (cpu and any placements "
+                "train on whatever the node has)",
+                field_path=".allowCpuFallback",
+            ),
+            cel(
+                "self.accelerator != 'npu' || self.allowCpuFallback",
+                "placement.accelerator npu needs placement.allowCpuFallback: true: the trainer has no NPU "
+                "backend yet, so it reserves the NPU node and trains on its CPU",
+                field_path=".allowCpuFallback",
+            ),
+        )
+    )
 
 
 class AggregationSpec(ApiModel):
@@ -379,11 +414,6 @@ class EdgeTrainingJobSpec(ApiModel):
                 field_path=".aggregation.strategy",
             ),
             cel(
-                "self.placement.accelerator in ['gpu', 'npu'] || self.placement.acceleratorCount == 1",
-                "placement.acceleratorCount applies to gpu and npu placements only",
-                field_path=".placement.acceleratorCount",
-            ),
-            cel(
                 "!has(self.placement.maxNodes) || self.placement.perNode",
                 "placement.maxNodes limits per-node training: it needs placement.perNode: true",
                 field_path=".placement.maxNodes",
@@ -423,7 +453,10 @@ class TargetStatus(ApiModel):
     energy_joules: Annotated[float, Field(ge=0)] | None = None
     """Energy used so far."""
     energy_method: ShortString | None = None
-    """How energy was measured: nvml, rapl, jetson, or estimate."""
+    """How energy was measured: nvml, rapl, jetson, or estimate (docs/trainer.md, "Energy")."""
+    device: ShortString | None = None
+    """The device the trainer trained on: gpu or cpu (cpu under a gpu or npu placement only with
+    placement.allowCpuFallback)."""
     delta_uri: Annotated[str, StringConstraints(max_length=2048)] | None = None
     """This trainer's adapter package."""
     sha256: Annotated[str, StringConstraints(max_length=64)] | None = None
@@ -453,6 +486,8 @@ class TrainingResult(ApiModel):
     """MLflow run holding params, metrics and lineage."""
     participants: Annotated[int, Field(ge=0)] | None = None
     """Per-node adapters averaged into this one (fedavg)."""
+    base_model_revision: ShortString | None = None
+    """The baseModel.revision the adapter was trained from (as its package manifest's lineage records it)."""
 
 
 class EdgeTrainingJobStatus(ApiModel):
@@ -474,6 +509,11 @@ class EdgeTrainingJobStatus(ApiModel):
     """One entry per trainer."""
     result: TrainingResult | None = None
     """The registered adapter."""
+    energy: ShortString | None = None
+    """Energy the trainers reported, summed, with how it was measured, e.g. `3.2 kJ (rapl)`: nvml,
+    jetson or rapl are counters; estimate is CPU seconds times runtime.wattsEstimate (docs/trainer.md, "Energy")."""
+    devices: ShortString | None = None
+    """Devices the trainers trained on (gpu, cpu), comma-separated."""
 
 
 class EdgeTrainingJob(ApiModel):

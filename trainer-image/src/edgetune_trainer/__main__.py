@@ -6,7 +6,8 @@ docs/trainer.md, "On a laptop".
 
 Exit codes (also in the termination message's ``reason``):
 0 Succeeded · 2 InvalidInput (data, model, config) · 3 InsufficientData · 4 BudgetTooSmall ·
-5 StorageError (disk, S3) · 1 anything unexpected · 143 Interrupted (SIGTERM; checkpoint written,
+5 StorageError (disk, S3) · 6 AcceleratorUnavailable (a gpu/npu placement the trainer cannot use, no
+placement.allowCpuFallback) · 1 anything unexpected · 143 Interrupted (SIGTERM; checkpoint written,
 a retried pod resumes).
 """
 
@@ -30,8 +31,8 @@ from pydantic import ValidationError
 from edgetune_api.delta import SIGNATURE, TRAINER_SIGNATURE, Lineage
 from edgetune_api.trainer_config import BaseFiles, Baseline, TrainerConfig, TrainerRuntime, UploadPolicy
 
-EXIT = {"Succeeded": 0, "InvalidInput": 2, "InsufficientData": 3, "BudgetTooSmall": 4, "StorageError": 5, "Failed": 1,
-        "Interrupted": 143}  # fmt: skip
+EXIT = {"Succeeded": 0, "InvalidInput": 2, "InsufficientData": 3, "BudgetTooSmall": 4, "StorageError": 5,
+        "AcceleratorUnavailable": 6, "Failed": 1, "Interrupted": 143}  # fmt: skip
 
 
 def trainer_version() -> str:
@@ -137,7 +138,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     """One trainer run; returns the termination summary (raises on failure)."""
     import torch  # noqa: PLC0415 - heavy: imported only once the config is known to be valid
 
-    from edgetune_trainer import encoding_gate, models, package  # noqa: PLC0415
+    from edgetune_trainer import accelerator, encoding_gate, models, package  # noqa: PLC0415
     from edgetune_trainer.data import NodeDataset  # noqa: PLC0415
     from edgetune_trainer.energy import peak_rss_bytes  # noqa: PLC0415
     from edgetune_trainer.loop import evaluate, train  # noqa: PLC0415
@@ -148,9 +149,10 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         rt = rt.model_copy(update={"node": os.environ["EDGETUNE_NODE"]})
     if rt.threads:
         torch.set_num_threads(rt.threads)
-    device = torch.device(
-        "cuda" if rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    placement = spec.placement
+    on = accelerator.choose(placement.accelerator, allow_cpu_fallback=placement.allow_cpu_fallback,
+                                runtime_device=rt.device, cuda=torch.cuda.is_available())  # fmt: skip
+    device = torch.device(on.torch_device)
     reporter = Reporter(
         job=rt.job_name or "adhoc", namespace=rt.job_namespace or "", cluster=rt.cluster,
         node=rt.node or os.uname().nodename,  # outside Kubernetes
@@ -168,6 +170,13 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
 
     report = _Report()
     try:
+        warnings: list[str] = []
+        report("device", device=on.device, requested=placement.accelerator, torch_device=str(device),
+               model=torch.cuda.get_device_name(device) if device.type == "cuda" else "")  # fmt: skip
+        reporter.gauge("device_info", 1, device=on.device, requested=placement.accelerator)
+        if on.warning:
+            warnings.append(on.warning)
+            report("accelerator_fallback", message=on.warning)
         salt = Path(rt.salt_path).read_bytes().strip() if rt.salt_path else None
         dataset = NodeDataset(Path(str(rt.data_dir)), spec.data, salt,
                               eval_root=Path(rt.eval_data_dir) if rt.eval_data_dir else None)  # fmt: skip
@@ -187,7 +196,6 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
         held = {"eval_source_sha256": info.eval_sha256} if info.eval_sha256 else {}
         report("data", samples=info.samples, train=info.train_samples, eval=info.eval_samples, labels=len(info.labels),
                kind=info.kind, sha256=info.sha256, **lengths, **held)  # fmt: skip
-        warnings: list[str] = []
         if info.eval_samples < SMALL_HELD_OUT:
             warnings.append(
                 f"the held-out data has {info.eval_samples} samples: early stopping, targetLoss, the reported eval "
@@ -231,7 +239,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
                 "status": "Succeeded", "reason": "Succeeded", "baseline": rt.baseline, "stopReason": outcome.reason,
                 "steps": outcome.steps, "trainableParameters": trainable, "samples": info.samples, "metrics": metrics,
                 "energyJoules": round(outcome.energy_j, 3), "energyMethod": outcome.energy_method,
-                "peakMemoryBytes": whole_run_peak(), "batchSize": outcome.batch_size,
+                "peakMemoryBytes": whole_run_peak(), "batchSize": outcome.batch_size, "device": on.device,
                 "durationSeconds": round(outcome.duration_s, 2), "warnings": warnings,
             }  # fmt: skip
         state = models.adapter_state(outcome.model)
@@ -256,6 +264,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             base_model_uri=uri, base_model_sha256=base.sha256, data_sha256=info.sha256, samples=info.samples,
             data_format=spec.data.format, job_namespace=rt.job_namespace, job_name=rt.job_name, job_uid=rt.job_uid,
             cluster=rt.cluster, node=rt.node, trainer_version=trainer_version(),
+            base_model_revision=spec.base_model.revision, device=on.device,
         )  # fmt: skip
         key_path = rt.trainer_key_path or rt.signing_key_path
         key = Path(key_path).read_bytes() if key_path else None
@@ -282,7 +291,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
                                  for a in choice.attempts],
             "samples": info.samples, "metrics": metrics, "energyJoules": round(outcome.energy_j, 3),
             "energyMethod": outcome.energy_method, "peakMemoryBytes": whole_run_peak(),
-            "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from,
+            "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from, "device": on.device,
+            "baseModelRevision": spec.base_model.revision,
             "durationSeconds": round(outcome.duration_s, 2), "warnings": warnings,
         }  # fmt: skip
     finally:
@@ -299,8 +309,9 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated("SIGTERM")
 
 
-def classify(exc: BaseException) -> str:
+def classify(exc: BaseException) -> str:  # noqa: PLR0911 - one reason per kind of failure
     """Map an exception to the termination reason (and so the exit code)."""
+    from edgetune_trainer.accelerator import AcceleratorUnavailableError  # noqa: PLC0415
     from edgetune_trainer.data import DataError  # noqa: PLC0415
     from edgetune_trainer.loop import BudgetTooSmallError, InsufficientDataError, Interrupted  # noqa: PLC0415
     from edgetune_trainer.models import ModelError  # noqa: PLC0415
@@ -310,6 +321,8 @@ def classify(exc: BaseException) -> str:
         return "Interrupted"
     if isinstance(exc, InsufficientDataError):
         return "InsufficientData"
+    if isinstance(exc, AcceleratorUnavailableError):
+        return "AcceleratorUnavailable"
     if isinstance(exc, BudgetTooSmallError):
         return "BudgetTooSmall"
     if isinstance(exc, UploadError) or (

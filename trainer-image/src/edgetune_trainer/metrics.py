@@ -23,6 +23,11 @@ class TrainerMetrics:
             "edgetune_trainer_eval_accuracy_ratio", "Accuracy on the held-out split (classification)."
         )
         self.samples_per_second = gauge("edgetune_trainer_samples_per_second", "Training throughput.")
+        self.device_info = gauge(
+            "edgetune_trainer_device_info",
+            "1, labelled with the device the trainer trains on (gpu, cpu) and the one placement.accelerator asked for.",
+            ("device", "requested"),
+        )
         self.peak_memory = gauge("edgetune_trainer_peak_memory_bytes", "Peak memory of the trainer.", ("device",))
         self.energy = gauge("edgetune_trainer_energy_joules", "Energy used by training so far.", ("method",))
         self.memory_budget = gauge("edgetune_trainer_memory_budget_bytes", "The job's budgets.memory.")

@@ -107,6 +107,12 @@ class Clusters:
             raise ClusterUnavailableError(f"EdgeCluster {name} does not exist")
         return obj
 
+    def paused(self, name: str) -> bool:
+        """The EdgeCluster's spec.paused: no new work is placed on it (the local cluster never is)."""
+        if name == LOCAL:
+            return False
+        return bool((self.edge_cluster(name).get("spec") or {}).get("paused"))
+
     def remember(self, edge_cluster: dict[str, Any]) -> None:
         """An EdgeCluster as the operator just wrote it, before its watch event arrives."""
         if self.watched is not None:

@@ -234,6 +234,8 @@ class _Context:
         self.labels: dict[str, dict[str, str]] = {}
         self.clusters_seen: list[str] = []
         self.clusters_selected: list[str] = []
+        self.paused: list[str] = []
+        """Selected EdgeClusters with spec.paused: no step writes to their targets (a rollback does)."""
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -287,6 +289,9 @@ class _Context:
                            "confirm there")  # fmt: skip
         else:
             self.condition("ClustersReachable", True, "AllReachable", "every selected cluster answered")
+        self.paused = [c for c in self.clusters_selected if c not in unreachable and self.ctl.clusters.paused(c)]
+        if not self.paused:
+            self.condition("ClustersPaused", False, "NonePaused", "no selected EdgeCluster is paused")
         if s.phase == "RollingBack":
             self.roll_back(targets, unreachable)
             return
@@ -532,6 +537,7 @@ class _Context:
         cluster is out of reach. Agents refusing the canary, or the progress deadline, roll back."""
         canary, stable = self.adapters()
         plan = self.plan(targets, canary, stable, weight)
+        held = self.hold(plan)
         self.write(plan)
         if plan.refused:
             self.refused(plan)
@@ -542,8 +548,25 @@ class _Context:
         share = f"{weight} % of {len(targets)} targets, in whole pods" if weight < 100 else f"{weight} %"
         self.condition("Progressing", True, reason, f"{where}: {plan.confirmed} of {plan.wanted} targets confirm "
                        f"version {canary.version} ({share})")  # fmt: skip
-        self.check_deadline(self.spec.strategy.canary.progress_deadline)
+        if not held:  # waiting for a person to resume a cluster is not a rollout that failed to progress
+            self.check_deadline(self.spec.strategy.canary.progress_deadline)
         return False
+
+    def hold(self, plan: StepPlan) -> int:
+        """Drop the writes to targets on paused clusters (they stay where they are) and say so in the
+        ClustersPaused condition; the number of targets held."""
+        if not self.paused:
+            return 0
+        held = [(t, a) for t, a in plan.writes if t.cluster in self.paused]
+        plan.writes = [(t, a) for t, a in plan.writes if t.cluster not in self.paused]
+        message = (f"EdgeCluster {', '.join(self.paused)} is paused (spec.paused: true): "
+                   + (f"{len(held)} of its targets hold where they are, and the step completes once it is resumed "
+                      "(the progress deadline does not run meanwhile)" if held else "nothing to hold in this step")
+                   + "; a rollback still takes its targets back")  # fmt: skip
+        if held and not any(c.type == "ClustersPaused" and c.status == "True" for c in self.status.conditions):
+            self.event("ClusterPaused", message)
+        self.condition("ClustersPaused", True, "ClusterPaused", message)
+        return len(held)
 
     def plan(self, targets: list[Target], canary: ReleasedAdapter, stable: ReleasedAdapter | None,
              weight: int) -> StepPlan:  # fmt: skip

@@ -321,7 +321,7 @@ class TrainingJobController:
                 self.hub.event(body, reason=reason, message=message, warning=warning)
         self._count_phase(job.uid, new.phase or "Pending")
         # Children are watched; what no watch reports is a cluster coming back, nodes or data appearing.
-        needs_polling = not obs.targets or bool(obs.unreachable or obs.waiting or obs.start_error)
+        needs_polling = not obs.targets or bool(obs.unreachable or obs.waiting or obs.start_error or obs.paused)
         self._polled[job.uid] = (time.monotonic(), needs_polling)
         return new
 
@@ -415,6 +415,12 @@ class TrainingJobController:
             fresh = False
             # Never an edge trainer the job's deletion could not find: not before kopf's finalizer is on.
             may_start = cluster == LOCAL or finalized
+            if not children and not spec.suspend and self.clusters.paused(cluster):
+                obs.paused.append(cluster)
+                obs.targets.append(TargetStatus(cluster=cluster, phase="Pending", message=(
+                    f"ClusterPaused: EdgeCluster {cluster} is paused (spec.paused: true); its trainers start once "
+                    "it is resumed")))  # fmt: skip
+                return
             if not children and not spec.suspend and may_start:
                 children = self._start(spec, job, cluster, kube, obs, credentials=credentials,
                                        nodes=watched.node_list())  # fmt: skip
@@ -666,6 +672,7 @@ class TrainingJobController:
                             delta_uri=package.uri, sha256=package.digest, bytes=package.manifest.adapter_bytes,
                             encoding=package.manifest.encoding, mlflow_model=reg.model, mlflow_version=reg.version,
                             mlflow_run_id=reg.run_id,
+                            base_model_revision=package.manifest.lineage.base_model_revision,
                         )  # fmt: skip
             if fedavg and obs.targets and all(t.phase in ("Succeeded", "Failed") for t in obs.targets):
                 self._aggregate(spec, job, body, obs, s3=s3, public=public, private=private)
@@ -756,6 +763,7 @@ class TrainingJobController:
         obs.result = TrainingResult(
             delta_uri=uri, sha256=digest, bytes=manifest.adapter_bytes, encoding=manifest.encoding,
             mlflow_model=reg.model, mlflow_version=reg.version, mlflow_run_id=reg.run_id, participants=len(packages),
+            base_model_revision=manifest.lineage.base_model_revision,
         )  # fmt: skip
 
     # -- deletion ------------------------------------------------------------------------------------

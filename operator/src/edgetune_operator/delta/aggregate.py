@@ -55,6 +55,7 @@ def aggregate(
         lineage=Lineage(
             base_model_uri=first.lineage.base_model_uri,
             base_model_sha256=first.lineage.base_model_sha256,
+            base_model_revision=first.lineage.base_model_revision,
             data_sha256=hashlib.sha256("".join(p.manifest.lineage.data_sha256 for p in packages).encode()).hexdigest(),
             samples=total,
             data_format=first.lineage.data_format,
@@ -64,6 +65,7 @@ def aggregate(
             cluster="fedavg",
             node=None,
             trainer_version=first.lineage.trainer_version,
+            device=",".join(sorted({p.manifest.lineage.device for p in packages if p.manifest.lineage.device})) or None,
         ),
         steps=max(p.manifest.steps for p in packages),
         duration_s=max(p.manifest.duration_s for p in packages),

@@ -59,6 +59,7 @@ def tags(job: JobRef, manifest: DeltaManifest, digest: str, uri: str) -> dict[st
         "job": job.name, "namespace": job.namespace, "job_uid": job.uid,
         "cluster": ",".join(clusters), "nodes": ",".join(nodes),
         "base_model_uri": lineage.base_model_uri, "base_model_sha256": lineage.base_model_sha256 or "",
+        "base_model_revision": lineage.base_model_revision or "", "device": lineage.device or "",
         "data_sha256": lineage.data_sha256, "trainer_version": lineage.trainer_version,
         "delta_sha256": digest, "delta_uri": uri, "encoding": manifest.encoding,
         "energy_method": manifest.energy_method or "", "aggregation": "fedavg" if manifest.sources else "none",

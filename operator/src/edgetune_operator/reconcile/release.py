@@ -11,8 +11,11 @@ count, so the plan is stable while pods come and go:
   other instead: rank = (cluster index + quantile) / number of clusters.
 - The canary set only grows while a release progresses: a target that already runs (or was told
   to run) the canary keeps it even if new pods shift the ranks; only a rollback takes it back.
-- At most ``maxUnavailable`` targets are *switching* at once (told to run the canary but not yet
-  confirming it); the rest wait for the next reconcile.
+- At most ``maxUnavailable`` targets are *switching* at once: told to run a version (the canary,
+  the stable adapter or the bare base) and not yet confirming it. The limit holds for every write
+  of a step, towards the canary and back to stable alike (a new pod told to run stable is switching
+  until it confirms); canary writes go first. A rollback is exempt: it takes every target back at
+  once, for speed (docs/releases.md).
 - A target **confirms** a version when its agent reports ``state: Serving`` with that package
   digest active. A target whose agent refused the canary is reported, not retried.
 
@@ -67,6 +70,15 @@ class Target:
 
     def assigned(self, sha256: str) -> bool:
         return self.assignment is not None and not self.assignment.base and self.assignment.sha256 == sha256
+
+    @property
+    def switching(self) -> bool:
+        """Told to run a version it does not confirm (yet)."""
+        if self.assignment is None:
+            return False
+        report = self.report
+        wanted = "" if self.assignment.base else self.assignment.sha256
+        return report is None or report.state != "Serving" or self.serving() != wanted
 
     def serving(self) -> str | None:
         """The package digest the agent reports active ("" for the bare base); None before any report."""
@@ -140,7 +152,7 @@ def canary_plan(
     plan.wanted = len(wanted)
     plan.confirmed = sum(1 for t in wanted if t.confirms(canary.sha256))
     plan.refused = [(t, err) for t in wanted if (err := t.refusal(canary.sha256)) is not None]
-    plan.switching = sum(1 for t in wanted if t.assigned(canary.sha256) and not t.confirms(canary.sha256))
+    plan.switching = sum(1 for t in targets if t.switching)
     budget = max(0, max_unavailable - plan.switching)
     for t in sorted(wanted, key=lambda t: rank[t.key]):
         if not t.assigned(canary.sha256) and budget > 0:
@@ -148,13 +160,14 @@ def canary_plan(
             budget -= 1
     stable_assignment = stable.assignment(release) if stable else base_assignment(release)
     for t in targets:
-        if t.key in wanted_keys:
+        if t.key in wanted_keys or budget <= 0:
             continue
         if stable is None and (t.assignment is None or t.assignment.base):
             continue  # without a stable adapter, an unassigned pod already serves the bare base
         if stable is not None and t.assigned(stable.sha256):
             continue
         plan.writes.append((t, stable_assignment))
+        budget -= 1
     return plan
 
 

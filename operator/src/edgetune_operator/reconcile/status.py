@@ -12,7 +12,7 @@ from edgetune_operator.reconcile.training_job import RETRYING, set_condition
 
 FINISHED = ("Succeeded", "Failed")
 WARNING_CONDITIONS = {("Failed", "True"), ("ClustersReachable", "False")}
-QUIET = {"DataSufficient", "ClustersReachable", "Reconciled", "Training"}
+QUIET = {"DataSufficient", "ClustersReachable", "Reconciled", "Training", "Accelerated"}
 """Conditions whose becoming True is not worth an Event of its own (Scheduled, Verified, … are)."""
 WARNING_REASONS = {
     "RegistrationBlocked",
@@ -22,6 +22,8 @@ WARNING_REASONS = {
     "CredentialsUnavailable",
     "NoClusters",
     "TrainerRetrying",
+    "CpuFallback",
+    "ClusterPaused",
 }
 
 
@@ -54,6 +56,8 @@ class Observation:
     base model) could not be issued; retried on the next reconcile."""
     no_clusters: bool = False
     """``placement.clusterSelector`` matches no EdgeCluster (not a wait for data: a person must act)."""
+    paused: list[str] = field(default_factory=list)
+    """Selected EdgeClusters with spec.paused that have no trainer of this job yet (none is started)."""
 
 
 def _progress(ok: int, n: int, *, failed: int) -> str:
@@ -116,14 +120,18 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         nonlocal conds
         conds = set_condition(conds, kind, value, reason=reason, message=message, generation=generation, now=now)
 
-    if n:
-        cond("DataSufficient", True, "SamplesReported", f"{n} trainer(s) started where the data suffices")
+    launched = sum(bool(t.job_name) for t in targets)
+    if launched:
+        cond("DataSufficient", True, "SamplesReported", f"{launched} trainer(s) started where the data suffices")
     elif obs.no_clusters:
         cond("DataSufficient", False, "NoClusters", f"no EdgeCluster matches placement.clusterSelector "
              f"({_selector(spec)}): label an EdgeCluster or change the selector (kubectl get edgeclusters "
              "--show-labels)")  # fmt: skip
-    else:
+    elif obs.waiting or not n:
         cond("DataSufficient", False, "WaitingForData", "; ".join(obs.waiting) or "no cluster selected yet")
+    else:  # only placeholders: clusters paused or not answering, whose nodes were not looked at
+        cond("DataSufficient", False, "NotObserved", "no selected cluster's nodes were looked at yet (see "
+             "Scheduled and ClustersReachable)")  # fmt: skip
     if obs.no_clusters and not n:  # vacuously true; DataSufficient says what to do (one Warning Event, not two)
         cond("ClustersReachable", True, "NoneSelected", "no cluster is selected (see DataSufficient)")
     elif obs.unreachable:
@@ -134,6 +142,10 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
     bound = sum(bool(t.node) and t.phase not in ("Pending",) for t in targets)
     if obs.start_error and not n:
         cond("Scheduled", False, "CredentialsUnavailable", obs.start_error)
+    elif obs.paused:
+        cond("Scheduled", False, "ClusterPaused", f"EdgeCluster {', '.join(obs.paused)} is paused (spec.paused: "
+             f"true): no trainer starts there until it is resumed; {bound}/{n} trainer pod(s) bound to "
+             "nodes")  # fmt: skip
     else:
         cond("Scheduled", bool(n) and bound == n, "TrainersBound" if n and bound == n else "Pending",
              f"{bound}/{n} trainer pod(s) bound to nodes")  # fmt: skip
@@ -179,6 +191,16 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         cond("Succeeded", False, "InProgress", f"phase {phase}")
         cond("Failed", False, "InProgress", "")
 
+    if spec.placement.accelerator in ("gpu", "npu"):
+        on_cpu = [f"{t.cluster}/{t.node or '-'}" for t in targets if t.device == "cpu"]
+        reported = [t for t in targets if t.device]
+        if on_cpu:
+            cond("Accelerated", False, "CpuFallback", f"{len(on_cpu)}/{n} trainer(s) trained on the CPU although "
+                 f"placement.accelerator is {spec.placement.accelerator} (placement.allowCpuFallback): "
+                 + ", ".join(on_cpu[:20]) + (f" and {len(on_cpu) - 20} more" if len(on_cpu) > 20 else ""))  # fmt: skip
+        elif reported:
+            cond("Accelerated", True, "OnAccelerator", f"{len(reported)}/{n} trainer(s) reported training on "
+                 f"the {spec.placement.accelerator}")  # fmt: skip
     cond("Reconciled", True, "ReconcileSucceeded", "the last reconcile completed")
     started = old.start_time or (now if any(t.job_name for t in targets) else None)
     return EdgeTrainingJobStatus(
@@ -190,7 +212,20 @@ def summarize(  # noqa: PLR0912, PLR0915 - one decision table, easier to read wh
         completion_time=(old.completion_time or now) if phase in FINISHED else None,
         targets=targets,
         result=obs.result,
+        energy=_energy(targets),
+        devices=",".join(sorted({t.device for t in targets if t.device})) or None,
     )
+
+
+def _energy(targets: list[TargetStatus]) -> str | None:
+    """``3.2 kJ (rapl)``: the energy every trainer reported, summed, and how each measured it."""
+    measured = [t for t in targets if t.energy_joules is not None]
+    if not measured:
+        return None
+    total = sum(t.energy_joules or 0.0 for t in measured)
+    amount = f"{total / 1000:.1f} kJ" if total >= 1000 else f"{total:.0f} J"
+    methods = ", ".join(sorted({t.energy_method or "unknown" for t in measured}))
+    return f"{amount} ({methods})"
 
 
 def transitions(old: EdgeTrainingJobStatus, new: EdgeTrainingJobStatus) -> list[tuple[str, str, bool]]:

@@ -426,6 +426,7 @@ def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[
         status.peak_memory_bytes = summary.get("peakMemoryBytes")
         status.energy_joules = summary.get("energyJoules")
         status.energy_method = summary.get("energyMethod")
+        status.device = summary.get("device")
         status.delta_uri = summary.get("deltaUri")
         metrics = summary.get("metrics") or {}
         status.loss = metrics.get("train_loss")
