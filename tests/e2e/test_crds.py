@@ -228,14 +228,14 @@ def test_examples_apply_and_show_printer_columns(hub_crds: ControlPlane, api: tu
     examples = "\n---\n".join(p.read_text() for p in sorted((REPO / "examples").glob("*.yaml")))
     hub_crds.kubectl("apply", "-n", namespace, "-f", "-", input_text=examples.replace("${BASE_SHA256}", "ab" * 32))
     jobs = hub_crds.kubectl("get", "etj", "-n", namespace).stdout.splitlines()
-    assert jobs[0].split() == ["NAME", "PHASE", "ACCELERATOR", "PROGRESS", "MODEL", "VERSION", "AGE"]
+    assert jobs[0].split() == ["NAME", "PHASE", "ACCELERATOR", "PROGRESS", "MODEL", "VERSION", "ENERGY", "AGE"]
     assert {line.split()[0] for line in jobs[1:]} >= {"vibration-lora-gpu", "demand-lora-npu", "soil-moisture-fedavg"}
     releases = hub_crds.kubectl("get", "ar", "-n", namespace).stdout.splitlines()
     assert releases[0].split() == ["NAME", "PHASE", "MODEL", "CANARY", "STABLE", "WEIGHT", "AGE"]
     rollout = next(line.split() for line in releases[1:] if line.startswith("meter-lora-rollout "))
     assert rollout[1] == "meter-lora"  # MODEL; PHASE and the versions are empty until the operator acts
     clusters = hub_crds.kubectl("get", "ec", "edge-factory").stdout.splitlines()
-    assert clusters[0].split() == ["NAME", "REACHABLE", "VERSION", "NODES", "AGE"]
+    assert clusters[0].split() == ["NAME", "REACHABLE", "PAUSED", "VERSION", "NODES", "AGE"]
     # The category lists every kind at once.
     everything = hub_crds.kubectl("get", "edgetune", "-n", namespace, "-o", "name").stdout
     assert "edgetrainingjob.edgetune.io/vibration-lora-gpu" in everything

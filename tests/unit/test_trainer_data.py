@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -65,6 +66,49 @@ def test_csv_privacy_filters_drop_and_hash_before_use(tmp_path: Path) -> None:
     rows = sorted(s.x.tolist()[0] for s in samples)
     assert np.allclose(rows, [[21.5, 0.3], [80.1, 2.9]])  # the numeric fields only, as float32
     assert {s.y for s in samples} == {"ok", "fault"}
+
+
+PRIVATE = {"hashFields": ["meter_id"], "dropFields": ["owner"], "saltSecretRef": {"name": "s", "key": "k"}}
+
+
+def _sides(data: NodeDataset) -> tuple[dict[str | None, int], dict[str | None, int]]:
+    train: dict[str | None, int] = {}
+    held: dict[str | None, int] = {}
+    for side, split in ((train, "train"), (held, "eval")):
+        for sample in data.iterate(split):
+            side[sample.group] = side.get(sample.group, 0) + 1
+    return train, held
+
+
+def test_hashed_ids_group_samples_and_a_group_never_straddles_the_split(tmp_path: Path) -> None:
+    """A hashed field is an id, usable as one: every reading of one meter lands on the same side of
+    the split (no meter in both training and evaluation), and the hash never becomes a feature."""
+    rng = np.random.default_rng(0)
+    rows = ["owner,meter_id,kwh,volts,label"] + [
+        f"Household {m},MTR-{m:04d},{rng.normal():.3f},{rng.normal():.3f},{m % 2}" for m in range(40) for _ in range(5)
+    ]
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "meters.csv").write_text("\n".join(rows) + "\n")
+    data = NodeDataset(tmp_path / "csv", spec("csv", labelField="label", evalFraction=0.3, privacy=PRIVATE),
+                       salt=b"pepper")  # fmt: skip
+    train, held = _sides(data)
+    assert not set(train) & set(held) and held and train  # whole meters on each side
+    assert all(count == 5 for count in (*train.values(), *held.values()))
+    expected = {hashlib.sha256(b"pepper" + f"MTR-{m:04d}".encode()).hexdigest() for m in range(40)}
+    assert set(train) | set(held) == expected  # the salted hash of each id, never the id itself
+    assert all(s.x.shape == (1, 2) for s in data.iterate("train"))  # kwh, volts: no id, no owner
+    # The same filters apply to the named arrays of an npz file.
+    (tmp_path / "npz").mkdir()
+    meters = np.repeat(np.arange(40), 5)
+    np.savez(tmp_path / "npz" / "meters.npz", x=rng.normal(size=(200, 1, 8)).astype(np.float32), y=meters % 2,
+             meter_id=meters, owner=np.array([f"Household {m}" for m in meters]))  # fmt: skip
+    data = NodeDataset(tmp_path / "npz", spec("npy", evalFraction=0.3, privacy=PRIVATE), salt=b"pepper")
+    train, held = _sides(data)
+    assert not set(train) & set(held) and len(set(train) | set(held)) == 40
+    assert hashlib.sha256(b"pepper" + b"7").hexdigest() in set(train) | set(held)
+    np.savez(tmp_path / "npz" / "meters.npz", x=np.zeros((3, 1, 4)), owner=np.zeros(3))
+    with pytest.raises(DataError, match=r"after privacy\.dropFields"):
+        NodeDataset(tmp_path / "npz", spec("npy", privacy={"dropFields": ["x"]})).scan()
 
 
 def test_hash_fields_without_salt_are_refused(tmp_path: Path) -> None:

@@ -108,9 +108,11 @@ class PrivacyFilters(ApiModel):
     """Applied on the node before anything is logged, measured or stored."""
 
     drop_fields: Annotated[list[ShortString], Field(max_length=64)] = Field(default_factory=list)
-    """Columns/keys removed from every sample."""
+    """Columns/keys (csv, jsonl) or arrays (npz) removed from every sample before it is read."""
     hash_fields: Annotated[list[ShortString], Field(max_length=64)] = Field(default_factory=list)
-    """Columns/keys replaced by a salted SHA-256 (usable as an id, not reversible)."""
+    """Columns/keys (csv, jsonl) or arrays (npz) replaced by a salted SHA-256: not reversible, never a
+    feature, and usable as an id: samples sharing one are a group, kept on one side of the
+    evaluation split (no meter or customer both trained on and evaluated on)."""
     salt_secret_ref: SecretKeyRef | None = None
     """Secret holding the salt for `hashFields`; required when `hashFields` is set."""
 

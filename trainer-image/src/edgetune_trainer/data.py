@@ -5,10 +5,12 @@ Design:
   (``scan``) counts samples, learns the label set and the series shape, and hashes the samples'
   content (after privacy filters) for lineage. Training passes stream again, through a bounded
   shuffle buffer seeded by (seed, epoch), so a resumed run replays the same order.
-- Privacy filters run first, on the raw record, before anything else sees it: dropped fields are
-  gone, hashed fields are replaced by a salted SHA-256.
-- The evaluation split is chosen per sample from its content hash: stable across runs and
-  streaming-friendly.
+- Privacy filters run first, on the raw record (a csv row, a jsonl object, the named arrays of an
+  npz file), before anything else sees it: dropped fields are gone, hashed fields are replaced by a
+  salted SHA-256. A hashed field is an id, not a feature: it **groups** samples (a person, a
+  machine, a meter), and a group is never split between training and evaluation.
+- The evaluation split is chosen per sample from its content hash, or per group from the hashed
+  ids: stable across runs and streaming-friendly.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Sample:
 
     x: np.ndarray | str
     y: str | None
+    group: str | None = None
+    """The salted hashes of the record's hashFields: samples of one group share a side of the split."""
 
 
 @dataclass
@@ -79,8 +83,16 @@ class PrivacyFilter:
         for key, value in record.items():
             if key in self.drop:
                 continue
-            out[key] = hashlib.sha256(self.salt + str(value).encode()).hexdigest() if key in self.hashed else value
+            out[key] = self.hash(value) if key in self.hashed else value
         return out
+
+    def hash(self, value: Any) -> str:
+        return hashlib.sha256(self.salt + str(value).encode()).hexdigest()
+
+    def group(self, record: dict[str, Any]) -> str | None:
+        """The group of a filtered record: its hashed fields' values, in field order (None without any)."""
+        values = [str(record[k]) for k in sorted(self.hashed) if k in record]
+        return "/".join(values) if values else None
 
 
 def _files(root: Path, fmt: str) -> list[Path]:
@@ -138,25 +150,29 @@ def _read_ts(path: Path) -> Iterator[Sample]:
         raise DataError(f"{path.name}: no @data section (not a UCR/UEA .ts file)")
 
 
-def _record_sample(record: dict[str, Any], spec: DataSpec, where: str) -> Sample:
+def _record_sample(raw: dict[str, Any], spec: DataSpec, privacy: PrivacyFilter, where: str) -> Sample:
+    record = privacy(raw)
+    group = privacy.group(record)
     label = record.pop(spec.label_field, None) if spec.label_field else None
     label = None if label is None else str(label)
     if spec.text_field:
         if spec.text_field not in record:
             raise DataError(f"{where}: no field {spec.text_field!r}")
-        return Sample(str(record[spec.text_field]), label)
+        return Sample(str(record[spec.text_field]), label, group)
     for key in ("series", "values", "x"):
         if key in record:
-            return Sample(_series(record[key], where), label)
+            return Sample(_series(record[key], where), label, group)
     numeric = []
-    for value in record.values():
+    for key, value in record.items():
+        if key in privacy.hashed:
+            continue  # an id groups samples; it is never a feature
         try:
             numeric.append(float(value))
         except (TypeError, ValueError):
-            continue  # ids, hashed fields, free text: not features
+            continue  # other ids, free text: not features
     if not numeric:
         raise DataError(f"{where}: no numeric fields to train on")
-    return Sample(_series(numeric, where), label)
+    return Sample(_series(numeric, where), label, group)
 
 
 def _read_text(path: Path) -> Iterator[Sample]:
@@ -169,7 +185,7 @@ def _read_text(path: Path) -> Iterator[Sample]:
 def _read_csv(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample]:
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
         for number, row in enumerate(csv.DictReader(fh), start=2):
-            yield _record_sample(privacy(dict(row)), spec, f"{path.name}:{number}")
+            yield _record_sample(dict(row), spec, privacy, f"{path.name}:{number}")
 
 
 def _read_jsonl(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample]:
@@ -183,7 +199,7 @@ def _read_jsonl(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[
                 raise DataError(f"{path.name}:{number}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
                 raise DataError(f"{path.name}:{number}: expected a JSON object per line")
-            yield _record_sample(privacy(record), spec, f"{path.name}:{number}")
+            yield _record_sample(record, spec, privacy, f"{path.name}:{number}")
 
 
 def _read(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample]:
@@ -195,19 +211,29 @@ def _read(path: Path, spec: DataSpec, privacy: PrivacyFilter) -> Iterator[Sample
         return _read_csv(path, spec, privacy)
     if spec.format == "jsonl":
         return _read_jsonl(path, spec, privacy)
-    return _read_numpy(path)
+    return _read_numpy(path, privacy)
 
 
-def _read_numpy(path: Path) -> Iterator[Sample]:
+def _read_numpy(path: Path, privacy: PrivacyFilter) -> Iterator[Sample]:
+    """``.npy`` (plus ``labels.npy`` beside it) or ``.npz``, whose named arrays are fields: the
+    privacy filters apply to them (a dropped array is never read, a hashed one groups its rows)."""
+    groups = None
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                keys = set(archive.files)
+                keys = set(archive.files) - privacy.drop
                 x_key = next((k for k in ("x", "X", "data") if k in keys), None)
                 if x_key is None:
-                    raise DataError(f"{path.name}: npz needs an array named x, X or data (found {sorted(keys)})")
+                    raise DataError(f"{path.name}: npz needs an array named x, X or data (found {sorted(keys)}, "
+                                    "after privacy.dropFields)")  # fmt: skip
                 xs = archive[x_key]
                 ys = archive["y"] if "y" in keys else None
+                hashed = sorted(k for k in privacy.hashed & keys if k not in (x_key, "y"))
+                for key in hashed:
+                    if len(archive[key]) != len(xs):
+                        raise DataError(f"{path.name}: {len(xs)} samples but {len(archive[key])} values of {key}")
+                groups = ["/".join(privacy.hash(archive[k][i]) for k in hashed) for i in range(len(xs))] if hashed \
+                    else None  # fmt: skip
         else:
             xs = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: read row by row
             labels = path.with_name("labels.npy")
@@ -217,7 +243,8 @@ def _read_numpy(path: Path) -> Iterator[Sample]:
     if ys is not None and len(ys) != len(xs):
         raise DataError(f"{path.name}: {len(xs)} samples but {len(ys)} labels")
     for i in range(len(xs)):
-        yield Sample(_series(xs[i], f"{path.name}[{i}]"), None if ys is None else str(ys[i]))
+        yield Sample(_series(xs[i], f"{path.name}[{i}]"), None if ys is None else str(ys[i]),
+                     groups[i] if groups else None)  # fmt: skip
 
 
 def _content_digest(sample: Sample) -> bytes:
@@ -250,7 +277,9 @@ class NodeDataset:
         for path in self.files:
             for sample in _read(path, self.spec, self.privacy):
                 content = _content_digest(sample)
-                yield sample, content, self.eval_files is None and is_eval(content, self.spec.eval_fraction)
+                # A group (hashed ids) goes to one side of the split as a whole: no id in both.
+                by = hashlib.sha256(sample.group.encode()).digest() if sample.group else content
+                yield sample, content, self.eval_files is None and is_eval(by, self.spec.eval_fraction)
         for path in self.eval_files or []:
             for sample in _read(path, self.spec, self.privacy):
                 yield sample, _content_digest(sample), True
