@@ -26,6 +26,7 @@ import kopf  # noqa: E402
 from edgetune_operator import handlers  # noqa: E402
 from edgetune_operator.clients.kube import InCluster, Kube  # noqa: E402
 from edgetune_operator.leader import LeaderElection  # noqa: E402
+from edgetune_operator.settings import Settings  # noqa: E402
 
 log = logging.getLogger("edgetune")
 
@@ -70,7 +71,8 @@ def _elect(port: int) -> LeaderElection:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="edgetune-operator", description=__doc__)
+    parser = argparse.ArgumentParser(prog="edgetune-operator", description=__doc__, epilog=Settings.describe(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(

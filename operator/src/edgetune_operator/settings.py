@@ -47,12 +47,14 @@ def default_profiles() -> dict[str, list[AcceleratorProfile]]:
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     trainer_image: str = "edgetune/trainer:0.1.0"
     """Image of trainer pods."""
     trainer_image_pull_policy: str = "IfNotPresent"
+    """imagePullPolicy of trainer pods."""
     accelerator_profiles: dict[str, list[AcceleratorProfile]] = Field(default_factory=default_profiles)
+    """Resource names, node labels and tolerations per placement.accelerator kind (JSON; docs/operator.md)."""
     trainer_labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels on trainer pods (e.g. for a service mesh, or the test environment's executor)."""
     work_host_path: str = "/var/lib/edgetune/work"
@@ -113,6 +115,21 @@ class Settings(BaseModel):
     def serves(self, namespace: str) -> bool:
         """Whether ``namespace`` is one this operator serves (``namespaces`` patterns; all when empty)."""
         return not self.namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in self.namespaces)
+
+    @classmethod
+    def describe(cls) -> str:
+        """Every setting as its environment variable, its meaning and its default (``--help``)."""
+        lines = ["settings (environment variables; JSON for lists and maps):"]
+        for name, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            if name == "accelerator_profiles":
+                shown: object = "gpu and npu profiles (settings.default_profiles)"
+            else:
+                shown = json.dumps(default) if isinstance(default, list | dict) else default
+                shown = "none" if shown in (None, "[]", "{}") else shown
+            doc = " ".join((field.description or "").split())
+            lines.append(f"  EDGETUNE_{name.upper()}\n      {doc} (default: {shown})")
+        return "\n".join(lines)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

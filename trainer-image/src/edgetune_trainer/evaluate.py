@@ -31,7 +31,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     tool.data_arguments(p, ["csv", "jsonl", "npy", "text", "ts"])
     p.add_argument("--split", choices=SPLITS, default="all",
                    help="all samples (default), or the trainer's own held-out/training split")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default: %(default)s)")
     return p.parse_args(argv)
 
 

@@ -24,13 +24,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     tool.data_arguments(p, ["csv", "jsonl", "npy", "ts"])
     p.add_argument("--out", required=True, help="where to write the base model folder")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=3e-3)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--width", type=int, default=64, help="channels of each convolution (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=3, help="convolution blocks (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=64, help="units of the hidden layer before the head "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default: %(default)s)")
     return p.parse_args(argv)
 
 

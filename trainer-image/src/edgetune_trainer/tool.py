@@ -15,9 +15,10 @@ from edgetune_trainer.data import NodeDataset, local_dataset
 
 def data_arguments(p: argparse.ArgumentParser, formats: list[str]) -> None:
     p.add_argument("--data", required=True, help="folder with the labelled data")
-    p.add_argument("--format", required=True, choices=formats)
-    p.add_argument("--label-field", help="label column/key (csv, jsonl)")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share, as in the job")
+    p.add_argument("--format", required=True, choices=formats, help="the data's format, as spec.data.format")
+    p.add_argument("--label-field", help="label column/key (csv, jsonl; default: none)")
+    p.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="held-out share, as spec.data.evalFraction (default: %(default)s)")  # fmt: skip
 
 
 def dataset(args: argparse.Namespace) -> NodeDataset:
