@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from kubernetes import client as k8s
 
@@ -374,6 +375,56 @@ def test_promote_skips_the_remaining_steps(world: World) -> None:
     assert s["phase"] == "Promoted" and set(w.serving().values()) == {canary["version"]}
     assert not [r for r in s.get("analysisRuns") or [] if r["step"] == 2]  # skipped
     assert w.champion() == canary["version"]
+
+
+AGREEMENT = {"metrics": [{
+    "name": "agreement", "interval": "2s", "count": 2, "failureLimit": 0, "noData": "inconclusive",
+    "query": 'sum(edgetune_agent_shadow_agreements_total{namespace="{{namespace}}",version="{{version}}"}) / '
+             'sum(edgetune_agent_shadow_requests_total{namespace="{{namespace}}",version="{{version}}"})',
+    "thresholdRange": {"min": 0.0},
+}]}  # fmt: skip
+
+
+def traffic(w: World, stop: threading.Event) -> None:
+    """Live requests to every agent until ``stop``: what a shadow compares on."""
+    ips = [p.status.pod_ip for core in w.edges.values()
+           for p in core.list_namespaced_pod(w.ns, label_selector="app=sensor-model").items]  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(1, 3, 48)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 48],
+                                   "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+    while not stop.wait(0.2):
+        for ip in ips:
+            with contextlib.suppress(OSError):
+                req = urllib.request.Request(f"http://{ip}:8080/v2/models/edgetune/infer", data=body,
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+                urllib.request.urlopen(req, timeout=5).close()  # noqa: S310 - the test's own agents
+
+
+def test_a_shadow_step_runs_the_candidate_beside_stable_and_the_analysis_reads_agreement(world: World) -> None:
+    w = world
+    stable = w.champion()
+    canary = w.register("shadowed", quality=1.0)
+    stop = threading.Event()
+    sender = threading.Thread(target=traffic, args=(w, stop), daemon=True)
+    sender.start()
+    try:
+        create(w, "shadowed", canary["version"], analysis=AGREEMENT,
+               strategy=steps({"shadow": {"duration": "4s"}}, {"analysis": {}}, {"setWeight": 100}))  # fmt: skip
+        s = eventually(lambda: (st := status(w, "shadowed")).get("targetsShadowing") == 4 and st, timeout=120,
+                       what="every agent shadowing the candidate")  # fmt: skip
+        assert s["currentStep"] in (0, 1) and s["targetsByVersion"] == {stable: 4}, json.dumps(s)[:2000]
+        reports = w.reports()
+        assert all(r and r.shadow and r.shadow.version == canary["version"] and r.active
+                   and r.active.version == stable for r in reports.values()), reports  # fmt: skip
+        s = wait_phase(w, "shadowed", "Promoted", "RolledBack", "Paused", timeout=180)
+    finally:
+        stop.set()
+        sender.join(timeout=10)
+    assert s["phase"] == "Promoted", json.dumps(s)[:3000]
+    run = next(r for r in s["analysisRuns"] if r["metric"] == "agreement")
+    assert run["phase"] == "Successful" and len(run["values"]) == 2 and all(0 <= v <= 1 for v in run["values"])
+    assert set(w.serving().values()) == {canary["version"]}
+    assert all(r and r.shadow is None for r in w.reports().values())  # served now: the comparison is over
 
 
 def pause_cluster(w: World, cluster: str, paused: bool) -> None:

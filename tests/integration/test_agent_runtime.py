@@ -159,6 +159,17 @@ def test_shadow_runs_beside_the_active_adapter_and_counts_agreement(world: dict[
     shadowed = sample(runtime, "edgetune_agent_shadow_requests_total", version="wild", active_version="v1")
     agreed = sample(runtime, "edgetune_agent_shadow_agreements_total", version="wild", active_version="v1")
     assert shadowed == 10 and 0 <= agreed < 10  # huge random weights disagree somewhere
+
+    async def served_again() -> None:
+        # The assignment is the whole desired state: serving v1 again (what the release writes when
+        # a shadow step is over) ends the shadow, though v1 was active all along.
+        again = assignment(world, "v1")
+        assert not runtime._satisfied(again)
+        await runtime.apply(again, 0.0)
+        assert runtime.shadow is None and runtime.active is not None and runtime.active.version == "v1"
+        assert runtime._satisfied(again)
+
+    run(served_again)
     runtime.close()
 
 

@@ -27,6 +27,7 @@ from edgetune_operator.reconcile.release import (
     conflicts,
     ranks,
     rollback_plan,
+    shadow_plan,
     versions_by_cluster,
     versions_served,
 )
@@ -217,6 +218,39 @@ def test_rollback_puts_everyone_back_at_once_and_revokes_the_canary() -> None:
     assert versions_by_cluster(done) == {"a": {"1": 6}, "b": {"1": 4}}
     base = rollback_plan(targets, canary=CANARY, stable=None, release="prod/r")
     assert all(a.base and a.revoked == [CANARY.sha256] for _, a in base.writes)
+
+
+def shadowed(target: Target, adapter: ReleasedAdapter, active: ReleasedAdapter) -> Target:
+    """The agent runs ``adapter`` in shadow beside ``active``, as it was told."""
+    report = AdapterReport(state="Serving", observed_at="t",
+                           active=ServedAdapter(version=active.version, sha256=active.sha256),
+                           shadow=ServedAdapter(version=adapter.version, sha256=adapter.sha256))  # fmt: skip
+    return Target(target.cluster, target.namespace, target.name, target.uid, target.assignment, report)
+
+
+def test_a_shadow_step_shadows_every_target_paced_and_the_next_weight_step_ends_the_shadows() -> None:
+    targets = [served(t, STABLE) for t in fleet({"a": 3, "b": 2})]
+    first = shadow_plan(targets, canary=CANARY, max_unavailable=2, release="prod/r")
+    assert len(first.writes) == 2 and all(a.mode == "shadow" and a.sha256 == CANARY.sha256 for _, a in first.writes)
+    targets = apply(targets, first.writes)
+    assert shadow_plan(targets, canary=CANARY, max_unavailable=2, release="prod/r").writes == []  # 2 switching
+    for _ in range(3):
+        targets = [shadowed(t, CANARY, STABLE) if t.shadowing(CANARY.sha256) else t for t in targets]
+        targets = apply(targets, shadow_plan(targets, canary=CANARY, max_unavailable=2, release="prod/r").writes)
+    targets = [shadowed(t, CANARY, STABLE) if t.shadowing(CANARY.sha256) else t for t in targets]
+    done = shadow_plan(targets, canary=CANARY, max_unavailable=2, release="prod/r")
+    assert done.complete and done.confirmed == 5 and done.writes == []
+    assert versions_served(targets) == {"1": 5}  # a shadow serves nothing
+    # A shadowed target is not on the canary: the next step takes its share and puts the rest
+    # back on stable (served), which ends their shadows.
+    step = plan(targets, 40)
+    canary = [t.key for t, a in step.writes if a.sha256 == CANARY.sha256 and a.mode == "serve"]
+    back = [t.key for t, a in step.writes if a.sha256 == STABLE.sha256 and a.mode == "serve"]
+    assert step.wanted == 3 and len(canary) == 3 and len(back) == 2 and not set(canary) & set(back)
+    refused = Target("a", "prod", "x", "ux", CANARY.assignment("prod/r", mode="shadow"), AdapterReport(
+        state="Refused", observed_at="t", error=ReportError(reason="EvalRegression", message="worse",
+                                                           sha256=CANARY.sha256)))  # fmt: skip
+    assert shadow_plan([refused], canary=CANARY, max_unavailable=1, release="prod/r").refused
 
 
 def test_ranks_are_deterministic_and_spread() -> None:

@@ -252,7 +252,8 @@ class AgentRuntime:
         previous = self.active
         self.backend.activate(adapter.name if adapter else None)
         self.active = adapter
-        if self.shadow is adapter:
+        if self.shadow is not None:  # a served assignment names no shadow: the comparison is over
+            self._info(self.shadow, "shadow", 0)
             self.shadow = None
         self._info(previous, "active", 0)
         self._info(adapter, "active", 1)
@@ -377,10 +378,12 @@ class AgentRuntime:
         return read_assignment(path)
 
     def _satisfied(self, a: AdapterAssignment) -> bool:
+        """The assignment is the whole desired state: a served one (or the base) also means no shadow."""
         if a.base:
-            return self.active is None
-        target = self.active if a.mode == "serve" else self.shadow
-        return target is not None and target.sha256 == a.sha256
+            return self.active is None and self.shadow is None
+        if a.mode == "shadow":
+            return self.shadow is not None and self.shadow.sha256 == a.sha256
+        return self.active is not None and self.active.sha256 == a.sha256 and self.shadow is None
 
     def _refused(self, a: AdapterAssignment, refusal: AdapterRefused) -> None:
         p = self.pending

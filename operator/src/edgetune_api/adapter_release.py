@@ -73,8 +73,20 @@ class AnalysisStep(ApiModel):
     """Names of analysis metrics to run; all of them when empty."""
 
 
+class ShadowStep(ApiModel):
+    """Run the candidate in shadow on every target: each agent keeps serving what it serves and also
+    runs the candidate on live requests, counting how often their answers agree
+    (`edgetune_agent_shadow_agreements_total` / `edgetune_agent_shadow_requests_total`, labelled
+    with the candidate's version), which a later analysis step can query. The step ends once every
+    target confirms the shadow and `duration` has passed; the shadows stay until the next setWeight
+    step (or a rollback) replaces them."""
+
+    duration: Duration = "5m"
+    """How long the candidate shadows every target (counted from when all of them run it)."""
+
+
 class CanaryStep(ApiModel):
-    """One canary step: exactly one of setWeight, pause or analysis."""
+    """One canary step: exactly one of setWeight, pause, analysis or shadow."""
 
     set_weight: Annotated[int, Field(ge=1, le=100)] | None = None
     """Percentage of targets (1-100) that run the new adapter after this step."""
@@ -82,12 +94,16 @@ class CanaryStep(ApiModel):
     """Wait, for a duration or until resumed."""
     analysis: AnalysisStep | None = None
     """Check metrics before going on."""
+    shadow: ShadowStep | None = None
+    """Run the candidate beside the serving version on every target, serving nothing from it."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "(has(self.setWeight) ? 1 : 0) + (has(self.pause) ? 1 : 0) + (has(self.analysis) ? 1 : 0) == 1",
-                "each canary step must set exactly one of setWeight, pause or analysis",
+                "(has(self.setWeight) ? 1 : 0) + (has(self.pause) ? 1 : 0) + (has(self.analysis) ? 1 : 0) "
+                "+ (has(self.shadow) ? 1 : 0) == 1",
+                "each canary step must set exactly one of setWeight, pause, analysis or shadow (a shadow step "
+                "has no weight: it runs the candidate beside the serving version on every target)",
             )
         )
     )
@@ -106,7 +122,7 @@ class CanaryStrategy(ApiModel):
     """Go cluster by cluster (each step fills the first clusters first) instead of taking the same
     share of every cluster at each step."""
     progress_deadline: Duration = "10m"
-    """How long a setWeight step may wait for the agents to confirm; then the release rolls back."""
+    """How long a setWeight or shadow step may wait for the agents to confirm; then the release rolls back."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -115,6 +131,12 @@ class CanaryStrategy(ApiModel):
                 "self.steps.filter(s, has(s.setWeight)).all(s, "
                 "self.steps.filter(t, has(t.setWeight) && t.setWeight == s.setWeight).size() == 1)",
                 "canary setWeight values must increase strictly from step to step (e.g. 10, 50, 100)",
+                field_path=".steps",
+            ),
+            cel(
+                "self.steps.map(s, has(s.shadow) ? 1 : (has(s.setWeight) ? 2 : 0)).filter(k, k != 0).isSorted()",
+                "a shadow step must come before every setWeight step: once targets serve the candidate there is "
+                "nothing left to compare it with",
                 field_path=".steps",
             ),
         )
@@ -334,6 +356,10 @@ class AdapterReleaseStatus(ApiModel):
     """History of analysis outcomes."""
     pause_started_at: datetime | None = None
     """When the current pause step began."""
+    shadowing_since: datetime | None = None
+    """When every target of the current shadow step first ran the candidate in shadow."""
+    targets_shadowing: Annotated[int, Field(ge=0)] | None = None
+    """Targets whose agents report running the candidate in shadow."""
     revocation_published_at: datetime | None = None
     """When the rolled-back package's revocation was written to S3 (spec.rollback.publishRevocation)."""
 

@@ -59,6 +59,7 @@ from edgetune_operator.reconcile.release import (
     canary_plan,
     conflicts,
     rollback_plan,
+    shadow_plan,
     versions_by_cluster,
     versions_served,
 )
@@ -475,6 +476,8 @@ class _Context:
         if s.canary and targets:
             on_canary = sum(1 for t in targets if t.confirms(s.canary.sha256))
             s.canary_weight = round(100 * on_canary / len(targets))
+            shadows = sum(1 for t in targets if t.confirms_shadow(s.canary.sha256))
+            s.targets_shadowing = shadows or (0 if s.targets_shadowing else None)
 
     def write(self, plan: StepPlan) -> None:
         """The plan's assignment annotations, several at a time (a rollback writes every target at
@@ -513,6 +516,11 @@ class _Context:
                     return
                 self.next_step(f"{step.set_weight} % of targets confirm version {canary.version}")
                 continue
+            if step.shadow is not None:
+                if not self.shadow(targets, unreachable, index, parse_duration(step.shadow.duration)):
+                    return
+                self.next_step(f"version {canary.version} ran in shadow on every target for {step.shadow.duration}")
+                continue
             if step.pause is not None:
                 if step.pause.duration is None:
                     if not self.pause_step_over():
@@ -549,6 +557,35 @@ class _Context:
         self.condition("Progressing", True, reason, f"{where}: {plan.confirmed} of {plan.wanted} targets confirm "
                        f"version {canary.version} ({share})")  # fmt: skip
         if not held:  # waiting for a person to resume a cluster is not a rollout that failed to progress
+            self.check_deadline(self.spec.strategy.canary.progress_deadline)
+        return False
+
+    def shadow(self, targets: list[Target], unreachable: list[str], index: int, duration: float) -> bool:
+        """A shadow step: every target told to run the canary in shadow; True once all of them have
+        for ``duration``. Agents refusing it roll back, like a setWeight step."""
+        s = self.status
+        canary, _ = self.adapters()
+        plan = shadow_plan(targets, canary=canary, max_unavailable=self.spec.strategy.canary.max_unavailable,
+                           release=self.release)  # fmt: skip
+        held = self.hold(plan)
+        self.write(plan)
+        if plan.refused:
+            self.refused(plan)
+            return False
+        s.phase = "Progressing"
+        if plan.complete and not unreachable and not held:
+            s.shadowing_since = s.shadowing_since or self.now
+            waited = (self.now - s.shadowing_since).total_seconds()
+            if waited >= duration:
+                return True
+            self.wake_in(duration - waited)
+            self.condition("Progressing", True, "Shadowing", f"step {index}: version {canary.version} runs in shadow "
+                           f"on all {plan.wanted} targets, beside what they serve; {duration - waited:.0f} s to go "
+                           "(agreement: edgetune_agent_shadow_agreements_total)")  # fmt: skip
+            return False
+        self.condition("Progressing", True, "WaitingForShadows", f"step {index}: {plan.confirmed} of {plan.wanted} "
+                       f"targets run version {canary.version} in shadow")  # fmt: skip
+        if not held:
             self.check_deadline(self.spec.strategy.canary.progress_deadline)
         return False
 
@@ -592,6 +629,7 @@ class _Context:
         s.current_step = (s.current_step or 0) + 1
         s.step_started_at = self.now
         s.pause_started_at = None
+        s.shadowing_since = None
         metrics.RELEASE_STEPS.labels(self.release).inc()
         self.event("StepCompleted", f"step {s.current_step - 1} done: {why}")
         # The previous step's reason (PauseStep, WaitingForAgents) must not outlive it.

@@ -19,6 +19,11 @@ count, so the plan is stable while pods come and go:
 - A target **confirms** a version when its agent reports ``state: Serving`` with that package
   digest active. A target whose agent refused the canary is reported, not retried.
 
+A shadow step (before any setWeight step) tells every target to run the canary in *shadow*
+mode: the agent keeps serving what it serves and compares the canary's answers with it. A
+target confirms a shadow when its report names the canary as its shadow. The next setWeight step
+replaces those assignments (canary or stable, served), which ends the shadows.
+
 A rollback assigns the stable adapter (or the bare base model when there was none) to every
 target at once, with the canary's digest in ``revoked`` so agents refuse it from then on.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 from edgetune_api.assignment import AdapterAssignment, AdapterReport, ReportError
 from edgetune_api.delta import Encoding
@@ -44,9 +50,11 @@ class ReleasedAdapter:
     encoding: Encoding | None = None
     signer: str | None = None
 
-    def assignment(self, release: str, revoked: tuple[str, ...] = ()) -> AdapterAssignment:
+    def assignment(self, release: str, revoked: tuple[str, ...] = (), *,
+                   mode: Literal["serve", "shadow"] = "serve") -> AdapterAssignment:  # fmt: skip
         return AdapterAssignment(version=self.version, uri=self.uri, sha256=self.sha256, release=release,
-                                 encoding=self.encoding, signer=self.signer, revoked=list(revoked))  # fmt: skip
+                                 encoding=self.encoding, signer=self.signer, revoked=list(revoked),
+                                 mode=mode)  # fmt: skip
 
 
 def base_assignment(release: str, revoked: tuple[str, ...] = ()) -> AdapterAssignment:
@@ -69,15 +77,30 @@ class Target:
         return f"{self.cluster}/{self.namespace}/{self.name}"
 
     def assigned(self, sha256: str) -> bool:
-        return self.assignment is not None and not self.assignment.base and self.assignment.sha256 == sha256
+        """Told to serve the package ``sha256`` (a shadow assignment serves nothing)."""
+        a = self.assignment
+        return a is not None and not a.base and a.mode == "serve" and a.sha256 == sha256
+
+    def shadowing(self, sha256: str) -> bool:
+        """Told to run the package ``sha256`` in shadow."""
+        a = self.assignment
+        return a is not None and a.mode == "shadow" and a.sha256 == sha256
+
+    def confirms_shadow(self, sha256: str) -> bool:
+        report = self.report
+        return report is not None and report.state == "Serving" and report.shadow is not None and (
+            report.shadow.sha256 == sha256)  # fmt: skip
 
     @property
     def switching(self) -> bool:
-        """Told to run a version it does not confirm (yet)."""
-        if self.assignment is None:
+        """Told to run a version (served or shadowed) it does not confirm (yet)."""
+        a = self.assignment
+        if a is None:
             return False
+        if a.mode == "shadow":
+            return not self.confirms_shadow(a.sha256)
         report = self.report
-        wanted = "" if self.assignment.base else self.assignment.sha256
+        wanted = "" if a.base else a.sha256
         return report is None or report.state != "Serving" or self.serving() != wanted
 
     def serving(self) -> str | None:
@@ -168,6 +191,21 @@ def canary_plan(
             continue
         plan.writes.append((t, stable_assignment))
         budget -= 1
+    return plan
+
+
+def shadow_plan(targets: list[Target], *, canary: ReleasedAdapter, max_unavailable: int,
+                release: str) -> StepPlan:  # fmt: skip
+    """Every target told to run the canary in shadow, at most ``max_unavailable`` switching at once."""
+    plan = StepPlan(total=len(targets), wanted=len(targets))
+    plan.confirmed = sum(1 for t in targets if t.confirms_shadow(canary.sha256))
+    plan.refused = [(t, err) for t in targets if (err := t.refusal(canary.sha256)) is not None]
+    plan.switching = sum(1 for t in targets if t.switching)
+    budget = max(0, max_unavailable - plan.switching)
+    for t in targets:
+        if budget > 0 and not t.shadowing(canary.sha256) and not t.confirms_shadow(canary.sha256):
+            plan.writes.append((t, canary.assignment(release, mode="shadow")))
+            budget -= 1
     return plan
 
 
