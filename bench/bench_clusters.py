@@ -1,7 +1,7 @@
 """Benchmark the operator's cost per registered edge cluster, and one job spread over all of them.
 
 Run with ``.venv/bin/python bench/bench_clusters.py [--clusters N]`` (default 20). Prints one JSON
-line.
+line. ``--smoke``: 1 cluster, 5 s idle (checks the script; not the published figures).
 
 What runs: a hub control plane and N edge control planes (each: etcd, kube-apiserver,
 controller-manager, scheduler, kwok with 6 simulated nodes), every edge registered as an
@@ -61,11 +61,14 @@ def idle(pid: int, seconds: float) -> tuple[float, float]:
 
 def main() -> None:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clusters", type=int, default=20)
-    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--clusters", type=int, default=20, help="edge clusters (default 20)")
+    parser.add_argument("--idle-seconds", type=float, default=60.0, help="length of each idle window (default 60)")
+    parser.add_argument("--smoke", action="store_true", help="1 cluster, 5 s idle: checks the script")
     args = parser.parse_args()
+    if args.smoke:
+        args.clusters, args.idle_seconds = 1, 5.0
     n = args.clusters
-    result: dict[str, Any] = {"clusters": n}
+    result: dict[str, Any] = {"clusters": n, "smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="edgetune-clusters-") as tmp:
         root = Path(tmp)
         hub = ControlPlane("hub", root / "hub", audit_users=(USER,))

@@ -3,6 +3,7 @@ dependencies downloaded), warm (everything cached: nothing to do) and after a so
 the layers after the sources are copied). Prints one JSON line; results go to docs/benchmarks.md.
 
     .venv/bin/python bench/bench_images.py            # into a fresh temporary cache (~7 min, ~14 GB disk)
+    .venv/bin/python bench/bench_images.py --smoke    # no build: copy the inputs, time their cache keys
 
 Needs buildah, runc, mmdebstrap (scripts/bootstrap.sh) and PyPI (the trainer's CUDA torch: ~4 GB).
 """
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgetune_testenv.images import ImageBuilder, copy_inputs
+from edgetune_testenv.images import RECIPES, ImageBuilder, copy_inputs, input_key
 
 NAMES = ("operator", "trainer", "agent")
 
@@ -33,8 +34,38 @@ def _timed(builder: ImageBuilder, names: tuple[str, ...], sizes: dict[str, int] 
     return out
 
 
+def smoke() -> dict[str, object]:
+    """What decides whether an image is rebuilt, without building: the build context copied, each
+    image's input key computed on it (same as on the checkout), and a source change moving the keys
+    of the images that copy that source."""
+    with tempfile.TemporaryDirectory(prefix="edgetune-images-") as tmp:
+        repo = Path(tmp) / "repo"
+        started = time.monotonic()
+        copy_inputs(repo)
+        copy_s = round(time.monotonic() - started, 2)
+        key_ms, moved = {}, {}
+        for name, recipe in RECIPES.items():
+            started = time.monotonic()
+            key = input_key(repo, recipe, [])
+            key_ms[name] = round(1000 * (time.monotonic() - started), 1)
+            if key != input_key(Path(__file__).resolve().parents[1], recipe, []):
+                raise SystemExit(f"the copied build context of {name} hashes differently from the checkout")
+            marker = repo / "trainer-image/src/edgetune_trainer/__init__.py"
+            original = marker.read_text()
+            marker.write_text(original + "\n# a source change\n")
+            moved[name] = input_key(repo, recipe, []) != key
+            marker.write_text(original)
+    if not moved["trainer"]:
+        raise SystemExit("a change to the trainer's sources did not change the trainer image's key")
+    return {"smoke": True, "copy_inputs_s": copy_s, "input_key_ms": key_ms, "key_moves_on_trainer_change": moved}
+
+
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="no build: copy the inputs and time their cache keys")
+    if parser.parse_args().smoke:
+        print(json.dumps(smoke()))
+        return 0
     with tempfile.TemporaryDirectory(prefix="edgetune-images-") as tmp:
         root, repo = Path(tmp) / "cache", Path(tmp) / "repo"
         copy_inputs(repo)

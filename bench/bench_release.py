@@ -1,6 +1,6 @@
 """Benchmark AdapterRelease rollouts at fleet size: 1000 targets on 3 clusters.
 
-Run with ``.venv/bin/python bench/bench_release.py [--quick]``; the last line printed is JSON with
+Run with ``.venv/bin/python bench/bench_release.py [--quick | --smoke]``; the last line printed is JSON with
 ``release_wall_over_pauses_ratio``, ``rollback_all_targets_s``, ``operator_peak_rss_mb_release_1000``
 and ``api_calls_per_target_step`` (plus the sizes and the raw times behind them).
 
@@ -16,12 +16,17 @@ which the operator does not look at: it only reads assignments and reports.
    (2 x 5 s, ``vector(1)``), setWeight 100 -> Promoted. ``release_wall_over_pauses_ratio`` is its
    wall time (create -> Promoted) over its pauses and analysis windows (20 s).
 2. Release B: setWeight 100, analysis (``vector(0)`` >= 0.5, fails at its first measurement) ->
-   rollback. ``rollback_all_targets_s``: from the failing measurement (its recorded time, whole
-   seconds) to the last simulated agent reporting the stable version again.
+   rollback, in the default configuration (``rollback.publishRevocation: true``: the revocation is
+   written to the S3 bucket beside the package, with the operator's own S3 credentials).
+   ``rollback_all_targets_s``: from the failing measurement (its recorded time, whole seconds) to
+   the last simulated agent reporting the stable version again. The run fails unless every target
+   serves the stable version afterwards and the revocation is in S3.
 
 ``api_calls_per_target_step``: Kubernetes calls the operator made during release A (its own
 ``edgetune_operator_external_call_duration_seconds_count``), per target and setWeight step.
-``--quick``: 100 targets (same keys; ``targets`` says so).
+``--quick``: 100 targets (same keys; ``targets`` says so). ``--smoke``: 6 targets, 1 s pauses and
+analysis intervals: the same code path and the same keys in about a minute (checks the script;
+its figures are not the published ones).
 """
 
 from __future__ import annotations
@@ -131,7 +136,8 @@ def mlflow(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return dict(json.loads(resp.read()))
 
 
-def release(name: str, version: str, steps: list[dict[str, Any]], query: str) -> dict[str, Any]:
+def release(name: str, version: str, steps: list[dict[str, Any]], query: str,
+            interval: str = "5s") -> dict[str, Any]:  # fmt: skip
     return {
         "apiVersion": "edgetune.io/v1alpha1", "kind": "AdapterRelease", "metadata": {"name": name},
         "spec": {
@@ -139,9 +145,8 @@ def release(name: str, version: str, steps: list[dict[str, Any]], query: str) ->
             "targets": {"clusterSelector": {"matchLabels": {"bench": "yes"}},
                         "workloadSelector": {"matchLabels": SELECTOR}},
             "strategy": {"canary": {"maxUnavailable": 10_000, "steps": steps}},
-            "analysis": {"metrics": [{"name": "m", "query": query, "interval": "5s", "count": 2,
+            "analysis": {"metrics": [{"name": "m", "query": query, "interval": interval, "count": 2,
                                       "failureLimit": 0, "thresholdRange": {"min": 0.5}}]},
-            "rollback": {"publishRevocation": False},
         },
     }  # fmt: skip
 
@@ -194,12 +199,14 @@ def wait_phase(custom: Any, name: str, phases: tuple[str, ...], timeout: float) 
 def main() -> None:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="100 targets")
-    parser.add_argument("--targets", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="6 targets, 1 s pauses: checks the script (about a minute)")
+    parser.add_argument("--targets", type=int, default=None, help="targets across the 3 clusters (default 1000)")
     parser.add_argument("--swap-ms", type=float, default=20.0, help="simulated swap time of an agent")
     parser.add_argument("--log", type=Path, default=None, help="copy the operator log here")
     args = parser.parse_args()
-    total = args.targets or (100 if args.quick else 1000)
-    result: dict[str, Any] = {"targets": total, "clusters": 3, "swap_ms": args.swap_ms}
+    total = args.targets or (6 if args.smoke else 100 if args.quick else 1000)
+    wait = 1 if args.smoke else 5  # analysis interval; the pause step is twice as long
+    result: dict[str, Any] = {"targets": total, "clusters": 3, "swap_ms": args.swap_ms, "smoke": args.smoke}
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgetune-bench-release-")))
@@ -227,6 +234,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             agents[name].create_pods(total // 3 + (1 if index < total % 3 else 0))
         mlflow(registry.url, "registered-models/create", {"name": MODEL})
         versions = []
+        s3.create_bucket("adapters")  # where the packages would be, and so the revocation
         for i in range(2):
             body = {"name": MODEL, "source": f"s3://adapters/bench/v{i}",
                     "tags": [{"key": "edgetune.delta_sha256", "value": f"{i + 1:x}" * 64}]}  # fmt: skip
@@ -236,18 +244,19 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         operator = OperatorProcess(hub, tmp / "operator", {
             "EDGETUNE_NAMESPACES": json.dumps([NS]), "EDGETUNE_MLFLOW_TRACKING_URI": registry.url,
             "EDGETUNE_PROMETHEUS_URL": prometheus.url, "EDGETUNE_TRAINER_LABELS": "{}",
+            "EDGETUNE_S3_ENDPOINT": s3.endpoint, **s3.env(),  # its own S3 credentials: the revocation
         }, "edgetune/trainer:bench")  # fmt: skip
         (tmp / "operator").mkdir(exist_ok=True)
         with operator:
             api = hub.api_client()
             custom = k8s.CustomObjectsApi(api)
-            pauses = 10 + 2 * 5
-            steps = [{"setWeight": 10}, {"pause": {"duration": "10s"}}, {"setWeight": 50}, {"analysis": {}},
+            pauses = 2 * wait + 2 * wait
+            steps = [{"setWeight": 10}, {"pause": {"duration": f"{2 * wait}s"}}, {"setWeight": 50}, {"analysis": {}},
                      {"setWeight": 100}]  # fmt: skip
             calls_before = kube_calls(operator.metrics())
             created = time.monotonic()
-            custom.create_namespaced_custom_object("edgetune.io", "v1alpha1", NS, "adapterreleases",
-                                                   release("good", versions[0], steps, "vector(1)"))  # fmt: skip
+            good = release("good", versions[0], steps, "vector(1)", f"{wait}s")
+            custom.create_namespaced_custom_object("edgetune.io", "v1alpha1", NS, "adapterreleases", good)
             status, done = wait_phase(custom, "good", ("Promoted", "RolledBack", "Failed"), 900)
             if status["phase"] != "Promoted":
                 raise SystemExit(f"release A ended {status['phase']}: {json.dumps(status)[:2000]}")
@@ -263,7 +272,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             # Release B: fails its analysis with every target on it, rolls back.
             custom.create_namespaced_custom_object("edgetune.io", "v1alpha1", NS, "adapterreleases",
                                                    release("bad", versions[1], [{"setWeight": 100}, {"analysis": {}}],
-                                                           "vector(0)"))  # fmt: skip
+                                                           "vector(0)", f"{wait}s"))  # fmt: skip
             status, _ = wait_phase(custom, "bad", ("RolledBack",), 600)
             # The breach: the failing measurement's time (whole seconds, rounded down: conservative).
             breach = datetime.fromisoformat(status["analysisRuns"][-1]["lastMeasuredAt"]).timestamp()
@@ -271,6 +280,12 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             result["rollback_all_targets_s"] = round(back - breach, 2)
             result["serving_stable_after_rollback"] = sum(a.count(versions[0]) for a in agents.values())
             result["status_targets_after_rollback"] = status.get("targetsByVersion")
+            published = {c["type"]: c for c in status.get("conditions") or []}.get("RevocationPublished", {})
+            result["revocation_published"] = published.get("status") == "True"
+            if result["serving_stable_after_rollback"] != total or not result["revocation_published"]:
+                raise SystemExit(f"after the rollback {result['serving_stable_after_rollback']} of {total} "
+                                 f"targets serve the stable version {versions[0]}; RevocationPublished: "
+                                 f"{published}")  # fmt: skip
             if operator.proc is not None:
                 result["operator_peak_rss_mb_release_1000"] = round(peak_rss_mb(operator.proc.pid), 1)
             api.close()

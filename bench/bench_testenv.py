@@ -1,6 +1,7 @@
 """Benchmark the local test environment: warm start of a control plane and of the servers.
 
 Run with ``.venv/bin/python bench/bench_testenv.py [--runs N] [--cold]``. Prints one JSON line.
+``--smoke``: one run, no spread (checks the script).
 
 - ``control_plane_to_kubectl_s``: ``ControlPlane.start()`` (etcd, apiserver, controller-manager,
   scheduler, kwok; certificates generated) until the first successful ``kubectl get nodes``,
@@ -48,12 +49,15 @@ def _cold_build_s() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="control planes started one after another (default 3)")
     parser.add_argument("--cold", action="store_true", help="also measure a from-scratch build")
     parser.add_argument("--scale-nodes", type=int, default=0, help="also time N nodes becoming Ready")
+    parser.add_argument("--smoke", action="store_true", help="one run: checks the script")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.cold, args.scale_nodes = 1, False, 0
 
-    result: dict[str, float | int | str] = {"machine_cores": os.cpu_count() or 0}
+    result: dict[str, float | int | str | bool] = {"machine_cores": os.cpu_count() or 0, "smoke": args.smoke}
     if args.cold:
         result["cold_build_s"] = round(_cold_build_s(), 1)
     binaries.ensure_all()  # warm cache for what follows

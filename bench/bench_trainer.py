@@ -1,6 +1,6 @@
 """Trainer benchmark: memory, loop overhead, checkpoint overhead, delta size and compression.
 
-Run with ``.venv/bin/python bench/bench_trainer.py [--quick]``; the last line printed is one JSON object
+Run with ``.venv/bin/python bench/bench_trainer.py [--quick | --smoke]``; the last line printed is one JSON object
 with the keys ``train_vs_infer_rss_ratio``, ``full_ft_vs_infer_rss_ratio``, ``loop_overhead_vs_bare``,
 ``checkpoint_overhead``, ``delta_bytes_pct_of_base``, ``compressed_vs_fp32_ratio``,
 ``compressed_metric_drop_pt`` (plus the raw measurements they come from).
@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = {
     "full": {"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab": 50257, "batch": 8, "seq": 128, "steps": 8},
     "quick": {"n_layer": 2, "n_embd": 128, "n_head": 2, "vocab": 8192, "batch": 4, "seq": 64, "steps": 6},
+    "smoke": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab": 512, "batch": 2, "seq": 16, "steps": 3},
 }
+UCR_STEPS = {"full": 120, "quick": 40, "smoke": 8}
 
 
 def _peak_rss() -> int:
@@ -136,7 +138,7 @@ def _our_loop(tmp: Path, model_dir: Path, size: dict[str, int], checkpoint_every
     return {"summary": summary, "step_s": statistics.median(gaps), "package": work / "package"}
 
 
-def _compression_metric_drop(tmp: Path, quick: bool, encoding: str) -> float:
+def _compression_metric_drop(tmp: Path, steps: int, encoding: str) -> float:
     """Accuracy points lost by ``encoding`` on the real-data adaptation (ItalyPowerDemand site shift)."""
     sys.path.insert(0, str(REPO))
     import numpy as np  # noqa: PLC0415
@@ -153,7 +155,7 @@ def _compression_metric_drop(tmp: Path, quick: bool, encoding: str) -> float:
     cfg = config(
         tmp / "ucr", data, baseModel={"uri": str(tmp / "ucr-base"), "sha256": digest}, data={"evalFraction": 0.3},
         peft={"r": 4, "alpha": 8, "dropout": 0.0}, output={"encoding": encoding},
-        training={"maxSteps": 40 if quick else 120, "batchSize": 32, "learningRate": 0.005, "evalEvery": 40},
+        training={"maxSteps": steps, "batchSize": 32, "learningRate": 0.005, "evalEvery": 40},
     )  # fmt: skip
     (tmp / "ucr").mkdir(exist_ok=True)
     path = tmp / "ucr" / "config.json"
@@ -166,8 +168,10 @@ def _compression_metric_drop(tmp: Path, quick: bool, encoding: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps (under a minute)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps: checks the script")
     args = parser.parse_args()
-    size = SIZES["quick" if args.quick else "full"]
+    scale = "smoke" if args.smoke else "quick" if args.quick else "full"
+    size = SIZES[scale]
     import transformers  # noqa: PLC0415
 
     from edgetune_trainer import package  # noqa: PLC0415
@@ -192,11 +196,12 @@ def main() -> None:
         adapter = decode(fp32, "fp32")
         int8 = package.encode(adapter, "int8-zstd")
         int4 = package.encode(adapter, "int4-zstd")
-        drop_int8 = _compression_metric_drop(tmp / "int8", args.quick, "int8-zstd")
-        drop_int4 = _compression_metric_drop(tmp / "int4", args.quick, "int4-zstd")
+        drop_int8 = _compression_metric_drop(tmp / "int8", UCR_STEPS[scale], "int8-zstd")
+        drop_int4 = _compression_metric_drop(tmp / "int4", UCR_STEPS[scale], "int4-zstd")
 
     train_rss = ours["summary"]["peakMemoryBytes"]
     result = {
+        "scale": scale,
         "train_vs_infer_rss_ratio": round(train_rss / infer["peak_rss"], 3),
         "full_ft_vs_infer_rss_ratio": round(full_ft["peak_rss"] / infer["peak_rss"], 3),
         "loop_overhead_vs_bare": round(ours["step_s"] / bare["step_s"] - 1, 4),

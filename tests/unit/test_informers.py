@@ -198,3 +198,46 @@ def test_only_jobs_that_may_have_edge_trainers_need_the_finalizer() -> None:
     on_edge = _etj(1)
     on_edge["status"] = {"targets": [{"cluster": "farm-1", "phase": "Training"}]}  # selector removed since
     assert needs_finalizer(on_edge)
+
+
+class _Hub:
+    """Just what the audit calls: a list of jobs, and merge patches recorded (and applied)."""
+
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        self.jobs = jobs
+        self.patches: list[dict[str, Any]] = []
+
+    def list(self, _resource: Any) -> list[dict[str, Any]]:
+        return self.jobs
+
+    def merge_patch(self, _resource: Any, name: str, patch: dict[str, Any], namespace: str) -> dict[str, Any]:
+        self.patches.append(patch)
+        job = next(j for j in self.jobs if j["metadata"]["name"] == name)
+        return {**job, "metadata": {**job["metadata"], **patch["metadata"], "resourceVersion": "99"}}
+
+
+def test_the_audit_takes_up_jobs_the_watch_never_delivered_and_a_finalizer_kopf_never_added() -> None:
+    from edgetune_operator.controllers.clusters import Clusters  # noqa: PLC0415
+    from edgetune_operator.controllers.training_job import FINALIZER, TrainingJobController  # noqa: PLC0415
+    from edgetune_operator.settings import Settings  # noqa: PLC0415
+
+    old, young = "2026-12-07T10:00:00Z", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    lost = _etj(5)
+    lost["metadata"] |= {"name": "lost", "uid": "u-lost", "creationTimestamp": old}
+    fresh = _etj(6)
+    fresh["metadata"] |= {"name": "fresh", "uid": "u-fresh", "creationTimestamp": young}
+    done = _etj(7, observed=1, phase="Succeeded")
+    done["metadata"] |= {"name": "done", "uid": "u-done", "creationTimestamp": old}
+    hub = _Hub([lost, fresh, done])
+    ctl = TrainingJobController(Settings(), Clusters(hub, Settings()), s3_factory=lambda *_: None, mlflow=None)  # type: ignore[arg-type]
+    queue = ctl.queue = RecordingQueue()  # type: ignore[assignment]
+    assert ctl.audit() == ["ns/lost"] and queue.keys == [("ns", "lost")]  # the fresh one's event may be coming
+    # Bound for edge clusters, seen, and still without kopf's finalizer a minute later: we add it.
+    stuck = _etj(8, edge=True)
+    stuck["metadata"] |= {"name": "stuck", "uid": "u-stuck", "creationTimestamp": old}
+    hub.jobs = [stuck]
+    ctl.observed(stuck)
+    assert ("ns", "stuck") not in queue.keys  # waits for the finalizer
+    assert ctl.audit() == ["ns/stuck"]
+    assert hub.patches == [{"metadata": {"finalizers": [FINALIZER], "resourceVersion": "8"}}]
+    assert queue.keys[-1] == ("ns", "stuck")  # and now it runs
