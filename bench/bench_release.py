@@ -199,7 +199,7 @@ def wait_phase(custom: Any, name: str, phases: tuple[str, ...], timeout: float) 
 def main() -> None:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="100 targets")
-    parser.add_argument("--smoke", action="store_true", help="6 targets, 1 s pauses: checks the script (about a minute)")
+    parser.add_argument("--smoke", action="store_true", help="6 targets, 1 s pauses: checks the script (a minute)")
     parser.add_argument("--targets", type=int, default=None, help="targets across the 3 clusters (default 1000)")
     parser.add_argument("--swap-ms", type=float, default=20.0, help="simulated swap time of an agent")
     parser.add_argument("--log", type=Path, default=None, help="copy the operator log here")
