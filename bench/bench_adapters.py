@@ -1,7 +1,8 @@
 """LoRA against its baselines, and its encodings, on several real sensor data sets: what an adapter
 recovers of a site shift, and how much of it each int4 scheme keeps.
 
-Run with ``.venv/bin/python bench/bench_adapters.py [--quick]``. For each UCR data set shipped in the
+Run with ``.venv/bin/python bench/bench_adapters.py [--quick | --smoke]`` (``--smoke``: one data set,
+one seed, a few steps: checks the script). For each UCR data set shipped in the
 sktime wheel: a base model is trained on half the series ("site A"), the other half is distorted the
 way another site's meters would (gain, offset, clock shift: "site B"). On 70 % of site B the same
 number of steps trains (the trainer's own ``models.attach``): the head alone (linear probe), a LoRA
@@ -208,10 +209,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two data sets, fewer steps")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per data set (the spread)")
+    parser.add_argument("--smoke", action="store_true", help="one data set, one seed, 10 steps: checks the script")
     args = parser.parse_args()
     sys.path[:0] = [str(REPO / "operator/src"), str(REPO / "trainer-image/src")]
-    names = DATA_SETS[:2] if args.quick else DATA_SETS
-    steps = 60 if args.quick else 200
+    names = DATA_SETS[:1] if args.smoke else DATA_SETS[:2] if args.quick else DATA_SETS
+    steps = 10 if args.smoke else 60 if args.quick else 200
+    if args.smoke:
+        args.seeds = 1
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for name in names:
@@ -232,7 +236,8 @@ def main() -> None:
         for scheme in SCHEMES
     }  # fmt: skip
     seconds = round(time.perf_counter() - started, 1)
-    print(json.dumps({"accuracy_mean": recovered, "summary": summary, "runs": results, "seconds": seconds}))
+    print(json.dumps({"accuracy_mean": recovered, "summary": summary, "runs": results, "seconds": seconds,
+                      "smoke": args.smoke}))  # fmt: skip
 
 
 if __name__ == "__main__":

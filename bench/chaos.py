@@ -2,9 +2,12 @@
 must end in the right phase with exactly one MLflow registration per adapter (none for a package
 that must be refused), nothing lost, and the Events that name what happened.
 
-Run with ``.venv/bin/python bench/chaos.py [--runs 5] [--faults a,b,...] [--seed N]``. Prints one
-JSON line: faults injected, survived, lost and duplicated registrations, per fault the runs, where
-the job was when the fault hit and the Event reasons seen. Exit 1 when a run did not survive.
+Run with ``.venv/bin/python bench/chaos.py [--runs 5] [--faults a,b,...] [--seed N]`` (``--smoke``: one
+operator kill, to check the script). Prints one JSON line: faults injected, how many hit a job **in
+flight** (injected while it was not finished yet) and how many of those it survived, the faults that
+missed (not injected, or landing after the job had finished: counted apart, never as survived), lost
+and duplicated registrations, per fault the runs, where the job was when the fault hit and the
+Event reasons seen. Exit 1 when any job ended wrong, whether the fault hit it or not.
 
 What runs: a hub and one edge control plane (etcd, kube-apiserver, controller-manager, scheduler,
 kwok nodes), S3 (versitygw), MLflow, the pod executor running trainers as processes, the operator
@@ -119,8 +122,19 @@ class Outcome:
     reasons: list[str] = field(default_factory=list)
     trainer_pod_failures: list[str] = field(default_factory=list)
     """Why each failed trainer pod of the job failed (the trainer's termination reason, or exit code)."""
-    survived: bool = False
+    correct: bool = False
+    """The job ended as it must (phase, registrations, the Events that name a refusal)."""
     detail: str = ""
+
+    @property
+    def in_flight(self) -> bool:
+        """The fault hit the job before it finished."""
+        return self.injected and self.phase_at_injection not in ("Succeeded", "Failed")
+
+    @property
+    def survived(self) -> bool:
+        """Only a fault that hit the job in flight can be survived."""
+        return self.in_flight and self.correct
 
 
 def _job(name: str, cluster: str) -> dict[str, Any]:
@@ -333,9 +347,9 @@ def run_one(world: World, fault: str, index: int) -> Outcome:
     outcome.trainer_pod_failures = _pod_failures(world, name, cluster)
     refused = fault in PACKAGE_FAULTS
     expected = ("Failed", 0) if refused else ("Succeeded", 1)
-    outcome.survived = (outcome.phase, outcome.registrations) == expected and (
+    outcome.correct = (outcome.phase, outcome.registrations) == expected and (
         not refused or "VerificationFailed" in outcome.reasons)  # fmt: skip
-    if not outcome.survived:
+    if not outcome.correct:
         outcome.detail = outcome.detail or json.dumps([c for c in status.get("conditions") or []
                                                        if c.get("status") == "False"])[:2000]  # fmt: skip
     return outcome
@@ -413,7 +427,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs per fault (default 5)")
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of: {', '.join(FAULTS)}")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the time)")
+    parser.add_argument("--smoke", action="store_true", help="one operator kill: checks the script")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.faults = 1, "operator-kill"
     faults = [f for f in args.faults.split(",") if f]
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
@@ -433,17 +450,20 @@ def main() -> int:
         for fault, i in plan:
             outcome = run_one(w, fault, i)
             outcomes.append(outcome)
-            print(json.dumps({"run": len(outcomes), "of": len(plan), **outcome.__dict__}), file=sys.stderr, flush=True)
+            print(json.dumps({"run": len(outcomes), "of": len(plan), **_record(outcome)}), file=sys.stderr,
+                  flush=True)  # fmt: skip
     per_fault: dict[str, dict[str, Any]] = {}
     for o in outcomes:
         entry = per_fault.setdefault(o.fault, {"runs": 0, "injected": 0, "in_flight": 0, "survived": 0,
-                                               "phases_at_injection": [], "reasons": set(),
-                                               "trainer_pod_failures": []})  # fmt: skip
+                                               "missed": 0, "wrong": 0, "phases_at_injection": [],
+                                               "reasons": set(), "trainer_pod_failures": []})  # fmt: skip
         entry["trainer_pod_failures"] += o.trainer_pod_failures
         entry["runs"] += 1
         entry["injected"] += o.injected
-        entry["in_flight"] += o.injected and o.phase_at_injection not in ("Succeeded", "Failed")
+        entry["in_flight"] += o.in_flight
         entry["survived"] += o.survived
+        entry["missed"] += not o.in_flight
+        entry["wrong"] += not o.correct
         entry["phases_at_injection"].append(o.phase_at_injection)
         entry["reasons"] |= set(o.reasons)
     for entry in per_fault.values():
@@ -451,17 +471,25 @@ def main() -> int:
     expected = {o.job: 0 if o.fault in PACKAGE_FAULTS else 1 for o in outcomes}
     result = {
         "seed": seed, "faults_injected": sum(o.injected for o in outcomes), "runs": len(outcomes),
-        "injected_in_flight": sum(e["in_flight"] for e in per_fault.values()),
+        "injected_in_flight": sum(o.in_flight for o in outcomes),
         "job_seconds_median": round(statistics.median(w.durations), 1) if w.durations else None,
         "survived": sum(o.survived for o in outcomes),
+        "survived_of_in_flight": f"{sum(o.survived for o in outcomes)}/{sum(o.in_flight for o in outcomes)}",
+        "missed": sum(not o.in_flight for o in outcomes),
+        "missed_but_ended_right": sum(not o.in_flight and o.correct for o in outcomes),
+        "wrong": sum(not o.correct for o in outcomes),
         "lost_registrations": sum(max(0, expected[o.job] - o.registrations) for o in outcomes),
         "duplicated_registrations": sum(max(0, o.registrations - expected[o.job]) for o in outcomes),
         "refused_packages_registered": sum(o.registrations for o in outcomes if o.fault in PACKAGE_FAULTS),
         "wall_s": round(time.monotonic() - started, 1), "per_fault": per_fault,
-        "failures": [o.__dict__ for o in outcomes if not o.survived],
+        "failures": [_record(o) for o in outcomes if not o.correct],
     }  # fmt: skip
     print(json.dumps(result))
-    return 0 if result["survived"] == len(outcomes) else 1
+    return 0 if result["wrong"] == 0 else 1
+
+
+def _record(o: Outcome) -> dict[str, Any]:
+    return {**o.__dict__, "in_flight": o.in_flight, "survived": o.survived}
 
 
 if __name__ == "__main__":

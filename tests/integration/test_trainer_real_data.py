@@ -97,9 +97,10 @@ def test_lora_adapts_a_site_a_model_to_site_b(
     summary = termination(tmp_path)
     adapted = summary["metrics"]["eval_accuracy"]
     shipped = summary["metrics"]["eval_accuracy_encoded"]
+    shipped_bytes = sum(p.stat().st_size for p in (tmp_path / "work" / "package").iterdir())
     print(
         f"site B accuracy: frozen base {frozen_accuracy:.3f}, LoRA {adapted:.3f}, LoRA {encoding} {shipped:.3f}; "
-        f"adapter {summary['adapterBytes']} bytes"
+        f"adapter {summary['adapterBytes']} bytes, package {shipped_bytes} bytes (weights + manifest; unsigned here)"
     )
     assert frozen_accuracy < 0.65  # the shift really hurts
     assert adapted >= frozen_accuracy + 0.2  # and the adapter recovers

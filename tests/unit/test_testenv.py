@@ -248,3 +248,13 @@ def test_the_quickstart_script_is_its_sh_blocks_in_order_and_nothing_else() -> N
     assert "not run" not in script and script.index("echo one") < script.index("echo three")
     assert script.startswith("set -euo pipefail\n")
     assert len(shell_blocks(QUICKSTART.read_text())) >= 8  # the real one parses too
+
+
+def test_the_demo_plots_phase_labels_of_close_moments_apart() -> None:
+    from edgetune_testenv.demo.report import label_heights  # noqa: PLC0415
+
+    # RollingBack and RolledBack 3 s apart on a 120 s axis: once drawn at one height, over each other.
+    heights = label_heights([40.0, 43.0, 45.0, 100.0], 120.0)
+    assert len(set(heights[:3])) == 3  # three close moments, three heights
+    assert heights[3] == heights[0]  # a moment far away goes back to the top
+    assert label_heights([10.0], 120.0) == [1.02]

@@ -60,6 +60,11 @@ class AgentMetrics:
         self.downloads = Counter(f"{PREFIX}_downloads", "Delta packages downloaded.", ["model"], registry=r)
         self.download_bytes = Counter(f"{PREFIX}_download_bytes", "Bytes of delta packages downloaded.", ["model"],
                                       registry=r)  # fmt: skip
+        self.poll_interval = Gauge(
+            f"{PREFIX}_assignment_poll_interval_seconds",
+            "How often the agent looks at its assignment file (--poll-seconds): a floor under every swap's latency.",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.resident = Gauge(f"{PREFIX}_resident_adapters", "Adapters held in memory.", ["model"], registry=r)
         self.resident_bytes = Gauge(
             f"{PREFIX}_resident_adapter_bytes", "Bytes of adapter weights held in memory.", ["model"], registry=r

@@ -105,6 +105,7 @@ class AgentRuntime:
         self.backend = backend
         self.store = store
         self.metrics = metrics
+        metrics.poll_interval.labels(settings.model_name).set(settings.poll_seconds)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self.resident: OrderedDict[str, Resident] = OrderedDict()

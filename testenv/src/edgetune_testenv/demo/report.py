@@ -137,6 +137,22 @@ def rollout_series(demo: Demo, release: str) -> dict[str, Any]:
     return out
 
 
+def label_heights(times: list[float], span: float, *, top: float = 1.02, step: float = 0.09,
+                  gap: float = 0.12) -> list[float]:  # fmt: skip
+    """Where each phase label goes on the share axis: a label closer than ``gap`` of the x range to an
+    earlier one at the same height moves one ``step`` down, so labels of moments seconds apart
+    (RollingBack, then RolledBack) never print over each other."""
+    placed: list[tuple[float, float]] = []
+    heights = []
+    for t in times:
+        y = top
+        while any(abs(t - u) < gap * max(span, 1e-9) and abs(y - v) < 1e-9 for u, v in placed):
+            y -= step
+        placed.append((t, y))
+        heights.append(y)
+    return heights
+
+
 def plot_rollout(demo: Demo, path: Path) -> bool:
     releases = [r for r in demo.record.releases if r in demo.record.windows]
     if not releases:
@@ -152,10 +168,13 @@ def plot_rollout(demo: Demo, path: Path) -> bool:
             colour = colours.get(version)
             share_ax.plot(data["t"], s["share"], label=label, color=colour)
             error_ax.plot(data["t"], s["error"], marker=".", label=label, color=colour)
-        for t, _, detail in data.get("events", []):
+        events = data.get("events", [])
+        span = max([*data.get("t", []), *(t for t, _, _ in events), 1.0])
+        for (t, _, detail), y in zip(events, label_heights([t for t, _, _ in events], span), strict=True):
             for ax in (share_ax, error_ax):
                 ax.axvline(t, color="red" if "Roll" in detail else "green", linestyle="--", linewidth=1)
-            share_ax.annotate(detail.split(" ")[0], (t, 1.02), fontsize=7, color="dimgray")
+            share_ax.annotate(detail.split(" ")[0], (t, y), xytext=(3, 0), textcoords="offset points", fontsize=7,
+                              color="dimgray", backgroundcolor="white")  # fmt: skip
         share_ax.set_title(f"{release}: share of live requests by version")
         share_ax.set_ylim(0, 1.1)
         error_ax.set_title("error rate on the sites' labelled traffic")
