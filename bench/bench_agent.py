@@ -15,8 +15,16 @@ server (versitygw) holds the packages. "Assignment written" is the moment the fi
 would refresh (the downward-API annotations file) changes: every swap figure is **agent-side**
 (``swap_figures`` says so); in a cluster, the kubelet's propagation of a pod annotation into that
 file comes on top. ``poll_seconds`` is read from the running agent
-(``edgetune_agent_assignment_poll_interval_seconds``). ``--smoke``: two swaps of each kind and
-short blocks, to check the script (not the published figures).
+(``edgetune_agent_assignment_poll_interval_seconds``).
+
+End to end (``e2e_*`` keys): the same agent as a pod of the example Deployment's template on a real
+control plane, run by the test environment's pod executor (the kubelet here), with the chart's
+agent RBAC and own-pod policy. A swap is timed from the ``PATCH`` of the pod's assignment annotation
+to the first answer from the new version: the API server, the executor's refresh of the
+downward-API file (it rewrites the file on the pod's watch event; a real kubelet refreshes projected
+files on its sync period, up to about a minute later, so on a real node that comes on top) and the
+agent. ``--smoke``: two swaps of each kind and short blocks, to check the script (not the published
+figures).
 """
 
 from __future__ import annotations
@@ -37,9 +45,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.agent_support import CHANNELS, make_base, make_package, upload  # noqa: E402
+from tests.agent_support import BASE_HOST_PATH, CHANNELS, agent_pod, keypair, make_base, make_package, upload  # noqa: E402
+from tests.support import AGENT_IMAGE  # noqa: E402
 
-from edgetune_api.assignment import AdapterAssignment, dumps  # noqa: E402
+from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, REPORT_ANNOTATION, AdapterAssignment, dumps  # noqa: E402
+from edgetune_testenv import binaries  # noqa: E402
+from edgetune_testenv.cluster import ControlPlane  # noqa: E402
+from edgetune_testenv.executor import LocalImage, PodExecutor  # noqa: E402
+from edgetune_testenv.nodes import cpu_node  # noqa: E402
 from edgetune_testenv.procs import free_port  # noqa: E402
 from edgetune_testenv.servers import S3Server  # noqa: E402
 
@@ -137,6 +150,72 @@ def serving(infer_url: str, body: bytes) -> str:
     req = urllib.request.Request(infer_url, data=body, headers={"Content-Type": "application/json"})  # noqa: S310
     with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
         return str(json.loads(resp.read())["model_version"])
+
+
+def end_to_end(tmp: Path, s3: S3Server, body: bytes, swaps: int) -> dict[str, Any]:
+    """Swaps through Kubernetes: PATCH the pod's assignment annotation -> first answer from the new
+    version (see the module docstring)."""
+    from kubernetes import client as k8s  # noqa: PLC0415
+
+    node, ns = "site-cpu-0", "bench"
+    images = {AGENT_IMAGE: LocalImage(entrypoint=(sys.executable, "-m", "edgetune_agent"),
+                                      env={"PYTHONUNBUFFERED": "1"})}  # fmt: skip
+    with ControlPlane("bench-agent", tmp / "plane") as plane, PodExecutor(plane, images) as executor:
+        plane.add_nodes([cpu_node(node)])
+        core = k8s.CoreV1Api(plane.api_client())
+        plane.kubectl("create", "namespace", ns)
+        helm = binaries.binary(binaries.HELM, "helm")
+        chart = subprocess.run([str(helm), "template", "edgetune", str(REPO / "charts/edgetune"), "--show-only",
+                                "templates/agent.yaml", f"--set=agent.namespaces={{{ns}}}", "--kube-version=1.36.3"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        plane.kubectl("apply", "-f", "-", input_text=chart)
+        base_dir = executor.node_root(node) / BASE_HOST_PATH.lstrip("/")
+        base_sha = make_base(base_dir, seed=0)
+        private, public = keypair(tmp / "e2e-keys", "signer")
+        core.create_namespaced_config_map(ns, {"metadata": {"name": "signers"},
+                                               "data": {"signer.pem": public.read_text()}})  # fmt: skip
+        versions = [f"e{i}" for i in range(4)]
+        client = s3.client()
+        assignments = {}
+        for i, v in enumerate(versions):
+            sha = make_package(tmp / v, base_dir, base_sha, seed=100 + i, key=private)
+            assignments[v] = AdapterAssignment(version=v, uri=upload(client, tmp / v, "bench", f"e2e/{v}"), sha256=sha)
+        s3_env = {k: val for k, val in s3.env().items() if k.startswith("AWS_")}
+        time.sleep(0.5)  # the namespace's default ServiceAccount
+        core.create_namespaced_pod(ns, agent_pod("agent-0", node=node, base_sha=base_sha, keys_configmap="signers",
+                                                 s3_env=s3_env))  # fmt: skip
+        deadline = time.monotonic() + 180
+        while True:
+            pod = core.read_namespaced_pod("agent-0", ns)
+            if pod.status.pod_ip and (pod.metadata.annotations or {}).get(REPORT_ANNOTATION):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the agent pod did not start and report")
+            time.sleep(0.5)
+        url = f"http://{pod.status.pod_ip}:8080/v2/models/edgetune/infer"
+
+        def assign(version: str) -> float:
+            t0 = time.perf_counter()
+            core.patch_namespaced_pod("agent-0", ns, {"metadata": {"annotations": {
+                ASSIGNMENT_ANNOTATION: dumps(assignments[version])}}})  # fmt: skip
+            return t0
+
+        resident: list[float] = []
+        with Load(url, body) as load:
+            downloads = [load.first_after(assign(v), v) * 1000 for v in versions]  # from S3, verified
+            for i in range(swaps):  # back and forth between two versions held in memory
+                v = versions[-2] if i % 2 == 0 else versions[-1]
+                resident.append(load.first_after(assign(v), v) * 1000)
+            failed = load.failed
+    return {
+        "e2e_swap_download_p50_ms": round(pct(downloads, 0.5), 1),
+        "e2e_swap_download_p99_ms": round(pct(downloads, 0.99), 1),
+        "e2e_swap_resident_p50_ms": round(pct(resident, 0.5), 1),
+        "e2e_swap_resident_p99_ms": round(pct(resident, 0.99), 1),
+        "e2e_requests_failed": failed, "e2e_swaps": {"download": len(downloads), "resident": len(resident)},
+        "e2e_through": "PATCH of the pod annotation -> API server -> the test executor's downward-API refresh "
+                       "(on the pod's watch event; a real kubelet's sync period comes on top) -> agent",
+    }  # fmt: skip
 
 
 def torch_floor_mb() -> float:
@@ -257,6 +336,7 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
         finally:
             agent.terminate()
             agent.wait(30)
+        e2e = end_to_end(tmp, s3, body, swaps)
 
     def series(name: str) -> dict[str, float]:
         return {
@@ -299,6 +379,7 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
         "swaps": {"download": len(downloads), "local": len(local), "resident": len(resident)},
         "agent_swap_mean_ms_by_source": internal,
         "poll_seconds": poll,
+        **e2e,
         "smoke": args.smoke,
     }
     print(json.dumps(result))
