@@ -111,7 +111,10 @@ class Clusters:
         """The EdgeCluster's spec.paused: no new work is placed on it (the local cluster never is)."""
         if name == LOCAL:
             return False
-        return bool((self.edge_cluster(name).get("spec") or {}).get("paused"))
+        try:
+            return bool((self.edge_cluster(name).get("spec") or {}).get("paused"))
+        except ClusterUnavailableError:  # deleted meanwhile: reported as unavailable where it is used
+            return False
 
     def remember(self, edge_cluster: dict[str, Any]) -> None:
         """An EdgeCluster as the operator just wrote it, before its watch event arrives."""
