@@ -150,9 +150,9 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     if rt.threads:
         torch.set_num_threads(rt.threads)
     placement = spec.placement
-    on = accelerator.choose(placement.accelerator, allow_cpu_fallback=placement.allow_cpu_fallback,
-                                runtime_device=rt.device, cuda=torch.cuda.is_available())  # fmt: skip
-    device = torch.device(on.torch_device)
+    hardware = accelerator.choose(placement.accelerator, allow_cpu_fallback=placement.allow_cpu_fallback,
+                                      runtime_device=rt.device, cuda=torch.cuda.is_available())  # fmt: skip
+    device = torch.device(hardware.torch_device)
     reporter = Reporter(
         job=rt.job_name or "adhoc", namespace=rt.job_namespace or "", cluster=rt.cluster,
         node=rt.node or os.uname().nodename,  # outside Kubernetes
@@ -171,12 +171,12 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     report = _Report()
     try:
         warnings: list[str] = []
-        report("device", device=on.device, requested=placement.accelerator, torch_device=str(device),
+        report("device", device=hardware.device, requested=placement.accelerator, torch_device=str(device),
                model=torch.cuda.get_device_name(device) if device.type == "cuda" else "")  # fmt: skip
-        reporter.gauge("device_info", 1, device=on.device, requested=placement.accelerator)
-        if on.warning:
-            warnings.append(on.warning)
-            report("accelerator_fallback", message=on.warning)
+        reporter.gauge("device_info", 1, device=hardware.device, requested=placement.accelerator)
+        if hardware.warning:
+            warnings.append(hardware.warning)
+            report("accelerator_fallback", message=hardware.warning)
         salt = Path(rt.salt_path).read_bytes().strip() if rt.salt_path else None
         dataset = NodeDataset(Path(str(rt.data_dir)), spec.data, salt,
                               eval_root=Path(rt.eval_data_dir) if rt.eval_data_dir else None)  # fmt: skip
@@ -239,7 +239,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
                 "status": "Succeeded", "reason": "Succeeded", "baseline": rt.baseline, "stopReason": outcome.reason,
                 "steps": outcome.steps, "trainableParameters": trainable, "samples": info.samples, "metrics": metrics,
                 "energyJoules": round(outcome.energy_j, 3), "energyMethod": outcome.energy_method,
-                "peakMemoryBytes": whole_run_peak(), "batchSize": outcome.batch_size, "device": on.device,
+                "peakMemoryBytes": whole_run_peak(), "batchSize": outcome.batch_size, "device": hardware.device,
                 "durationSeconds": round(outcome.duration_s, 2), "warnings": warnings,
             }  # fmt: skip
         state = models.adapter_state(outcome.model)
@@ -264,7 +264,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
             base_model_uri=uri, base_model_sha256=base.sha256, data_sha256=info.sha256, samples=info.samples,
             data_format=spec.data.format, job_namespace=rt.job_namespace, job_name=rt.job_name, job_uid=rt.job_uid,
             cluster=rt.cluster, node=rt.node, trainer_version=trainer_version(),
-            base_model_revision=spec.base_model.revision, device=on.device,
+            base_model_revision=spec.base_model.revision, device=hardware.device,
         )  # fmt: skip
         key_path = rt.trainer_key_path or rt.signing_key_path
         key = Path(key_path).read_bytes() if key_path else None
@@ -291,7 +291,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
                                  for a in choice.attempts],
             "samples": info.samples, "metrics": metrics, "energyJoules": round(outcome.energy_j, 3),
             "energyMethod": outcome.energy_method, "peakMemoryBytes": whole_run_peak(),
-            "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from, "device": on.device,
+            "batchSize": outcome.batch_size, "resumedFrom": outcome.resumed_from, "device": hardware.device,
             "baseModelRevision": spec.base_model.revision,
             "durationSeconds": round(outcome.duration_s, 2), "warnings": warnings,
         }  # fmt: skip
