@@ -104,7 +104,9 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
         seen = k8s.CustomObjectsApi(api)
         job = seen.get_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs", "gpu-lora")
         clusters = seen.list_cluster_custom_object("edgetune.io", "v1alpha1", "edgeclusters")["items"]
-        raise AssertionError(f"{exc}\njob status: {json.dumps(job.get('status'))[:3000]}\nclusters: "
+        raise AssertionError(f"{exc}\njob finalizers: {job['metadata'].get('finalizers')}, resourceVersion "
+                             f"{job['metadata'].get('resourceVersion')}\njob status: "
+                             f"{json.dumps(job.get('status'))[:3000]}\nclusters: "
                              f"{json.dumps([(c['metadata']['name'], c.get('status')) for c in clusters])[:2000]}"
                              ) from None
     assert len(secrets) == 1
