@@ -98,7 +98,8 @@ def test_gpu_job_trains_on_gpu_nodes_of_the_selected_edge_clusters(
     try:
         # 120 s: the module's first job meets an operator that has just started (twice in CI the
         # Secret took longer than 60 s after test_lifecycle, never here); the failure now shows why.
-        secrets = eventually(lambda: edge_core.list_namespaced_secret(ns).items, timeout=120,
+        # 180 s: the operator's audit takes up a job its watch never delivered within 60-120 s.
+        secrets = eventually(lambda: edge_core.list_namespaced_secret(ns).items, timeout=180,
                              what="the trainer's Secret on edge-a")  # fmt: skip
     except AssertionError as exc:
         seen = k8s.CustomObjectsApi(api)
