@@ -228,12 +228,13 @@ def _read_numpy(path: Path, privacy: PrivacyFilter) -> Iterator[Sample]:
                                     "after privacy.dropFields)")  # fmt: skip
                 xs = archive[x_key]
                 ys = archive["y"] if "y" in keys else None
-                hashed = sorted(k for k in privacy.hashed & keys if k not in (x_key, "y"))
-                for key in hashed:
-                    if len(archive[key]) != len(xs):
-                        raise DataError(f"{path.name}: {len(xs)} samples but {len(archive[key])} values of {key}")
-                groups = ["/".join(privacy.hash(archive[k][i]) for k in hashed) for i in range(len(xs))] if hashed \
-                    else None  # fmt: skip
+                # Each hashed array read once: ``archive[name]`` reads and decompresses it on every access.
+                ids = {k: archive[k] for k in sorted(privacy.hashed & keys) if k not in (x_key, "y")}
+                for key, values in ids.items():
+                    if len(values) != len(xs):
+                        raise DataError(f"{path.name}: {len(xs)} samples but {len(values)} values of {key}")
+                groups = ["/".join(privacy.hash(values[i]) for values in ids.values()) for i in range(len(xs))] \
+                    if ids else None  # fmt: skip
         else:
             xs = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: read row by row
             labels = path.with_name("labels.npy")
