@@ -51,6 +51,7 @@ from tests.support import AGENT_IMAGE  # noqa: E402
 from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, REPORT_ANNOTATION, AdapterAssignment, dumps  # noqa: E402
 from edgetune_testenv import binaries  # noqa: E402
 from edgetune_testenv.cluster import ControlPlane  # noqa: E402
+from edgetune_testenv.demo.data import inference_request  # noqa: E402
 from edgetune_testenv.executor import LocalImage, PodExecutor  # noqa: E402
 from edgetune_testenv.nodes import cpu_node  # noqa: E402
 from edgetune_testenv.procs import free_port  # noqa: E402
@@ -237,8 +238,7 @@ def main() -> None:  # noqa: PLR0915 - one measurement script, top to bottom
     import numpy as np  # noqa: PLC0415
 
     x = np.random.default_rng(0).normal(size=(1, CHANNELS, 48)).astype(np.float32)
-    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                                   "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+    body = json.dumps(inference_request(x)).encode()
     with S3Server(tmp / "s3") as s3:
         s3.create_bucket("bench")
         client = s3.client()

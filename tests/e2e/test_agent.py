@@ -25,6 +25,7 @@ from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, READY_CONDITION, REPO
 from edgetune_api.delta import SIGNATURE, sign
 from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.demo.data import inference_request
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
 from tests.agent_support import (
@@ -69,8 +70,7 @@ class Fleet:
 
 
 def _infer_body(x: np.ndarray) -> bytes:
-    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                                   "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+    return json.dumps(inference_request(x)).encode()
 
 
 def infer(ip: str, body: bytes) -> dict[str, Any]:

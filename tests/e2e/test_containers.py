@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from kubernetes import client as k8s
@@ -21,6 +22,7 @@ from kubernetes import client as k8s
 from edgetune_testenv import binaries
 from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
 from edgetune_testenv.containers import ContainerImage
+from edgetune_testenv.demo.data import inference_request
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.images import BuiltImage, ImageBuilder, check_tools
 from edgetune_testenv.nodes import default_fleet
@@ -251,8 +253,7 @@ def test_the_agent_image_serves_an_inference_request(
     pod["spec"]["containers"][0]["image"] = AGENT
     core.create_namespaced_pod(ns, pod)
     ip = eventually(lambda: core.read_namespaced_pod("agent-0", ns).status.pod_ip, what="the agent's pod IP")
-    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, CHANNELS, 48],
-                                   "data": [0.0] * (CHANNELS * 48)}]}).encode()  # fmt: skip
+    body = json.dumps(inference_request(np.zeros((1, CHANNELS, 48), np.float32))).encode()
 
     def answer() -> dict[str, Any] | None:
         request = urllib.request.Request(f"http://{ip}:8080/v2/models/edgetune/infer", data=body,

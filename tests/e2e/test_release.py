@@ -28,6 +28,7 @@ from kubernetes import client as k8s
 from edgetune_api.assignment import REPORT_ANNOTATION, AdapterReport
 from edgetune_testenv import binaries
 from edgetune_testenv.cluster import ControlPlane
+from edgetune_testenv.demo.data import inference_request
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.servers import MlflowServer, Prometheus, S3Server
@@ -390,8 +391,7 @@ def traffic(w: World, stop: threading.Event) -> None:
     ips = [p.status.pod_ip for core in w.edges.values()
            for p in core.list_namespaced_pod(w.ns, label_selector="app=sensor-model").items]  # fmt: skip
     x = np.random.default_rng(0).normal(size=(1, 3, 48)).astype(np.float32)
-    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 48],
-                                   "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+    body = json.dumps(inference_request(x)).encode()
     while not stop.wait(0.2):
         for ip in ips:
             with contextlib.suppress(OSError):

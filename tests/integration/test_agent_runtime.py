@@ -24,6 +24,7 @@ from edgetune_agent.runtime import AgentRuntime
 from edgetune_agent.server import make_app
 from edgetune_agent.settings import AgentSettings
 from edgetune_api.assignment import REVOCATION_PREFIX, AdapterAssignment, Revocation, dumps
+from edgetune_testenv.demo.data import inference_request
 from tests.agent_support import CHANNELS, FakeS3, make_base, make_package, train
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ def assignment(world: dict[str, Any], name: str, **extra: Any) -> AdapterAssignm
 
 def request(seed: int = 0) -> list[dict[str, Any]]:
     x = np.random.default_rng(seed).normal(size=(2, CHANNELS, 48)).astype(np.float32)
-    return [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]
+    return inference_request(x)["inputs"]
 
 
 def sample(runtime: AgentRuntime, name: str, **labels: str) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class SensorData:
         return folder
 
 
-def inference_request(x: np.ndarray) -> dict[str, object]:
+def inference_request(x: np.ndarray) -> dict[str, list[dict[str, Any]]]:
     """An Open Inference Protocol request (JSON tensors) for a batch of series, as the agent takes it."""
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
 
