@@ -99,9 +99,7 @@ class Target:
             return False
         if a.mode == "shadow":
             return not self.confirms_shadow(a.sha256)
-        report = self.report
-        wanted = "" if a.base else a.sha256
-        return report is None or report.state != "Serving" or self.serving() != wanted
+        return not self.confirms("" if a.base else a.sha256)
 
     def serving(self) -> str | None:
         """The package digest the agent reports active ("" for the bare base); None before any report."""
