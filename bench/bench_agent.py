@@ -49,7 +49,7 @@ from tests.agent_support import BASE_HOST_PATH, CHANNELS, agent_pod, keypair, ma
 from tests.support import AGENT_IMAGE  # noqa: E402
 
 from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, REPORT_ANNOTATION, AdapterAssignment, dumps  # noqa: E402
-from edgetune_testenv import binaries  # noqa: E402
+from edgetune_testenv import chart  # noqa: E402
 from edgetune_testenv.cluster import ControlPlane  # noqa: E402
 from edgetune_testenv.demo.data import inference_request  # noqa: E402
 from edgetune_testenv.executor import LocalImage, PodExecutor  # noqa: E402
@@ -165,11 +165,7 @@ def end_to_end(tmp: Path, s3: S3Server, body: bytes, swaps: int) -> dict[str, An
         plane.add_nodes([cpu_node(node)])
         core = k8s.CoreV1Api(plane.api_client())
         plane.kubectl("create", "namespace", ns)
-        helm = binaries.binary(binaries.HELM, "helm")
-        chart = subprocess.run([str(helm), "template", "edgetune", str(REPO / "charts/edgetune"), "--show-only",
-                                "templates/agent.yaml", f"--set=agent.namespaces={{{ns}}}", "--kube-version=1.36.3"],
-                               capture_output=True, text=True, check=True).stdout  # fmt: skip
-        plane.kubectl("apply", "-f", "-", input_text=chart)
+        plane.kubectl("apply", "-f", "-", input_text=chart.render("agent.yaml", f"agent.namespaces={{{ns}}}"))
         base_dir = executor.node_root(node) / BASE_HOST_PATH.lstrip("/")
         base_sha = make_base(base_dir, seed=0)
         private, public = keypair(tmp / "e2e-keys", "signer")

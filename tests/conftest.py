@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from edgetune_testenv import chart
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import LocalImage, PodExecutor
 from edgetune_testenv.nodes import default_fleet
@@ -117,6 +118,10 @@ def fleet(hub_crds: ControlPlane, edge_a: ControlPlane, edge_b: ControlPlane) ->
     """edge-a (site factory) and edge-b (site farm), both region eu, registered on the hub as EdgeClusters."""
     planes = {"edge-a": edge_a, "edge-b": edge_b}
     hub_crds.kubectl("create", "namespace", "edgetune-system")
+    # What the chart installs on every cluster trainers run in: their ClusterRole and own-pod policy.
+    trainers = chart.render("trainer.yaml", "edgeAccess.enabled=true")
+    for plane in (hub_crds, edge_a, edge_b):
+        plane.kubectl("apply", "-f", "-", input_text=trainers)
     for name, plane in planes.items():
         hub_crds.kubectl("-n", "edgetune-system", "create", "secret", "generic", f"{name}-kubeconfig",
                          f"--from-file=kubeconfig={plane.kubeconfig}")  # fmt: skip

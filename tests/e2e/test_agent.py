@@ -8,7 +8,6 @@ swapped back; a load generator runs throughout and every request must succeed.
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from edgetune_api.assignment import ASSIGNMENT_ANNOTATION, READY_CONDITION, REPORT_ANNOTATION, AdapterReport
 from edgetune_api.delta import SIGNATURE, sign
-from edgetune_testenv import binaries
+from edgetune_testenv import chart
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.demo.data import inference_request
 from edgetune_testenv.executor import PodExecutor
@@ -44,7 +43,6 @@ from tests.agent_support import (
 from tests.support import eventually, new_namespace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 NODE = "factory-cpu-0"
 BUCKET = "agent-adapters"
 
@@ -119,11 +117,7 @@ def fleet(edge_a: ControlPlane, edge_a_executor: PodExecutor, s3: S3Server, prom
     f.executor = edge_a_executor
     f.ns = new_namespace(f.core, "agent")
     # The agent's RBAC and admission policy, from the chart.
-    helm = binaries.binary(binaries.HELM, "helm")
-    command = [str(helm), "template", "edgetune", str(REPO / "charts/edgetune"), "--show-only", "templates/agent.yaml",
-               f"--set=agent.namespaces={{{f.ns}}}", "--kube-version=1.36.3"]  # fmt: skip
-    manifests = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    edge_a.kubectl("apply", "-f", "-", input_text=manifests)
+    edge_a.kubectl("apply", "-f", "-", input_text=chart.render("agent.yaml", f"agent.namespaces={{{f.ns}}}"))
     # Base models on the node's disk, and adapters trained for real.
     base_dir = edge_a_executor.node_root(NODE) / BASE_HOST_PATH.lstrip("/")
     base_sha = make_base(base_dir, seed=0)

@@ -336,17 +336,29 @@ def test_helm_chart_installs_the_crds(edge_b: ControlPlane) -> None:
     for verb in ("update", "patch", "delete", "watch"):
         assert can(verb, "secrets", "-n", "team-a") == "no", verb
     assert can("get", "pods", "-n", "team-b") == "yes"  # what it needs elsewhere still works
+    assert can("bind", "clusterroles/edgetune-trainer") == "yes"  # hub trainers' identity
+    assert can("bind", "clusterroles/cluster-admin") == "no"
     # The hub's identity on an edge cluster writes trainers' credentials by name and reads no Secret,
-    # cannot exec into, attach to or port-forward pods, and cannot touch RBAC.
+    # cannot exec into, attach to or port-forward pods, and touches RBAC only to bind one role.
     hub = "--as=system:serviceaccount:edgetune-system:edgetune-hub"
     for verb in ("get", "list", "watch", "update", "patch"):
         assert can(verb, "secrets", "-n", "team-b", who=hub) == "no", verb
     assert can("create", "secrets", "-n", "team-b", who=hub) == "yes"
     assert can("delete", "secrets", "-n", "team-b", who=hub) == "yes"
-    for sub in ("pods/exec", "pods/attach", "pods/portforward"):
-        assert can("create", sub, "-n", "team-b", who=hub) == "no", sub
-    assert can("get", "pods/log", "-n", "team-b", who=hub) == "yes"  # edgeAccess.podLogs
-    assert can("create", "rolebindings", "-n", "team-b", who=hub) == "no"
+    for sub in ("exec", "attach", "portforward"):  # `pods/exec` would ask about a pod named exec
+        assert can("create", "pods", f"--subresource={sub}", "-n", "team-b", who=hub) == "no", sub
+    assert can("get", "pods", "--subresource=log", "-n", "team-b", who=hub) == "yes"  # edgeAccess.podLogs
+    # RBAC: RoleBindings for the trainers' identity, to the ClusterRole edgetune-trainer and no other
+    # (a binding to a role it may not bind is refused by the apiserver's escalation check).
+    assert can("create", "rolebindings", "-n", "team-b", who=hub) == "yes"
+    assert can("bind", "clusterroles/edgetune-trainer", who=hub) == "yes"
+    for role in ("clusterroles/cluster-admin", "clusterroles/edit", "roles/anything"):
+        assert can("bind", role, "-n", "team-b", who=hub) == "no", role
+    for verb in ("create", "update", "escalate"):
+        assert can(verb, "roles", "-n", "team-b", who=hub) == "no", verb
+    assert can("create", "clusterrolebindings", who=hub) == "no"
+    assert can("create", "serviceaccounts", "-n", "team-b", who=hub) == "yes"
+    assert can("create", "serviceaccounts", "--subresource=token", "-n", "team-b", who=hub) == "no"
     assert can("create", "jobs.batch", "-n", "team-b", who=hub) == "yes"
     crds = edge_b.kubectl("get", "crd", "-l", "app.kubernetes.io/name=edgetune", "-o", "name").stdout.split()
     assert sorted(crds) == [

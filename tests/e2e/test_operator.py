@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kubernetes import client as k8s
 
 from edgetune_api.delta import DeltaVerificationError, verify_signature
+from edgetune_api.trainer_config import PROGRESS_ANNOTATION, TrainerProgress
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.executor import PodExecutor
 from edgetune_testenv.faults import SlowProxy, Throttle
@@ -378,7 +379,7 @@ def test_bad_references_are_reported_on_the_job(
     hub_crds.kubectl("delete", "edgecluster", "shop-7")
 
 
-def test_suspend_holds_a_job_and_deletion_cleans_up_edge_clusters(
+def test_suspend_holds_a_job_its_live_progress_reaches_status_and_deletion_cleans_up_edge_clusters(
     operator_proc: OperatorProcess, tenant: Tenant, hub_crds: ControlPlane, fleet: dict[str, ControlPlane],
     edge_a_executor: PodExecutor, s3: S3Server,
 ) -> None:  # fmt: skip
@@ -386,11 +387,11 @@ def test_suspend_holds_a_job_and_deletion_cleans_up_edge_clusters(
     api, ns = tenant.api, tenant.namespace
     manifest = job_manifest("held", placement={"accelerator": "cpu", "clusterSelector": {
         "matchLabels": {"site": "factory"}}}, suspend=True)  # fmt: skip
-    manifest["spec"]["training"]["maxSteps"] = 400  # still running when deleted
+    manifest["spec"]["training"]["maxSteps"] = 4000  # still running when deleted
     create(api, ns, manifest)
     eventually(lambda: (get(api, ns, "held").get("status") or {}).get("phase") == "Suspended", what="Suspended")
     edge_api = fleet["edge-a"].api_client()
-    edge_batch = k8s.BatchV1Api(edge_api)
+    edge_batch, edge_core = k8s.BatchV1Api(edge_api), k8s.CoreV1Api(edge_api)
 
     def edge_jobs() -> list[Any]:
         try:
@@ -405,6 +406,53 @@ def test_suspend_holds_a_job_and_deletion_cleans_up_edge_clusters(
     eventually(edge_jobs, timeout=60, what="the trainer Job on edge-a")
     eventually(lambda: (get(api, ns, "held").get("status") or {}).get("phase") == "Training", timeout=120,
                what="Training")  # fmt: skip
+
+    # Live progress: the trainer writes it on its own pod, the operator carries it into the status
+    # while the trainer still trains (before, status.targets said nothing until it exited).
+    def progressed() -> dict[str, Any] | None:
+        status = get(api, ns, "held").get("status") or {}
+        targets = status.get("targets") or []
+        live = status.get("phase") == "Training" and targets and targets[0].get("step")
+        return targets[0] if live and targets[0].get("loss") is not None else None
+
+    target = eventually(progressed, timeout=120, what="a step and a loss in status.targets while training")
+    assert target["device"] == "cpu" and target["energyMethod"] and target["peakMemoryBytes"] > 0, target
+    pod = edge_core.list_namespaced_pod(ns, label_selector="edgetune.io/training-job=held").items[0]
+    written = TrainerProgress.model_validate_json(pod.metadata.annotations[PROGRESS_ANNOTATION])
+    assert written.step is not None and written.step >= target["step"]
+    assert pod.spec.service_account_name == "edgetune-trainer"
+    assert not [m for c in pod.spec.init_containers for m in c.volume_mounts or [] if m.name == "kube-api-access"]
+
+    # The trainer's token (bound to its pod) may write that annotation of its own pod, nothing else.
+    token = edge_core.create_namespaced_service_account_token("edgetune-trainer", ns, {"spec": {
+        "audiences": [], "expirationSeconds": 600,
+        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.metadata.name, "uid": pod.metadata.uid},
+    }}).status.token  # fmt: skip
+    config = k8s.Configuration()
+    config.host, config.ssl_ca_cert = fleet["edge-a"].server, str(fleet["edge-a"]._pki.ca.cert)
+    config.api_key = {"authorization": f"Bearer {token}"}
+    trainer = k8s.CoreV1Api(k8s.ApiClient(config))
+    other = edge_core.create_namespaced_pod(ns, {"metadata": {"name": "bystander"}, "spec": {
+        "nodeSelector": {"edgetune.io/none": "x"}, "containers": [{"name": "c", "image": "none"}]}})  # fmt: skip
+
+    def refused(call: Any) -> str:
+        with pytest.raises(k8s.ApiException) as info:
+            call()
+        assert info.value.status == 403, info.value
+        return str(info.value.body)
+
+    name = pod.metadata.name
+    trainer.patch_namespaced_pod(name, ns, {"metadata": {"annotations": {PROGRESS_ANNOTATION: '{"at": "now"}'}}})
+    assert "trainer-progress annotation" in refused(lambda: trainer.patch_namespaced_pod(
+        name, ns, {"metadata": {"annotations": {"edgetune.io/adapter": "{}"}}}))  # fmt: skip
+    relabel = {"metadata": {"labels": {"edgetune.io/training-job": "other"}}}
+    refused(lambda: trainer.patch_namespaced_pod(name, ns, relabel))
+    assert "only update its own pod" in refused(lambda: trainer.patch_namespaced_pod(
+        other.metadata.name, ns, {"metadata": {"annotations": {PROGRESS_ANNOTATION: '{"at": "now"}'}}}))  # fmt: skip
+    refused(lambda: trainer.delete_namespaced_pod(name, ns))  # RBAC: patch pods, nothing more
+    refused(lambda: trainer.list_namespaced_secret(ns))
+    edge_core.delete_namespaced_pod("bystander", ns)
+
     k8s.CustomObjectsApi(api).delete_namespaced_custom_object("edgetune.io", "v1alpha1", ns, "edgetrainingjobs", "held")
     eventually(lambda: edge_jobs() == [], timeout=60, what="the edge trainer Job to be deleted")
     eventually(lambda: not k8s.CoreV1Api(edge_api).list_namespaced_secret(

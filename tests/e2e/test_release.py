@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import subprocess
 import threading
 import time
 import urllib.request
@@ -26,7 +25,7 @@ import pytest
 from kubernetes import client as k8s
 
 from edgetune_api.assignment import REPORT_ANNOTATION, AdapterReport
-from edgetune_testenv import binaries
+from edgetune_testenv import chart
 from edgetune_testenv.cluster import ControlPlane
 from edgetune_testenv.demo.data import inference_request
 from edgetune_testenv.executor import PodExecutor
@@ -38,7 +37,6 @@ from tests.support import eventually
 from tests.trainer_support import sine_classes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "edgetune.io", "v1alpha1"
 EVAL_HOST_PATH = "/var/lib/edgetune/eval"
 BUCKET = "release-adapters"
@@ -123,10 +121,7 @@ def world(operator_proc: OperatorProcess, hub_crds: ControlPlane, fleet: dict[st
     w.hub_api = hub_crds.api_client()
     w.tmp, w.s3, w.prometheus, w.fleet = tmp, s3.client(), prometheus, fleet
     executors = {"edge-a": edge_a_executor, "edge-b": edge_b_executor}
-    helm = binaries.binary(binaries.HELM, "helm")
-    manifests = subprocess.run([str(helm), "template", "edgetune", str(REPO / "charts/edgetune"), "--show-only",
-                                "templates/agent.yaml", f"--set=agent.namespaces={{{w.ns}}}", "--kube-version=1.36.3"],
-                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    manifests = chart.render("agent.yaml", f"agent.namespaces={{{w.ns}}}")
     hub_crds.kubectl("create", "namespace", w.ns)
     private, public = keypair(tmp / "keys", "signer")
     # Adapters: one trained on the sites' data (good), one of random weights (bad); both signed.

@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from edgetune_api import EdgeTrainingJob
-from edgetune_api.trainer_config import TrainerConfig
+from edgetune_api.trainer_config import PROGRESS_ANNOTATION, TrainerConfig
 from edgetune_api.training_job import EdgeTrainingJobSpec
 from edgetune_operator.reconcile.training_job import (
     MAX_URL_SECONDS,
+    SA_DIR,
     JobRef,
     Target,
     child_name,
@@ -302,3 +303,64 @@ def test_a_retrying_trainer_says_why_its_last_attempt_failed() -> None:
     summary = summarize(_spec("trainingjob-gpu.yaml"), 1, EdgeTrainingJobStatus(), Observation(targets=[status]))
     training = next(c for c in summary.conditions if c.type == "Training")
     assert training.reason == "TrainerRetrying" and "StorageError: S3 upload refused: 403" in (training.message or "")
+
+
+def test_a_running_trainers_progress_on_its_pod_reaches_its_target_status() -> None:
+    """Before, a target's step, loss, memory and energy appeared only when the trainer exited."""
+    progress = {"step": 40, "loss": 0.31, "evalLoss": 0.4, "peakMemoryBytes": 9000, "energyJoules": 12.5,
+                "energyMethod": "estimate", "device": "cpu", "samples": 600, "at": "2026-12-07T10:00:10Z"}  # fmt: skip
+    older = {**progress, "step": 20, "at": "2026-12-07T10:00:00Z"}
+
+    def pod(name: str, value: dict[str, Any] | str, phase: str = "Running") -> dict[str, Any]:
+        raw = value if isinstance(value, str) else json.dumps(value)
+        return {"metadata": {"name": name, "annotations": {PROGRESS_ANNOTATION: raw}}, "spec": {"nodeName": "n1"},
+                "status": {"phase": phase}}  # fmt: skip
+
+    job = {"metadata": {"name": "j"}, "status": {"active": 1}}
+    status = observe_trainer(Target(), job, [pod("p1", older, "Failed"), pod("p2", progress)])
+    assert (status.phase, status.step, status.loss, status.eval_loss) == ("Training", 40, 0.31, 0.4)
+    assert (status.peak_memory_bytes, status.energy_joules, status.energy_method, status.device, status.samples) == (
+        9000, 12.5, "estimate", "cpu", 600)  # fmt: skip
+    # The newest of two running attempts; a malformed or out-of-range annotation changes nothing.
+    assert observe_trainer(Target(), job, [pod("a", progress), pod("b", older)]).step == 40
+    for bad in ("not json", json.dumps({**progress, "energyJoules": -1}), json.dumps({"step": 3})):
+        assert observe_trainer(Target(), job, [pod("p", bad)]).step is None
+    # Once the trainer exits, its summary is the word: the annotation is not read.
+    summary = json.dumps({"status": "Succeeded", "steps": 50, "deltaUri": "s3://b/p"})
+    done = {**pod("p", progress, "Succeeded"), **{"spec": {"nodeName": "n1"}}}
+    done["status"]["containerStatuses"] = _pod(summary)["status"]["containerStatuses"]
+    assert observe_trainer(Target(), {"metadata": {"name": "j"}, "status": {}}, [done]).step == 50
+
+
+def test_progress_alone_is_told_apart_from_changes_that_are_written_at_once() -> None:
+    from edgetune_api.training_job import EdgeTrainingJobStatus, TargetStatus  # noqa: PLC0415
+    from edgetune_operator.reconcile.status import progress_only  # noqa: PLC0415
+
+    old = EdgeTrainingJobStatus(phase="Training", targets=[TargetStatus(cluster="a", phase="Training", step=10)])
+    further = TargetStatus(cluster="a", phase="Training", step=20, loss=0.5, energy_joules=3.0)
+    moved = old.model_copy(update={"targets": [further], "energy": "3 J (estimate)"})
+    assert progress_only(old, moved)
+    finished = old.model_copy(update={"targets": [TargetStatus(cluster="a", phase="Packaging", step=20)]})
+    assert not progress_only(old, finished)
+    assert not progress_only(old, old.model_copy(update={"phase": "Packaging"}))
+    assert not progress_only(old, old.model_copy(update={"targets": [*old.targets, TargetStatus(cluster="b")]}))
+
+
+def test_trainers_get_a_pod_bound_token_in_the_trainer_container_only_when_given_an_account() -> None:
+    spec = _spec("trainingjob-gpu.yaml")
+    plain = trainer_job(spec, JOB, Target("local"), Settings(), default_profiles()["gpu"][0])["spec"]["template"]
+    assert "serviceAccountName" not in plain["spec"]
+    assert not [v for v in plain["spec"]["volumes"] if "projected" in v]
+    pod = trainer_job(spec, JOB, Target("local"), Settings(), default_profiles()["gpu"][0],
+                      service_account="edgetune-trainer")["spec"]["template"]["spec"]  # fmt: skip
+    assert pod["serviceAccountName"] == "edgetune-trainer" and pod["automountServiceAccountToken"] is False
+    (volume,) = [v for v in pod["volumes"] if "projected" in v]
+    sources = volume["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["expirationSeconds"] <= 3607
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+    (trainer,) = pod["containers"]
+    assert {"name": volume["name"], "mountPath": SA_DIR, "readOnly": True} in trainer["volumeMounts"]
+    assert not [m for m in pod["initContainers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"

@@ -589,3 +589,82 @@ def test_the_trainer_uses_the_accelerator_it_reserved_or_says_why_not(
     choice = choose(accelerator, allow_cpu_fallback=fallback, runtime_device=runtime, cuda=cuda)
     assert choice.device == expected.removesuffix("+warning")
     assert (choice.warning is not None) == expected.endswith("+warning")
+
+
+class _ApiServer(http.server.ThreadingHTTPServer):
+    """Answers PATCHes of pods with ``status`` and records them (the writer's side of the protocol;
+    the API server's side, with RBAC and the admission policy, is proven in tests/e2e/test_operator.py)."""
+
+    def __init__(self, status: int) -> None:
+        self.status, self.patches = status, list[dict[str, Any]]()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PATCH(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.patches.append({"path": self.path, "body": body, "type": self.headers["Content-Type"],
+                                       "auth": self.headers["Authorization"]})  # fmt: skip
+                self.send_response(server.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = self
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_progress_is_written_on_the_own_pod_at_most_every_interval_with_the_newest_values(tmp_path: Path) -> None:
+    from edgetune_api.own_pod import OwnPod  # noqa: PLC0415
+    from edgetune_api.trainer_config import PROGRESS_ANNOTATION, TrainerProgress  # noqa: PLC0415
+    from edgetune_trainer.progress import ProgressWriter  # noqa: PLC0415
+
+    (tmp_path / "token").write_text("tok-1\n")
+    api = _ApiServer(200)
+    own = OwnPod(namespace="ns", name="trainer-x", user_agent="t", server=f"http://127.0.0.1:{api.server_port}",
+                 sa_dir=tmp_path)  # fmt: skip
+    events: list[tuple[str, dict[str, Any]]] = []
+    writer = ProgressWriter(own, 0.5, lambda name, **fields: events.append((name, fields)))
+    writer.gauge("device_info", 1, device="cpu", requested="gpu")
+    started = time.monotonic()
+    for step in range(1, 31):  # 30 steps in ~1.5 s: three or four writes, not thirty
+        writer.gauge("step", step)
+        writer.gauge("loss", float("nan") if step == 30 else 1 / step)
+        writer.gauge("energy", step * 0.5, method="estimate")
+        time.sleep(0.05)
+
+    def newest() -> dict[str, Any]:
+        return dict(json.loads(api.patches[-1]["body"]["metadata"]["annotations"][PROGRESS_ANNOTATION]))
+
+    eventually(lambda: api.patches and newest()["step"] == 30, timeout=5, what="step 30 written")
+    writer.close()
+    elapsed = time.monotonic() - started
+    assert 2 <= len(api.patches) <= elapsed / 0.5 + 2, len(api.patches)
+    last = api.patches[-1]
+    assert last["path"] == "/api/v1/namespaces/ns/pods/trainer-x"
+    assert last["type"] == "application/strategic-merge-patch+json" and last["auth"] == "Bearer tok-1"
+    progress = TrainerProgress.model_validate_json(last["body"]["metadata"]["annotations"][PROGRESS_ANNOTATION])
+    assert (progress.step, progress.loss, progress.device, progress.energy_method) == (30, round(1 / 29, 6), "cpu",
+                                                                                      "estimate")  # fmt: skip
+    assert progress.energy_joules == 15.0 and not events
+    api.shutdown()
+
+
+def test_a_refused_progress_write_is_said_once_and_never_retried(tmp_path: Path) -> None:
+    from edgetune_api.own_pod import OwnPod  # noqa: PLC0415
+    from edgetune_trainer.progress import ProgressWriter  # noqa: PLC0415
+
+    (tmp_path / "token").write_text("tok")
+    api = _ApiServer(403)  # an older chart: no RoleBinding or no policy
+    own = OwnPod(namespace="ns", name="p", user_agent="t", server=f"http://127.0.0.1:{api.server_port}",
+                 sa_dir=tmp_path)  # fmt: skip
+    events: list[str] = []
+    writer = ProgressWriter(own, 0.05, lambda name, **fields: events.append(name))
+    for step in range(20):
+        writer.gauge("step", step)
+        time.sleep(0.02)
+    writer.close()
+    assert len(api.patches) == 1 and events == ["progress_unreportable"]
+    api.shutdown()

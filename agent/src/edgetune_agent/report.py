@@ -7,30 +7,25 @@ in its namespace; a ValidatingAdmissionPolicy (chart: ``agent-policy.yaml``) nar
 pod its token is bound to, and to those fields.
 
 Writing is asynchronous and coalescing: the newest report replaces an unsent one, failures are
-retried with backoff, and none of it ever blocks serving. urllib3 instead of the official
-client: three endpoints do not justify ~60 MB of generated models on an edge device.
+retried with backoff, and none of it ever blocks serving (``edgetune_api.own_pod`` does the HTTP).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import ssl
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import urllib3
 
 from edgetune_agent.metrics import AgentMetrics
 from edgetune_api.assignment import READY_CONDITION, REPORT_ANNOTATION, AdapterReport, dumps
+from edgetune_api.own_pod import SA_DIR, OwnPod, OwnPodError
 
 log = logging.getLogger("edgetune_agent.report")
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 COMPONENT = "edgetune-agent"
 
 
@@ -62,14 +57,8 @@ class PodReporter:
         token_path: Path | None = None, ca_path: Path | None = None,
     ) -> None:  # fmt: skip
         sa_dir = Path(os.environ.get("EDGETUNE_AGENT_SA_DIR", str(SA_DIR)))
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        self.server = server or (f"https://{host}:{port}" if host else "")
-        if ":" in (host or "") and not server:
-            self.server = f"https://[{host}]:{port}"
-        self.token_path = token_path or sa_dir / "token"
-        ca = ca_path or sa_dir / "ca.crt"
-        context = ssl.create_default_context(cafile=str(ca)) if ca.exists() else ssl.create_default_context()
-        self.http = urllib3.PoolManager(ssl_context=context, timeout=urllib3.Timeout(connect=3, read=10), retries=False)
+        self.own = OwnPod(namespace=namespace, name=pod, user_agent=COMPONENT, server=server, sa_dir=sa_dir,
+                          token_path=token_path, ca_path=ca_path)  # fmt: skip
         self.namespace, self.pod, self.uid = namespace, pod, uid
         self.metrics = metrics
         self._latest: AdapterReport | None = None
@@ -125,44 +114,23 @@ class PodReporter:
 
     # -- HTTP ------------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: dict[str, Any], content_type: str, kind: str) -> None:
-        token = self.token_path.read_text().strip()  # re-read: kubelet rotates bound tokens
+    def _counted(self, kind: str, write: Callable[[], None]) -> None:
         try:
-            resp = self.http.request(
-                method, self.server + path, body=json.dumps(body).encode(),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": content_type,
-                         "Accept": "application/json", "User-Agent": COMPONENT},
-            )  # fmt: skip
-        except urllib3.exceptions.HTTPError as exc:
+            write()
+        except OwnPodError as exc:
             self.metrics.reports_failed.labels(kind).inc()
-            raise ConnectionError(f"{method} {path}: {exc}") from exc
-        if resp.status >= 300:
-            self.metrics.reports_failed.labels(kind).inc()
-            raise PermissionError(f"{method} {path}: HTTP {resp.status}: {resp.data[:300]!r}")
+            raise (PermissionError if exc.status else ConnectionError)(str(exc)) from exc
 
     def _write_report(self, report: AdapterReport) -> None:
-        pod_path = f"/api/v1/namespaces/{self.namespace}/pods/{self.pod}"
-        self._request("PATCH", pod_path, {"metadata": {"annotations": {REPORT_ANNOTATION: dumps(report)}}},
-                      "application/strategic-merge-patch+json", "annotation")  # fmt: skip
+        self._counted("annotation", lambda: self.own.annotate({REPORT_ANNOTATION: dumps(report)}))
         condition = ready_condition(report)
         if condition != self._condition:
             if self._condition is None or condition[0] != self._condition[0]:
                 self._transition = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             status, reason, message = condition
-            body = {
-                "status": {
-                    "conditions": [
-                        {
-                            "type": READY_CONDITION,
-                            "status": status,
-                            "reason": reason,
-                            "message": message[:1000],
-                            "lastTransitionTime": self._transition,
-                        }
-                    ]
-                }
-            }
-            self._request("PATCH", pod_path + "/status", body, "application/strategic-merge-patch+json", "condition")
+            conditions = [{"type": READY_CONDITION, "status": status, "reason": reason, "message": message[:1000],
+                           "lastTransitionTime": self._transition}]  # fmt: skip
+            self._counted("condition", lambda: self.own.patch_status({"conditions": conditions}))
             self._condition = condition
 
     def _write_event(self, event: tuple[str, str, str]) -> None:
@@ -177,4 +145,4 @@ class PodReporter:
             "firstTimestamp": stamp, "lastTimestamp": stamp,
             "source": {"component": COMPONENT}, "reportingComponent": COMPONENT, "reportingInstance": self.pod,
         }  # fmt: skip
-        self._request("POST", f"/api/v1/namespaces/{self.namespace}/events", body, "application/json", "event")
+        self._counted("event", lambda: self.own.create_event(body))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, StringConstraints
 
 from edgetune_api.meta import ApiModel
 from edgetune_api.training_job import (
@@ -119,11 +119,46 @@ class TrainerRuntime(ApiModel):
     """Power assumed per busy CPU core when no meter is readable; results are labelled estimate."""
     threads: Annotated[int, Field(ge=0)] = 0
     """torch CPU threads; 0 keeps torch's default."""
+    progress_seconds: Annotated[float, Field(ge=0)] = 10.0
+    """While training, the trainer writes its progress (``TrainerProgress``) into its own pod's
+    ``edgetune.io/trainer-progress`` annotation at most this often, when it runs in a pod with a
+    service-account token (the operator's trainers); 0 turns it off."""
     baseline: Baseline | None = None
     """A baseline run by hand instead of an adapter: train the output head alone (``head``) or every
     weight of the base (``full``) with the same data, split, loop and budgets, and report its
     metrics; nothing is packaged. Shows what LoRA recovers against a linear probe and against full
     fine-tuning (docs/trainer.md)."""
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+PROGRESS_ANNOTATION = "edgetune.io/trainer-progress"
+"""The annotation a running trainer keeps its ``TrainerProgress`` in (JSON), on its own pod."""
+
+
+class TrainerProgress(ApiModel):
+    """How far a running trainer is: written on its own pod while it trains, read by the operator
+    into the job's ``status.targets`` (the termination summary supersedes it when the trainer exits)."""
+
+    model_config = ConfigDict(**{**ApiModel.model_config, "extra": "ignore"})  # a newer trainer may say more
+
+    step: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps done."""
+    loss: Finite | None = None
+    """Latest training loss."""
+    eval_loss: Finite | None = None
+    """Latest evaluation loss."""
+    samples: Annotated[int, Field(ge=0)] | None = None
+    """Samples found on the node."""
+    peak_memory_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Peak memory so far (the accelerator's, or the process's on the CPU)."""
+    energy_joules: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    """Energy used so far."""
+    energy_method: Annotated[str, StringConstraints(max_length=32)] | None = None
+    """How energy is measured (nvml, rapl, jetson, estimate)."""
+    device: Annotated[str, StringConstraints(max_length=32)] | None = None
+    """The device it trains on (gpu or cpu)."""
+    at: Annotated[str, StringConstraints(max_length=32)]
+    """When this was written (RFC 3339, UTC)."""
 
 
 class UploadPolicy(ApiModel):

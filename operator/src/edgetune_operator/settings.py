@@ -63,6 +63,14 @@ class Settings(BaseModel):
     """Retries of a trainer pod (each resumes from its last checkpoint)."""
     termination_grace_seconds: Annotated[int, Field(ge=1)] = 60
     """Time a trainer gets after SIGTERM to write its checkpoint."""
+    trainer_service_account: str = "edgetune-trainer"
+    """ServiceAccount of trainer pods, created with a RoleBinding to the ClusterRole of the same name
+    in each namespace trainers run in (on every cluster); its token only lets a trainer write its
+    progress annotation on its own pod (the chart's edgetune-trainer-own-pod policy). Empty: trainers
+    get no token, and a job's status shows progress only when each trainer exits."""
+    progress_seconds: Annotated[float, Field(ge=0)] = 10.0
+    """How often a running trainer writes its progress on its pod, and how often progress alone
+    (step, loss, memory, energy) may cause a job's status write (other changes are written at once)."""
     mlflow_tracking_uri: str | None = None
     """MLflow tracking server the operator registers adapters in (and trainers may read base models from)."""
     s3_endpoint: str | None = None

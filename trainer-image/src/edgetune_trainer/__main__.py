@@ -156,7 +156,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:  # noqa: PLR0915 - the whole r
     reporter = Reporter(
         job=rt.job_name or "adhoc", namespace=rt.job_namespace or "", cluster=rt.cluster,
         node=rt.node or os.uname().nodename,  # outside Kubernetes
-        metrics_port=rt.metrics_port, pushgateway_url=rt.pushgateway_url,
+        metrics_port=rt.metrics_port, pushgateway_url=rt.pushgateway_url, progress_seconds=rt.progress_seconds,
     )  # fmt: skip
 
     class _Report:

@@ -1,5 +1,6 @@
 """How the trainer tells the world what it does: JSON lines on stdout, Prometheus metrics
-(served and/or pushed), and a JSON summary in the termination-message file on exit."""
+(served and/or pushed), its progress on its own pod while it trains (``progress``), and a JSON
+summary in the termination-message file on exit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from prometheus_client import push_to_gateway, start_http_server
 
 from edgetune_trainer.metrics import TrainerMetrics
+from edgetune_trainer.progress import ProgressWriter
 
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 PUSH_INTERVAL_SECONDS = 5.0
@@ -31,6 +33,7 @@ class Reporter:
         metrics_port: int = 0,
         pushgateway_url: str | None = None,
         push_interval: float = PUSH_INTERVAL_SECONDS,
+        progress_seconds: float = 0.0,
     ) -> None:
         self.metrics = TrainerMetrics()
         self.labels = {"job": job, "namespace": namespace, "cluster": cluster, "node": node}
@@ -44,6 +47,7 @@ class Reporter:
             self._pusher = threading.Thread(target=self._push_every, args=(push_interval,), name="metrics-push",
                                             daemon=True)  # fmt: skip
             self._pusher.start()
+        self.progress = ProgressWriter.in_pod(progress_seconds, self.event)
 
     def _push_every(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -56,6 +60,8 @@ class Reporter:
 
     def gauge(self, name: str, value: float, **extra: str) -> None:
         getattr(self.metrics, name).labels(**self.labels, **extra).set(value)
+        if self.progress is not None:
+            self.progress.gauge(name, value, **extra)
 
     def push(self) -> None:
         if not self.pushgateway_url:
@@ -70,6 +76,8 @@ class Reporter:
             self.event("pushgateway_unreachable", error=str(exc))
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         self._stop.set()
         if self._pusher is not None:
             self._pusher.join(timeout=10)

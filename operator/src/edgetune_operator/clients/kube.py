@@ -286,7 +286,10 @@ TRAINING_JOBS = Resource(f"{GROUP}/{VERSION}", "edgetrainingjobs")
 EDGE_CLUSTERS = Resource(f"{GROUP}/{VERSION}", "edgeclusters", namespaced=False)
 ADAPTER_RELEASES = Resource(f"{GROUP}/{VERSION}", "adapterreleases")
 LEASES = Resource("coordination.k8s.io/v1", "leases")
-KIND_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Secret": SECRETS, "Job": JOBS, "Namespace": NAMESPACES, "Lease": LEASES}
+SERVICE_ACCOUNTS = Resource("v1", "serviceaccounts")
+ROLE_BINDINGS = Resource("rbac.authorization.k8s.io/v1", "rolebindings")
+KIND_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Secret": SECRETS, "Job": JOBS, "Namespace": NAMESPACES, "Lease": LEASES,
+                  "ServiceAccount": SERVICE_ACCOUNTS, "RoleBinding": ROLE_BINDINGS}  # fmt: skip
 
 
 class Kube:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter as Tally
@@ -39,6 +40,7 @@ from edgetune_operator import metrics
 from edgetune_operator.clients import object_store
 from edgetune_operator.clients.kube import (
     EDGE_CLUSTERS,
+    FIELD_MANAGER,
     JOBS,
     NODES,
     PODS,
@@ -66,7 +68,7 @@ from edgetune_operator.controllers.workqueue import WorkQueue
 from edgetune_operator.delta.trust import verify_trained
 from edgetune_operator.reconcile import placement, registration
 from edgetune_operator.reconcile.placement import Node
-from edgetune_operator.reconcile.status import Observation, same, summarize, transitions
+from edgetune_operator.reconcile.status import Observation, progress_only, same, summarize, transitions
 from edgetune_operator.reconcile.training_job import (
     ANNOTATION_CLUSTER,
     ANNOTATION_NODE,
@@ -118,6 +120,11 @@ Issuer = Callable[[Target], dict[str, bytes]]
 """Gives one trainer its credentials Secret's data."""
 
 
+IDENTITY_SECONDS = 600.0
+"""How long trainers' ServiceAccount and RoleBinding in a namespace are taken to exist without
+asking again (a namespace deleted and made again gets them back within this time)."""
+
+
 class TrainingJobController:
     def __init__(
         self, settings: Settings, clusters: Clusters, *, s3_factory: Callable[[str | None, dict[str, str]], Any],
@@ -142,6 +149,11 @@ class TrainingJobController:
         """uid -> consecutive failed attempts (reconcile errors, or S3/MLflow holding it up)."""
         self._retry_at: dict[str, float] = {}
         """uid -> monotonic time before which a job held up by S3/MLflow is not retried."""
+        self._written_at: dict[str, float] = {}
+        """uid -> monotonic time of the job's last status write (progress alone waits progress_seconds)."""
+        self._trainer_identities: dict[tuple[str, str], float] = {}
+        """(cluster, namespace) -> monotonic time the trainers' ServiceAccount and RoleBinding were
+        last ensured there."""
         self.queue: WorkQueue | None = None
         self.stop = threading.Event()
 
@@ -314,11 +326,17 @@ class TrainingJobController:
             self._polled[job.uid] = (time.monotonic(), False)
             return new
         if not same(old, new):
-            written = self.hub.replace_status(TRAINING_JOBS, job.name, job.namespace, new.to_wire())
-            if written.get("metadata", {}).get("uid") == job.uid:
-                self._remember(written)  # the next reconcile starts from what we wrote, not an older event
-            for reason, message, warning in transitions(old, new):
-                self.hub.event(body, reason=reason, message=message, warning=warning)
+            wait = self._progress_wait(job.uid) if progress_only(old, new) else 0.0
+            if wait > 0:  # running trainers' progress alone: written at most every progress_seconds
+                if self.queue is not None:
+                    self.queue.put_after((job.namespace, job.name), wait)
+            else:
+                written = self.hub.replace_status(TRAINING_JOBS, job.name, job.namespace, new.to_wire())
+                self._written_at[job.uid] = time.monotonic()
+                if written.get("metadata", {}).get("uid") == job.uid:
+                    self._remember(written)  # the next reconcile starts from what we wrote, not an older event
+                for reason, message, warning in transitions(old, new):
+                    self.hub.event(body, reason=reason, message=message, warning=warning)
         self._count_phase(job.uid, new.phase or "Pending")
         # Children are watched; what no watch reports is a cluster coming back, nodes or data appearing.
         needs_polling = not obs.targets or bool(obs.unreachable or obs.waiting or obs.start_error or obs.paused)
@@ -422,8 +440,12 @@ class TrainingJobController:
         except Exception:
             log.exception("could not report the reconcile error")
 
+    def _progress_wait(self, uid: str) -> float:
+        return self.settings.progress_seconds - (time.monotonic() - self._written_at.get(uid, -math.inf))
+
     def forget(self, uid: str) -> None:
         self._locks.forget(uid)
+        self._written_at.pop(uid, None)
         self._phases.pop(uid, None)
         self._polled.pop(uid, None)
         self._failures.pop(uid, None)
@@ -568,6 +590,7 @@ class TrainingJobController:
         issue = credentials()
         if cluster != LOCAL:
             kube.ensure_namespace(job.namespace)
+        identity = self._trainer_identity(cluster, kube, job.namespace)
         created = []
         for node, profile, candidates in plan.targets:
             target = Target(cluster, node)
@@ -582,8 +605,41 @@ class TrainingJobController:
                 raise ConfigurationError(f"the operator may not create Secret {job.namespace}/"
                                          f"{secret['metadata']['name']} on {cluster}: add {job.namespace} to the "
                                          "chart's operator.secretNamespaces") from None  # fmt: skip
-            created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates=candidates)))
+            created.append(kube.create(trainer_job(spec, job, target, self.settings, profile, candidates=candidates,
+                                                   service_account=identity)))  # fmt: skip
         return created
+
+    def _trainer_identity(self, cluster: str, kube: Kube, namespace: str) -> str | None:
+        """The trainers' ServiceAccount in ``namespace`` on ``cluster``, with its RoleBinding to the
+        ClusterRole of the same name (the chart's: patch pods, narrowed by its admission policy to
+        the trainer's own progress annotation); ensured at most every IDENTITY_SECONDS. None when
+        live progress is turned off, or the operator may not create them (trainers then run without
+        a token, and report when they exit)."""
+        name = self.settings.trainer_service_account
+        if not name:
+            return None
+        key = (cluster, namespace)
+        if time.monotonic() - self._trainer_identities.get(key, -math.inf) < IDENTITY_SECONDS:
+            return name
+        labels = {"app.kubernetes.io/name": "edgetune", "app.kubernetes.io/managed-by": FIELD_MANAGER}
+        try:
+            kube.create_unread({"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+                                "metadata": {"name": name, "namespace": namespace, "labels": labels}})  # fmt: skip
+            kube.create_unread({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            })  # fmt: skip
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            log.warning("cluster %s: may not create ServiceAccount/RoleBinding %s in %s (%s): its trainers run "
+                        "without a token and report progress only when they exit (the chart's RBAC allows it)",
+                        cluster, name, namespace, exc)  # fmt: skip
+            return None
+        self._trainer_identities[key] = time.monotonic()
+        return name
 
     def _credentials(self, spec: EdgeTrainingJobSpec, job: JobRef) -> Issuer:
         """What each trainer of the job gets in its own Secret, and nothing that would work for

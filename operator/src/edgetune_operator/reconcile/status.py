@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from edgetune_api.training_job import EdgeTrainingJobSpec, EdgeTrainingJobStatus, TargetStatus, TrainingResult
-from edgetune_operator.reconcile.training_job import RETRYING, set_condition
+from edgetune_operator.reconcile.training_job import PROGRESS_FIELDS, RETRYING, set_condition
 
 FINISHED = ("Succeeded", "Failed")
 WARNING_CONDITIONS = {("Failed", "True"), ("ClustersReachable", "False")}
@@ -253,3 +253,16 @@ def same(a: EdgeTrainingJobStatus, b: EdgeTrainingJobStatus) -> bool:
     return a.model_dump(exclude={"conditions"}) == b.model_dump(exclude={"conditions"}) and [
         (c.type, c.status, c.reason, c.message, c.observed_generation) for c in a.conditions
     ] == [(c.type, c.status, c.reason, c.message, c.observed_generation) for c in b.conditions]
+
+
+def progress_only(old: EdgeTrainingJobStatus, new: EdgeTrainingJobStatus) -> bool:
+    """Whether ``new`` differs from ``old`` in running trainers' progress alone (step, loss, memory,
+    energy and the sums of them): a change the operator may write later, at most every
+    ``progress_seconds`` per job, while every other change is written at once."""
+    if len(old.targets) != len(new.targets):
+        return False
+    carried = [
+        n.model_copy(update={name: getattr(o, name) for name in PROGRESS_FIELDS})
+        for o, n in zip(old.targets, new.targets, strict=True)
+    ]
+    return same(old, new.model_copy(update={"targets": carried, "energy": old.energy, "devices": old.devices}))

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from edgetune_api.meta import API_VERSION, Condition, parse_duration
-from edgetune_api.trainer_config import TrainerConfig, TrainerRuntime, TrainerSpec
+from edgetune_api.trainer_config import PROGRESS_ANNOTATION, TrainerConfig, TrainerProgress, TrainerRuntime, TrainerSpec
 from edgetune_api.training_job import DataSource, EdgeTrainingJobSpec, TargetStatus
 from edgetune_operator.settings import AcceleratorProfile, Settings
 
@@ -39,6 +41,9 @@ LABEL_TARGET = "edgetune.io/target"
 LABEL_JOB_UID = "edgetune.io/training-job-uid"
 ANNOTATION_CLUSTER = "edgetune.io/target-cluster"
 ANNOTATION_NODE = "edgetune.io/target-node"
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Where the trainer container (only it, not its init container) gets its pod-bound token and CA."""
+TOKEN_SECONDS = 3607
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ def trainer_config(spec: EdgeTrainingJobSpec, job: JobRef, target: Target, setti
             base_files_path=f"{CREDENTIALS_DIR}/{BASE_FILES}" if spec.base_model.remote else None,
             base_dir=BASE_DIR if spec.base_model.node_path else None,
             pushgateway_url=settings.pushgateway_url,
+            progress_seconds=settings.progress_seconds if settings.trainer_service_account else 0.0,
             job_namespace=job.namespace,
             job_name=job.name,
             job_uid=job.uid,
@@ -247,10 +253,13 @@ def trainer_job(
     profile: AcceleratorProfile,
     *,
     candidates: list[str] | None = None,
+    service_account: str | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs one trainer: budgets as resources and deadline, the accelerator
     profile as requests, node selector and tolerations, a locked-down pod, data mounted read-only.
-    ``candidates`` (nodes holding enough data) become a required node affinity."""
+    ``candidates`` (nodes holding enough data) become a required node affinity. With
+    ``service_account`` the trainer container alone gets that account's token, bound to the pod,
+    to write its progress on its pod; without, no token at all."""
     labels = _labels(job, target, settings)
     resources: dict[str, dict[str, str]] = {
         "requests": {"memory": spec.budgets.memory, "cpu": "500m"},
@@ -272,9 +281,24 @@ def trainer_job(
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},  # noqa: S108
         {"name": "EDGETUNE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
     ]
+    volumes, mounts = _volumes(spec, job, target, settings), _mounts(spec)
+    if service_account:
+        env += [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "EDGETUNE_TRAINER_SA_DIR", "value": SA_DIR},  # the default, spelled out for remapping runtimes
+        ]
+        volumes.append({"name": "kube-api-access", "projected": {"defaultMode": 0o440, "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_SECONDS}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        ]}})  # fmt: skip
+        mounts.append({"name": "kube-api-access", "mountPath": SA_DIR, "readOnly": True})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,  # the trainer never talks to the Kubernetes API
+        **({"serviceAccountName": service_account} if service_account else {}),
+        # Not automounted: the token is mounted into the trainer container alone (volumes above),
+        # never into the init container that runs as root.
+        "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": {
             "runAsNonRoot": True,
@@ -318,12 +342,12 @@ def trainer_job(
                     "readOnlyRootFilesystem": True,
                     "capabilities": {"drop": ["ALL"]},
                 },
-                "volumeMounts": _mounts(spec),
+                "volumeMounts": mounts,
                 "terminationMessagePath": TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
-        "volumes": _volumes(spec, job, target, settings),
+        "volumes": volumes,
     }  # fmt: skip
     job_spec: dict[str, Any] = {
         "backoffLimit": settings.backoff_limit,
@@ -405,6 +429,28 @@ def _pod_phase(pod: dict[str, Any]) -> str | None:
     return phase
 
 
+PROGRESS_FIELDS = ("step", "loss", "eval_loss", "samples", "peak_memory_bytes", "energy_joules", "energy_method",
+                   "device")  # fmt: skip
+"""What a running trainer's progress annotation carries into its ``TargetStatus``."""
+
+
+def live_progress(pods: list[dict[str, Any]]) -> TrainerProgress | None:
+    """The newest progress a running trainer wrote on its pod; a malformed one is ignored (it is the
+    trainer's word: it can make the status no worse than the trainer's own summary would)."""
+    newest: TrainerProgress | None = None
+    for pod in pods:
+        raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION)
+        if not raw or _pod_phase(pod) != "Running":
+            continue
+        try:
+            progress = TrainerProgress.model_validate_json(raw)
+        except ValidationError:
+            continue
+        if newest is None or progress.at > newest.at:
+            newest = progress
+    return newest
+
+
 def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> TargetStatus:
     """One trainer's status from its Job and the Job's pods (as the apiserver returns them)."""
     status = TargetStatus(cluster=target.cluster, node=target.node)
@@ -459,6 +505,11 @@ def observe_trainer(target: Target, job: dict[str, Any] | None, pods: list[dict[
         if attempts and summary and summary.get("status") != "Succeeded":
             status.message = (f"{RETRYING}: {attempts} attempt(s) failed, the last with {summary.get('reason')}: "
                               f"{summary.get('message')}")[:4096]  # fmt: skip
+        # While it trains, the trainer's own word on its pod (a retried one's supersedes the last summary).
+        if status.phase == "Training" and (progress := live_progress(live)) is not None:
+            for name in PROGRESS_FIELDS:
+                if (value := getattr(progress, name)) is not None:
+                    setattr(status, name, value)
     elif (job.get("spec") or {}).get("suspend"):
         status.phase = "Suspended"
     return status
