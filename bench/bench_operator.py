@@ -1,30 +1,42 @@
 """Benchmark the operator: EdgeTrainingJob applied -> trainer pod bound to a node, at one job and at
-many jobs in flight; operator memory; reconcile throughput.
+many jobs in flight; operator memory; API requests per job; reconcile throughput — on two paths.
 
-Run with ``.venv/bin/python bench/bench_operator.py [--quick]``. Prints one JSON line with
-``pod_bound_p50_s_1job``, ``pod_bound_p99_s_1job``, ``pod_bound_p99_s_1000jobs``,
-``operator_peak_rss_mb_1000jobs``, ``reconciles_per_s`` (plus the sizes used).
+Run with ``.venv/bin/python bench/bench_operator.py [--quick] [--path happy|failure|both]``. Prints
+one JSON object as its last line: every figure of a path under ``happy_…`` or ``failure_…``
+(``pod_bound_p50_s_1job``, ``pod_bound_p99_s_1job``, ``pod_bound_p99_s_1000jobs``,
+``operator_vs_bare_p99_ratio_1000jobs``, ``api_requests_per_job``, ``operator_peak_rss_mb_1000jobs``,
+``reconciles_per_s``, …), and the headline ``happy_api_requests_per_job``, ``happy_p99_ratio`` and
+``happy_rss_mb``.
 
-What runs: one real control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)
-with N kwok nodes, the CRDs, and the operator as a process (``python -m edgetune_operator``).
-Trainer pods are not executed (kwok marks them Running), so the numbers are the control path:
-operator reconcile -> Job -> controller-manager creates the pod -> scheduler binds it.
-Single jobs are measured client-side: from the create call returning to the first watch event that
-shows ``spec.nodeName``. The bursts (``*_1000*`` keys) are measured server-side: from the owner's
-creationTimestamp (plain Job or EdgeTrainingJob) to the pod's PodScheduled transition, both whole
-seconds, which a watch falling behind under load cannot distort (the client-side figures are kept
-as ``*_watch_*``).
+What runs, per path: one real control plane (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler) with N kwok nodes, the CRDs, a real S3 server, and the operator as a process
+(``python -m edgetune_operator``). Single jobs are measured client-side: from the create call
+returning to the first watch event that shows ``spec.nodeName``. The bursts (``*_1000*`` keys) are
+measured server-side: from the owner's creationTimestamp (plain Job or EdgeTrainingJob) to the pod's
+PodScheduled transition, both whole seconds, which a watch falling behind under load cannot distort
+(the client-side figures are kept as ``*_watch_*``).
+
+- **happy**: jobs that succeed, as a user's do. A trainer double plays the kubelet for trainer pods
+  (kwok leaves them alone): it marks the pod Running, writes the progress annotation a trainer writes
+  when it starts, reads the trainer's Secret as the trainer would (its config, upload policy and
+  derived key), trains for ``--train-seconds`` (sleeps), builds a tiny real package with the
+  trainer's own packaging code (the job's encoding, signed with the derived key), uploads it with the
+  presigned policy and ends the pod Succeeded with the trainer's summary as its termination message.
+  The operator then verifies the package, counter-signs it and registers it in a real MLflow: every
+  job ends ``Succeeded`` (the run fails otherwise).
+- **failure**: kwok completes trainer pods without running them, so no package is produced,
+  verified or registered and no ``Training`` status is written: each job ends ``Failed``
+  (``VerificationFailed``) — the cheapest path, kept for comparison.
+
 ``--quick``: 100 nodes and 100 jobs (same keys; the 1000-job keys then describe 100 jobs, and
 ``jobs`` says so). ``--smoke``: 10 nodes, 5 jobs, 3 single jobs (checks the script).
-
-Every job here takes the **failure path**: kwok completes the trainer pods without running them, so
-no package is produced, verified or registered, and no ``Training`` status is written (``path`` in
-the output says so). The figures are the control path's cost, not a successful job's.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import re
 import statistics
@@ -33,25 +45,38 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kubernetes import client as k8s
 
-from edgetune_operator.clients.kube import PODS, Kube, KubeError, UnreachableError
-from edgetune_testenv.cluster import ControlPlane
+from edgetune_api.delta import TRAINER_SIGNATURE, Lineage
+from edgetune_api.trainer_config import PROGRESS_ANNOTATION, TrainerConfig, UploadPolicy
+from edgetune_operator.clients.kube import PODS, SECRETS, Kube, KubeError, UnreachableError
+from edgetune_testenv.cluster import EXECUTOR_LABEL, ControlPlane
 from edgetune_testenv.nodes import scale_fleet
 from edgetune_testenv.operator_proc import OperatorProcess
 from edgetune_testenv.procs import cpu_seconds, memory_mb
-from edgetune_testenv.servers import S3Server
+from edgetune_testenv.servers import MlflowServer, S3Server
+from edgetune_trainer import package
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL = "edgetune.io/training-job"
+LABEL_UID = "edgetune.io/training-job-uid"
 
 
-def manifest(name: str) -> dict[str, Any]:
+SIGNING_SECRET = "bench-signing-key"  # noqa: S105 - a Secret's name
+
+
+def manifest(name: str, *, signed: bool) -> dict[str, Any]:
+    output: dict[str, Any] = {"s3": {"bucket": "adapters"}, "mlflow": {"registeredModel": "bench"}}
+    if signed:  # as a careful user's jobs are: trainers sign with a derived key, the hub counter-signs
+        output["signingKeySecretRef"] = {"name": SIGNING_SECRET, "key": "key.pem"}
     return {
         "apiVersion": "edgetune.io/v1alpha1", "kind": "EdgeTrainingJob", "metadata": {"name": name},
         "spec": {
@@ -59,41 +84,36 @@ def manifest(name: str) -> dict[str, Any]:
             "data": {"source": {"hostPath": "/var/lib/edgetune/data"}, "format": "npy"},
             "budgets": {"memory": "1Gi"},
             "placement": {"accelerator": "any"},
-            "output": {"s3": {"bucket": "adapters"}, "mlflow": {"registeredModel": "bench"}},
+            "output": output,
         },
     }  # fmt: skip
 
 
-class BoundWatch:
-    """Records when each trainer pod (by job name) is first seen bound to a node. Plain JSON through
-    the operator's small client, resumed from the last resourceVersion: the official client's watch
-    turns every event into model objects, and under the burst that fell minutes behind the API
-    server (and took CPU from it) — the burst keys are server-side for that reason."""
+class PodWatch:
+    """Calls ``_saw`` with every pod matching ``selector`` in namespace bench, listed, then watched.
+    Plain JSON through the operator's small client, resumed from the last resourceVersion: the
+    official client's watch turns every event into model objects, and under the burst that fell
+    minutes behind the API server (and took CPU from it) — the burst keys are server-side for that
+    reason."""
 
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, selector: str) -> None:
         self.kube = Kube.from_kubeconfig_dict(yaml.safe_load(plane.kubeconfig.read_text()), "bench")
-        self.bound: dict[str, float] = {}
-        self.cond = threading.Condition()
+        self.selector = selector
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
     def _saw(self, pod: dict[str, Any]) -> None:
-        if (pod.get("spec") or {}).get("nodeName"):
-            job = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL)
-            with self.cond:
-                self.bound.setdefault(job, time.monotonic())
-                self.cond.notify_all()
+        raise NotImplementedError
 
     def _run(self) -> None:
         version = None
         while not self._stop:
             try:
                 if version is None:
-                    items, version = self.kube.list_versioned(PODS, selector=LABEL)
+                    items, version = self.kube.list_versioned(PODS, selector=self.selector)
                     for pod in items:
                         self._saw(pod)
-                for event in self.kube.watch(PODS, "bench", selector=LABEL, resource_version=version,
+                for event in self.kube.watch(PODS, "bench", selector=self.selector, resource_version=version,
                                              timeout_seconds=240):  # fmt: skip
                     obj = event.get("object") or {}
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
@@ -107,6 +127,26 @@ class BoundWatch:
                 print(f"bench watch restarted: {exc}"[:300], file=sys.stderr, flush=True)
                 version = None
 
+    def stop(self) -> None:
+        self._stop = True
+
+
+class BoundWatch(PodWatch):
+    """Records when each trainer pod (by job name) is first seen bound to a node."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        super().__init__(plane, LABEL)
+        self.bound: dict[str, float] = {}
+        self.cond = threading.Condition()
+        self.thread.start()
+
+    def _saw(self, pod: dict[str, Any]) -> None:
+        if (pod.get("spec") or {}).get("nodeName"):
+            job = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL)
+            with self.cond:
+                self.bound.setdefault(job, time.monotonic())
+                self.cond.notify_all()
+
     def wait(self, names: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -117,8 +157,94 @@ class BoundWatch:
                     raise TimeoutError(f"{len(missing)} pods never bound, e.g. {missing[:5]}")
                 self.cond.wait(left)
 
+
+class TrainerDouble(PodWatch):
+    """Plays the kubelet and the trainer for trainer pods (``EXECUTOR_LABEL=bench``; kwok leaves those
+    alone), doing what a trainer that succeeds does on the API server and S3, with a tiny package
+    built by the trainer's own code. Plain Jobs' pods (the baseline) are run to Succeeded without a
+    package. Its requests are the bench's, not the operator's (the audit counts the operator's only)."""
+
+    def __init__(self, plane: ControlPlane, train_seconds: float, workdir: Path, threads: int = 8) -> None:
+        super().__init__(plane, f"{EXECUTOR_LABEL}=bench")
+        self.writer = Kube.from_kubeconfig_dict(yaml.safe_load(plane.kubeconfig.read_text()), "bench-double")
+        self.train_seconds, self.workdir = train_seconds, workdir
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="trainer-double")
+        self.seen: set[str] = set()
+        self.errors: list[str] = []
+        self.thread.start()
+
+    def _saw(self, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        if (pod.get("spec") or {}).get("nodeName") and (pod.get("status") or {}).get("phase") == "Pending" \
+                and name not in self.seen:  # fmt: skip
+            self.seen.add(name)
+            self.pool.submit(self._trainer, pod)
+
+    def _status(self, name: str, status: dict[str, Any]) -> None:
+        self.writer.merge_patch(PODS, name, {"status": status}, "bench", subresource="status")
+
+    def _trainer(self, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        try:
+            started = _now()
+            container = {"name": "trainer", "image": pod["spec"]["containers"][0]["image"], "imageID": "",
+                         "restartCount": 0, "started": True}  # fmt: skip
+            self._status(name, {"phase": "Running", "startTime": started, "containerStatuses": [
+                {**container, "ready": True, "state": {"running": {"startedAt": started}}}]})  # fmt: skip
+            labels = pod["metadata"].get("labels") or {}
+            summary: dict[str, Any] = {"status": "Succeeded", "reason": "Succeeded"}
+            if LABEL_UID in labels:  # an EdgeTrainingJob's trainer, not a plain Job's pod
+                progress = {"device": "cpu", "at": started}
+                self.writer.merge_patch(PODS, name, {"metadata": {"annotations": {
+                    PROGRESS_ANNOTATION: json.dumps(progress)}}}, "bench")  # fmt: skip
+                time.sleep(self.train_seconds)
+                summary = self._package(pod)
+            else:
+                time.sleep(self.train_seconds)
+            finished = _now()
+            self._status(name, {"phase": "Succeeded", "containerStatuses": [{**container, "ready": False, "state": {
+                "terminated": {"exitCode": 0, "reason": "Completed", "startedAt": started, "finishedAt": finished,
+                               "message": json.dumps(summary, separators=(",", ":"))}}}]})  # fmt: skip
+        except Exception as exc:  # the run fails at its end, with these
+            self.errors.append(f"{name}: {type(exc).__name__}: {exc}"[:500])
+
+    def _package(self, pod: dict[str, Any]) -> dict[str, Any]:
+        """What the trainer does after training: read its Secret, package, sign, upload."""
+        secret_name = next(v["secret"]["secretName"] for v in pod["spec"]["volumes"] if v["name"] == "config")
+        secret = self.writer.get(SECRETS, secret_name, "bench")
+        data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+        config = TrainerConfig.model_validate_json(data["config.json"])
+        policy = UploadPolicy.model_validate_json(data["upload.json"])
+        rt = config.runtime
+        generator = torch.Generator().manual_seed(len(pod["metadata"]["name"]))
+        state = {"base_model.model.fc.lora_A.default.weight": torch.randn(4, 32, generator=generator),
+                 "base_model.model.fc.lora_B.default.weight": torch.randn(8, 4, generator=generator) / 10}  # fmt: skip
+        lineage = Lineage(base_model_uri=config.spec.base_model.uri, data_sha256="0" * 64, samples=256,
+                          data_format="npy", job_namespace=rt.job_namespace, job_name=rt.job_name, job_uid=rt.job_uid,
+                          cluster=rt.cluster, node=pod["spec"]["nodeName"], trainer_version="bench-double",
+                          device="cpu")  # fmt: skip
+        folder = self.workdir / pod["metadata"]["name"]
+        encoding = config.spec.output.encoding  # as asked: a trainer whose encoding held up on its held-out data
+        digest, built = package.build(
+            folder, state, encoding=encoding, peft_config={"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["fc"]},
+            lineage=lineage, steps=20, duration_s=self.train_seconds, metrics={"eval_loss": 0.5, "train_loss": 0.4},
+            energy_joules=1.0, energy_method="estimate", peak_memory_bytes=50_000_000,
+            signing_key_pem=data.get("key.pem"), signature=TRAINER_SIGNATURE,
+        )  # fmt: skip
+        uri = package.upload_presigned(folder, policy)
+        return {"status": "Succeeded", "reason": "Succeeded", "stopReason": "MaxSteps", "steps": 20, "deltaUri": uri,
+                "sha256": digest, "adapterBytes": built.adapter_bytes, "encoding": encoding, "samples": 256,
+                "metrics": {"eval_loss": 0.5, "train_loss": 0.4}, "energyJoules": 1.0, "energyMethod": "estimate",
+                "peakMemoryBytes": 50_000_000, "device": "cpu", "durationSeconds": self.train_seconds}  # fmt: skip
+
     def stop(self) -> None:
-        self._stop = True
+        super().stop()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def p(values: list[float], q: float) -> float:
@@ -227,39 +353,72 @@ def wait_complete(batch: Any, names: set[str], timeout: float) -> None:
     raise TimeoutError(f"{len(names - done)} plain Jobs not complete after {timeout} s")
 
 
-def wait_terminal(custom: Any, names: set[str], timeout: float) -> float:
-    """Until every named EdgeTrainingJob has a terminal phase; returns when (monotonic)."""
+def wait_terminal(custom: Any, names: set[str], timeout: float, *, want: str | None = None) -> float:
+    """Until every named EdgeTrainingJob has a terminal phase; returns when (monotonic). With
+    ``want``, a job ending in another phase fails the run, naming why."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         items = custom.list_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs")["items"]
-        done = {i["metadata"]["name"] for i in items if (i.get("status") or {}).get("phase") in ("Succeeded", "Failed")}
+        phases = {i["metadata"]["name"]: i.get("status") or {} for i in items if i["metadata"]["name"] in names}
+        done = {n for n, st in phases.items() if st.get("phase") in ("Succeeded", "Failed")}
         if names <= done:
+            wrong = {n: st for n, st in phases.items() if want and st.get("phase") != want}
+            if wrong:
+                name, st = next(iter(sorted(wrong.items())))
+                why = [c.get("message") for c in st.get("conditions") or [] if c.get("type") == "Failed"]
+                raise RuntimeError(f"{len(wrong)} jobs ended {st.get('phase')}, not {want}; e.g. {name}: {why}")
             return time.monotonic()
         time.sleep(2)
     raise TimeoutError(f"{len(names - done)} jobs not finished after {timeout} s")
 
 
-def main() -> None:  # noqa: PLR0915 - one linear script
+PATHS = {
+    "happy": "happy: a trainer double runs each trainer pod (Running, progress annotation, a tiny signed "
+             "package uploaded with the presigned policy, Succeeded); the operator verifies, counter-signs and "
+             "registers it in MLflow: every job Succeeded",
+    "failure": "failure: kwok completes trainer pods without running them (no package, verification, MLflow "
+               "registration or Training status): every job Failed",
+}  # fmt: skip
+
+
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="100 nodes and 100 jobs")
     parser.add_argument("--smoke", action="store_true", help="10 nodes, 5 jobs, 3 single jobs: checks the script")
+    parser.add_argument("--path", choices=("happy", "failure", "both"), default="both",
+                        help="which life cycle jobs take (default both, one control plane each, happy first)")
     parser.add_argument("--nodes", type=int, default=None, help="kwok nodes (default 1000)")
-    parser.add_argument("--jobs", type=int, default=None, help="jobs in the burst (default 1000)")
+    parser.add_argument("--jobs", type=int, default=None, help="jobs in the burst (default 1000; 0: single jobs only)")
     parser.add_argument("--single", type=int, default=None, help="single-job samples for p50/p99")
-    parser.add_argument("--log", type=Path, default=None, help="copy the operator log here")
+    parser.add_argument("--train-seconds", type=float, default=2.0,
+                        help="how long the happy path's trainer double trains (default 2)")
+    parser.add_argument("--log", type=Path, default=None, help="copy the operator log here (PATH.happy, PATH.failure)")
     args = parser.parse_args()
     nodes = args.nodes or (10 if args.smoke else 100 if args.quick else 1000)
-    jobs = args.jobs or (5 if args.smoke else 100 if args.quick else 1000)
+    jobs = args.jobs if args.jobs is not None else (5 if args.smoke else 100 if args.quick else 1000)
     single = args.single or (3 if args.smoke else 10 if args.quick else 30)
     result: dict[str, Any] = {"nodes": nodes, "jobs": jobs, "single_samples": single, "smoke": args.smoke,
-                              "path": "failure: kwok completes trainer pods without running them (no package, "
-                                      "verification, MLflow registration or Training status)"}  # fmt: skip
+                              "train_seconds": args.train_seconds}  # fmt: skip
+    for path in ("happy", "failure") if args.path == "both" else (args.path,):
+        figures = run_path(path, args, nodes=nodes, jobs=jobs, single=single)
+        result.update({f"{path}_{k}": v for k, v in figures.items()})
+        print(json.dumps({path: figures}), file=sys.stderr, flush=True)  # a path's figures, even if the next fails
+    if "happy_api_requests_per_job" in result:  # the headline figures of the path users take
+        result["happy_p99_ratio"] = result["happy_operator_vs_bare_p99_ratio_1000jobs"]
+        result["happy_rss_mb"] = result.get("happy_operator_peak_rss_mb_1000jobs")
+    print(json.dumps(result), flush=True)
 
+
+def run_path(path: str, args: argparse.Namespace, *, nodes: int, jobs: int, single: int) -> dict[str, Any]:  # noqa: PLR0915 - one linear script
+    happy = path == "happy"
+    result: dict[str, Any] = {"path": PATHS[path]}
     with (
         tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmp,
         ControlPlane("bench", Path(tmp), audit_users=(OPERATOR_USER,)) as plane,
         S3Server(Path(tmp) / "s3") as s3,
+        contextlib.ExitStack() as stack,
     ):
+        mlflow = stack.enter_context(MlflowServer(s3, workdir=Path(tmp) / "mlflow")) if happy else None
         plane.add_nodes(scale_fleet(nodes), timeout=600)
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
@@ -268,27 +427,35 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         api.configuration.connection_pool_maxsize = 16
         core, custom, batch = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api), k8s.BatchV1Api(api)
         core.create_namespace({"metadata": {"name": "bench"}})
+        key = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption())  # fmt: skip
+        core.create_namespaced_secret("bench", {"metadata": {"name": SIGNING_SECRET},
+                                                "data": {"key.pem": base64.b64encode(key).decode()}})  # fmt: skip
         time.sleep(1)
         operator = OperatorProcess(
             plane,
             Path(tmp),
-            # A real S3 server: trainer pods are completed by kwok without running, so each job ends
-            # Failed (VerificationFailed: no package) — a full life cycle, create to terminal phase.
             {
                 "KUBECONFIG": str(plane.user_kubeconfig(OPERATOR_USER, ("system:masters",))),
-                "EDGETUNE_TRAINER_LABELS": "{}",
+                # happy: the trainer double runs trainer pods (kwok leaves pods with this label alone);
+                # failure: kwok completes them without running them, so each job ends Failed
+                # (VerificationFailed: no package) — a full life cycle too, create to terminal phase.
+                "EDGETUNE_TRAINER_LABELS": json.dumps({EXECUTOR_LABEL: "bench"} if happy else {}),
                 "EDGETUNE_RESYNC_SECONDS": "10",
                 "EDGETUNE_S3_ENDPOINT": s3.endpoint,
+                **({"EDGETUNE_MLFLOW_TRACKING_URI": mlflow.url} if mlflow else {}),
                 **{k: v for k, v in s3.env().items() if k.startswith("AWS_")},
             },
             "edgetune/trainer:bench",
         )
+        want = "Succeeded" if happy else None
         with operator:
             pods = BoundWatch(plane)
+            double = TrainerDouble(plane, args.train_seconds, Path(tmp) / "packages") if happy else None
 
             def create(name: str) -> float:
                 custom.create_namespaced_custom_object("edgetune.io", "v1alpha1", "bench", "edgetrainingjobs",
-                                                       manifest(name))  # fmt: skip
+                                                       manifest(name, signed=happy))  # fmt: skip
                 return time.monotonic()
 
             # One job at a time, after a first one that pays every cold start (the operator's first
@@ -305,7 +472,13 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             result["pod_bound_p50_s_1job"] = round(statistics.median(latencies), 3)
             result["pod_bound_p99_s_1job"] = round(p(latencies, 0.99), 3)
             result["pod_bound_s_1job_samples"] = [round(x, 2) for x in latencies]
-            wait_terminal(custom, {"first", *(f"one-{i}" for i in range(single))}, 120)
+            wait_terminal(custom, {"first", *(f"one-{i}" for i in range(single))}, 120 + 2 * args.train_seconds,
+                          want=want)  # fmt: skip
+            if not jobs:  # single jobs only (the 1-job figures over several runs)
+                pods.stop()
+                if double is not None:
+                    double.stop()
+                return result
 
             # The baseline: as many plain batch/v1 Jobs with the same pod template, same client and
             # threads, same cluster, before the operator's burst (the operator idles meanwhile).
@@ -359,7 +532,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             result["operator_vs_bare_p99_ratio_watch"] = round(
                 result["pod_bound_watch_p99_s_1000jobs"] / result["bare_job_pod_bound_watch_p99_s_1000"], 2
             )
-            result["all_terminal_s"] = round(wait_terminal(custom, set(names), 900) - started, 1)
+            result["all_terminal_s"] = round(wait_terminal(custom, set(names), 900, want=want) - started, 1)
             elapsed = time.monotonic() - started
             result["reconciles_per_s"] = round((reconciles(operator.metrics()) - before) / elapsed, 1)
             if operator.proc is not None:
@@ -372,10 +545,14 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             result["api_requests_by_call"] = calls["by_call"]
             result.update(call_stats(operator.metrics()))
             pods.stop()
+            if double is not None:
+                double.stop()
+                if double.errors:
+                    raise RuntimeError(f"the trainer double failed {len(double.errors)} times: {double.errors[:3]}")
         if args.log:
-            args.log.write_text((Path(tmp) / "operator.log").read_text())
+            Path(f"{args.log}.{path}").write_text((Path(tmp) / "operator.log").read_text())
         api.close()
-    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -30,3 +30,6 @@ def test_a_benchmark_smoke_run_ends_with_one_json_object(script: Path) -> None:
     figures = json.loads(last)
     assert isinstance(figures, dict) and figures, last
     assert figures.get("smoke", True) is True or figures.get("scale") == "smoke", last
+    if script.name == "bench_operator.py":  # both life cycles, the happy one's headline figures named as published
+        for key in ("happy_api_requests_per_job", "happy_p99_ratio", "happy_rss_mb", "failure_api_requests_per_job"):
+            assert isinstance(figures.get(key), int | float), (key, last)
