@@ -668,3 +668,18 @@ def test_a_refused_progress_write_is_said_once_and_never_retried(tmp_path: Path)
     writer.close()
     assert len(api.patches) == 1 and events == ["progress_unreportable"]
     api.shutdown()
+
+
+def test_an_unreadable_token_stops_progress_writes_without_stopping_training(tmp_path: Path) -> None:
+    from edgetune_api.own_pod import OwnPod  # noqa: PLC0415
+    from edgetune_trainer.progress import ProgressWriter  # noqa: PLC0415
+
+    (tmp_path / "token").mkdir()  # reading it fails as an unreadable file does (the test runs as root)
+    own = OwnPod(namespace="ns", name="p", user_agent="t", server="http://127.0.0.1:9", sa_dir=tmp_path)
+    events: list[str] = []
+    writer = ProgressWriter(own, 0.01, lambda name, **fields: events.append(name))
+    writer.gauge("step", 1)
+    eventually(lambda: events, timeout=5, what="an event")
+    writer.gauge("step", 2)  # the thread is gone: nothing raises here
+    writer.close()
+    assert events == ["progress_unreportable"] and writer.writes == 0

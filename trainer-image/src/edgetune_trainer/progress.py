@@ -98,6 +98,9 @@ class ProgressWriter:
             try:
                 self.own.annotate({PROGRESS_ANNOTATION: progress.model_dump_json(by_alias=True, exclude_none=True)})
                 self.writes += 1
+            except OSError as exc:  # the token unreadable: asking again changes nothing
+                self.event("progress_unreportable", error=f"{type(exc).__name__}: {exc}"[:500])
+                return
             except OwnPodError as exc:
                 if exc.status in (401, 403, 404):  # not allowed, or no such pod: asking again changes nothing
                     self.event("progress_unreportable", error=str(exc)[:500])
