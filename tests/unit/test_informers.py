@@ -143,12 +143,42 @@ def test_the_work_queue_runs_a_burst_once_and_a_change_during_work_once_more() -
         queue.stop()
 
 
+def test_keys_put_first_are_served_before_waiting_ones_in_their_own_order() -> None:
+    """New jobs (nothing started) go before finishing work: their trainers start while finished
+    jobs wait to be verified and registered, not behind them."""
+    seen: list[str] = []
+    taken, gate = threading.Event(), threading.Event()
+
+    def work(key: Any) -> None:
+        if key == "busy":
+            taken.set()
+            gate.wait(5)
+        seen.append(key)
+
+    queue = WorkQueue(work, threads=1)
+    try:
+        queue.put("busy")
+        assert taken.wait(5)
+        for key in ("done-1", "done-2"):
+            queue.put(key)
+        for key in ("new-1", "new-2"):
+            queue.put(key, first=True)
+        queue.put("done-1", first=True)  # already waiting: keeps its place, runs once
+        gate.set()
+        eventually(lambda: len(seen) == 5, timeout=5, what="every key")
+        assert seen == ["busy", "new-1", "new-2", "done-1", "done-2"]
+    finally:
+        queue.stop()
+
+
 class RecordingQueue:
     def __init__(self) -> None:
         self.keys: list[Any] = []
+        self.first: list[bool] = []
 
-    def put(self, key: Any) -> None:
+    def put(self, key: Any, *, first: bool = False) -> None:
         self.keys.append(key)
+        self.first.append(first)
 
 
 def _etj(version: int, generation: int = 1, *, edge: bool = False, finalizers: tuple[str, ...] = (),

@@ -210,7 +210,7 @@ class TrainingJobController:
             return
         wanted = first or changed or finalized
         if wanted and not finished and not meta.get("deletionTimestamp") and self.queue is not None:
-            self.queue.put(key)
+            self.queue.put(key, first=not status.get("targets"))  # nothing started yet: before finishing work
 
     def _remember(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]

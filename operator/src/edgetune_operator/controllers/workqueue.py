@@ -4,7 +4,11 @@ Watch events arrive in bursts (a trainer Job and its pod change together; a resy
 of jobs due). Queuing the *object* rather than the event means a burst costs one reconcile per
 object: a key already waiting is not queued twice, and a key that changes while it is being worked
 on is queued once more after. Work never waits behind a thread stuck on another object for long:
-each key is processed by one thread at a time, and keys are served in arrival order.
+each key is processed by one thread at a time, and keys are served in arrival order — except that
+keys put with ``first=True`` (objects seen for the first time: a job nobody has started yet) are
+served before every other waiting key, in their own arrival order. A burst of new jobs then gets
+its trainers started while finished ones wait to be verified and registered (seconds each against
+S3 and MLflow), not behind them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class WorkQueue:
         self._work = work
         self._cond = threading.Condition()
         self._ready: deque[Hashable] = deque()
+        self._first: deque[Hashable] = deque()
+        """Keys served before those in ``_ready``."""
         self._queued: set[Hashable] = set()
         self._active: set[Hashable] = set()
         self._again: set[Hashable] = set()
@@ -38,9 +44,9 @@ class WorkQueue:
         for thread in self._threads:
             thread.start()
 
-    def put(self, key: Hashable) -> None:
+    def put(self, key: Hashable, *, first: bool = False) -> None:
         with self._cond:
-            self._put(key)
+            self._put(key, first=first)
 
     def put_after(self, key: Hashable, seconds: float) -> None:
         """Queue ``key`` once ``seconds`` have passed (a retry with backoff, or a batch of changes
@@ -54,18 +60,18 @@ class WorkQueue:
             heapq.heappush(self._later, (due, self._seq, key))
             self._cond.notify()
 
-    def _put(self, key: Hashable) -> None:
+    def _put(self, key: Hashable, *, first: bool = False) -> None:
         if key in self._active:
             self._again.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._ready.append(key)
-            metrics.QUEUE_DEPTH.set(len(self._ready))
+            (self._first if first else self._ready).append(key)
+            metrics.QUEUE_DEPTH.set(len(self._ready) + len(self._first))
             self._cond.notify()
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._ready) + len(self._active)
+            return len(self._ready) + len(self._first) + len(self._active)
 
     def stop(self) -> None:
         with self._cond:
@@ -81,11 +87,11 @@ class WorkQueue:
                     if self._due.get(key) == due:
                         del self._due[key]
                         self._put(key)
-                if self._ready:
-                    key = self._ready.popleft()
+                if self._first or self._ready:
+                    key = (self._first or self._ready).popleft()
                     self._queued.discard(key)
                     self._active.add(key)
-                    metrics.QUEUE_DEPTH.set(len(self._ready))
+                    metrics.QUEUE_DEPTH.set(len(self._ready) + len(self._first))
                     return key
                 self._cond.wait(self._later[0][0] - now if self._later else None)
             return None
