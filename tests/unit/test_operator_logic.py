@@ -462,3 +462,50 @@ def test_a_missing_credential_names_the_field_to_set(monkeypatch: pytest.MonkeyP
         credentials.secret_value(hub, "team-a", "signing", "key.pem", field="output.signingKeySecretRef")  # type: ignore[arg-type]
     monkeypatch.setattr(object_store, "ambient_credentials", lambda: True)
     assert credentials.s3_credentials(hub, "team-a", None, field=field) == {}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("client", ["mlflow", "prometheus"])
+def test_concurrent_calls_keep_their_connections(client: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Eight reconcile threads calling MLflow (or Prometheus) at once: with urllib3's default pool of
+    one connection, each overlapping call opened a connection and dropped it with a WARNING ("Connection
+    pool is full"), hundreds of them in the operator's log under bench_operator's happy path."""
+    import http.server  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from edgetune_operator.clients.mlflow import Mlflow  # noqa: PLC0415
+    from edgetune_operator.clients.prometheus import Prometheus  # noqa: PLC0415
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as MLflow's and Prometheus' servers answer
+
+        def do_GET(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(0.05)  # long enough for the calls to overlap
+            body = b'{"status": "success", "data": {"resultType": "scalar", "result": [0, "1"]}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815 - Prometheus' queries are POSTs
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    if client == "mlflow":
+        mlflow = Mlflow(url)
+        call: Any = lambda _: mlflow.call("GET", "experiments/get-by-name", query={"experiment_name": "e"})  # noqa: E731
+    else:
+        prometheus = Prometheus(url)
+        call = lambda _: prometheus.query("1")  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"), ThreadPoolExecutor(8) as pool:
+        list(pool.map(call, range(32)))
+    server.shutdown()
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]

@@ -21,6 +21,9 @@ import urllib3
 from edgetune_api.mlflow_uri import mlflow_lookup
 from edgetune_operator import metrics
 
+CONNECTIONS = 16
+"""Kept-alive connections to MLflow: reconcile threads call it at once (a pool of one, urllib3's
+default, opened and dropped a connection per concurrent call under load, with a warning each)."""
 TIMEOUT = urllib3.Timeout(connect=3.0, read=30.0)
 DIGEST_TAG = "edgetune.delta_sha256"
 BASE_TAG = "edgetune.base_model_sha256"
@@ -50,7 +53,7 @@ class Registration:
 class Mlflow:
     def __init__(self, tracking_uri: str, token: str | None = None) -> None:
         self.base = tracking_uri.rstrip("/") + "/api/2.0/mlflow"
-        self.http = urllib3.PoolManager(timeout=TIMEOUT, retries=False)
+        self.http = urllib3.PoolManager(timeout=TIMEOUT, retries=False, maxsize=CONNECTIONS)
         self.headers = {"Content-Type": "application/json"}
         if token:
             self.headers["Authorization"] = f"Bearer {token}"

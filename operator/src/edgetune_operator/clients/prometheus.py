@@ -19,6 +19,9 @@ import urllib3
 from edgetune_operator import metrics
 from edgetune_operator.reconcile.analysis import Measurement
 
+CONNECTIONS = 16
+"""Kept-alive connections to Prometheus: reconcile threads call it at once (a pool of one, urllib3's
+default, opened and dropped a connection per concurrent call under load, with a warning each)."""
 TIMEOUT = urllib3.Timeout(connect=3.0, read=20.0)
 
 
@@ -33,7 +36,7 @@ class QueryRejectedError(ValueError):
 class Prometheus:
     def __init__(self, url: str, token: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self.http = urllib3.PoolManager(timeout=TIMEOUT, retries=False)
+        self.http = urllib3.PoolManager(timeout=TIMEOUT, retries=False, maxsize=CONNECTIONS)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def query(self, promql: str) -> list[dict[str, Any]] | float:
