@@ -166,7 +166,6 @@ class TrainerDouble(PodWatch):
 
     def __init__(self, plane: ControlPlane, train_seconds: float, workdir: Path, threads: int = 8) -> None:
         super().__init__(plane, f"{EXECUTOR_LABEL}=bench")
-        self.writer = Kube.from_kubeconfig_dict(yaml.safe_load(plane.kubeconfig.read_text()), "bench-double")
         self.train_seconds, self.workdir = train_seconds, workdir
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="trainer-double")
         self.seen: set[str] = set()
@@ -181,7 +180,7 @@ class TrainerDouble(PodWatch):
             self.pool.submit(self._trainer, pod)
 
     def _status(self, name: str, status: dict[str, Any]) -> None:
-        self.writer.merge_patch(PODS, name, {"status": status}, "bench", subresource="status")
+        self.kube.merge_patch(PODS, name, {"status": status}, "bench", subresource="status")
 
     def _trainer(self, pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
@@ -195,7 +194,7 @@ class TrainerDouble(PodWatch):
             summary: dict[str, Any] = {"status": "Succeeded", "reason": "Succeeded"}
             if LABEL_UID in labels:  # an EdgeTrainingJob's trainer, not a plain Job's pod
                 progress = {"device": "cpu", "at": started}
-                self.writer.merge_patch(PODS, name, {"metadata": {"annotations": {
+                self.kube.merge_patch(PODS, name, {"metadata": {"annotations": {
                     PROGRESS_ANNOTATION: json.dumps(progress)}}}, "bench")  # fmt: skip
                 time.sleep(self.train_seconds)
                 summary = self._package(pod)
@@ -211,7 +210,7 @@ class TrainerDouble(PodWatch):
     def _package(self, pod: dict[str, Any]) -> dict[str, Any]:
         """What the trainer does after training: read its Secret, package, sign, upload."""
         secret_name = next(v["secret"]["secretName"] for v in pod["spec"]["volumes"] if v["name"] == "config")
-        secret = self.writer.get(SECRETS, secret_name, "bench")
+        secret = self.kube.get(SECRETS, secret_name, "bench")
         data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
         config = TrainerConfig.model_validate_json(data["config.json"])
         policy = UploadPolicy.model_validate_json(data["upload.json"])

@@ -429,9 +429,8 @@ def _pod_phase(pod: dict[str, Any]) -> str | None:
     return phase
 
 
-PROGRESS_FIELDS = ("step", "loss", "eval_loss", "samples", "peak_memory_bytes", "energy_joules", "energy_method",
-                   "device")  # fmt: skip
-"""What a running trainer's progress annotation carries into its ``TargetStatus``."""
+PROGRESS_FIELDS = tuple(name for name in TrainerProgress.model_fields if name != "at")
+"""What a running trainer's progress annotation carries into its ``TargetStatus`` (same names)."""
 
 
 def live_progress(pods: list[dict[str, Any]]) -> TrainerProgress | None:
